@@ -1,0 +1,1 @@
+"""mixem.export"""

@@ -1,0 +1,184 @@
+"""The two config dataclasses (model and run), their presets, and strict JSON round-tripping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mixem.errors import ConfigError
+
+BACKBONES = ("convnet", "resnet18", "resnet34", "resnet50")
+METHODS = ("mixem", "simclr", "ccp")
+INSTANCE_TERMS = ("entropy", "pimax")
+
+
+@dataclass
+class MixEMConfig:
+    """What rebuilds the model: saved as config.json beside every set of weights."""
+
+    backbone: str = "resnet18"  # one of BACKBONES; "convnet" is the small CPU trunk
+    width: int = 64  # channels of the first stage (resnet18/34: 64 is torchvision's; convnet: any)
+    image_size: int = 32  # square input side in pixels; inputs are resized to it when loaded
+    in_channels: int = 3  # 1 = grayscale stem, 3 = RGB (grayscale data is replicated to 3)
+    small_stem: bool | None = None  # 3x3/stride-1 conv, no max-pool; None = image_size <= 64
+    head_hidden: int = 512  # hidden width of each component MLP and of the gate MLP
+    embed_dim: int = 32  # D: dimension of each component embedding and of the mixture
+    components: int = 10  # K: mixture components (MIX'EM: the number of classes sought)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel mean of pixels in [0,1], applied in the graph
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)  # per-channel std, applied in the graph
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        if self.components < 2:
+            raise ConfigError(f"components (K) must be at least 2, got {self.components}")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.image_size < 8:
+            raise ConfigError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if self.embed_dim < 2 or self.head_hidden < 1 or self.width < 1:
+            raise ConfigError("embed_dim must be >= 2 and head_hidden, width >= 1")
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ConfigError(f"mean and std need {self.in_channels} values (one per input channel)")
+        if self.small_stem is None:
+            self.small_stem = self.image_size <= 64
+
+
+@dataclass
+class TrainConfig:
+    """One training run: data, schedule, optimiser, loss weights. Saved as train_config.json."""
+
+    data: str | None = None  # image folder, .npz, IDX, CIFAR or STL-10 path; None = embedded Fashion-MNIST
+    split: str = "auto"  # which split of a standard dataset: train | test | all | auto (all there is)
+    out: str = "runs/mixem"  # output directory: checkpoints, logs, metrics
+    method: str = "mixem"  # mixem | simclr | ccp (contrastive clustering with a center predictor)
+    epochs: int = 200  # passes over the data
+    batch_size: int = 512  # B images per step (2B views)
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 1e-5  # L2 (adam) or decoupled (adamw) weight decay
+    warmup_epochs: float = 10.0  # linear warm-up length before the cosine decay, in epochs
+    temperature: float = 0.5  # tau of NT-Xent (cosine similarity / tau)
+    w_marginal: float = 2.0  # (i) weight of the maximised batch-marginal entropy of pi
+    w_instance: float = 0.1  # (ii) weight of the minimised per-instance term
+    instance_term: str = "pimax"  # (ii) "entropy" = H(pi_i); "pimax" = 1 - max pi_i (released code)
+    w_pull: float = 0.1  # (iii) weight of pulling embeddings to their component mean
+    w_push: float = 0.05  # (iii) weight of pushing component means apart
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area range
+    color_jitter: float = 0.8  # jitter strength s (brightness/contrast/saturation 0.8s... as SimCLR)
+    jitter_p: float = 0.8  # probability of colour jitter
+    grayscale_p: float = 0.2  # probability of random grayscale (RGB only)
+    blur: bool | None = None  # gaussian blur; None = on for images >= 64 px (SimCLR)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    impl: str = "auto"  # loss kernels: auto (Triton on CUDA) | triton | torch
+    seed: int = 0  # seeds torch, numpy and the augmentation stream
+    threads: int = 0  # CPU threads for torch; 0 = leave torch's default
+    workers: int = 0  # reserved for data loading threads; 0 = in the main process
+    eval_every: int = 0  # epochs between in-training clustering evaluations; 0 = only at the end
+    max_images: int = 0  # use only the first N images of the data (quick runs); 0 = all
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.instance_term not in INSTANCE_TERMS:
+            raise ConfigError(f"instance_term must be one of {', '.join(INSTANCE_TERMS)}, got {self.instance_term!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.impl not in ("auto", "triton", "torch"):
+            raise ConfigError(f"impl must be auto, triton or torch, got {self.impl!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError("epochs must be >= 1 and batch_size >= 2")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        self.crop_scale = tuple(float(c) for c in self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+# Presets are named sets of field overrides, applied before the user's own overrides.
+# "paper": the released MIX'EM recipe (methods.md 2.3-2.5): ResNet-18, K=10, D=32, Adam 1e-4, bs 512, 200 ep.
+# "cpu": chosen for ~3 minutes on 2 CPU cores on 28 px grayscale images (README, "CPU recipe").
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"model": {}, "train": {}},
+    "cpu": {
+        "model": dict(backbone="convnet", width=32, image_size=28, in_channels=1, head_hidden=128,
+                      embed_dim=32, components=10, mean=(0.29,), std=(0.35,)),
+        "train": dict(epochs=15, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=1e-4,
+                      warmup_epochs=1.0, temperature=0.2, crop_scale=(0.35, 1.0), color_jitter=0.5,
+                      jitter_p=0.8, grayscale_p=0.0, blur=False),
+    },
+}
+
+
+def _check_keys(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build a config dataclass from a dict, refusing unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    _check_keys(cls, data, where)
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def replace(cfg, where: str = "options", **overrides):
+    """A copy of cfg with the non-None overrides applied (CLI options default to None = keep)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_keys(type(cfg), overrides, where)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def preset(name: str) -> tuple[MixEMConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return MixEMConfig(**p["model"]), TrainConfig(**p["train"])
+
+
+def to_dict(cfg) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def atomic_write_text(path: str | os.PathLike, text: str):
+    """Write a file so that a reader sees either the old or the new content, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_json(cfg_or_dict, path: str | os.PathLike):
+    data = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(cls, path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return from_dict(cls, data, where=str(path))

@@ -1,0 +1,98 @@
+"""Pure-PyTorch reference of every loss term: the specification the Triton kernels must match.
+
+Notation (STYLE.md): B images, N = 2B views stacked as [view 1; view 2] (M rows in the kernels),
+D embedding dim, K mixture components, tau the temperature.
+
+NT-Xent (SimCLR), rows z_i L2-normalised, s_ik = z_i . z_k / tau, positive p(i) = (i + B) mod N:
+    lse_i = log sum_{k != i} exp(s_ik)                 (the "LSE op"; the kernels compute only this)
+    l_i   = lse_i - s_{i,p(i)},   L = mean_i l_i
+MIX'EM terms on the gate logits a (rows: instances), pi = softmax(a):
+    (i)   marginal entropy  H(pbar), pbar = mean_i pi_i           (maximised)
+    (ii)  instance entropy  mean_i H(pi_i)  or  mean_i (1 - max_k pi_ik)  (minimised)
+    (iii) pull = mean over non-empty components k of mean_{n: c_n = k} ||z_n - mu_k||,
+          push = -mean over ordered pairs k != k' of non-empty components of ||mu_k - mu_k'||,
+          c_n = argmax_k pi_nk (no gradient), mu_k = mean of z_n with c_n = k.
+The released MIX'EM code appends K zero vectors (one per component) before taking the means so
+that no component is empty; that drags every mu_k toward the origin and adds K fake points to the
+pull term. Here empty components are left out of both terms instead (methods.md 2.4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def ntxent_lse_torch(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """lse_i = log sum_{k != i} exp(z_i . z_k / tau) for one (M, D) matrix; returns (M,) float32+.
+
+    z is used as given (normalise it first for cosine similarity). Materialises the M x M matrix.
+    """
+    M, D = z.shape
+    acc = torch.promote_types(z.dtype, torch.float32)
+    s = (z.to(acc) @ z.to(acc).T) / tau  # (M, M)
+    s = s.masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), float("-inf"))
+    return torch.logsumexp(s, dim=1)  # (M,)
+
+
+def positive_logits_torch(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """s_{i,p(i)} for rows stacked as [view 1; view 2]: the dot with the other view of the same image."""
+    N, D = z.shape
+    if N % 2:
+        raise ValueError(f"NT-Xent needs an even number of rows (two views per image), got {N}")
+    acc = torch.promote_types(z.dtype, torch.float32)
+    partner = torch.cat([z[N // 2 :], z[: N // 2]])  # (N, D)
+    return (z.to(acc) * partner.to(acc)).sum(-1) / tau  # (N,)
+
+
+def nt_xent_torch(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """SimCLR NT-Xent with cosine similarity over the 2B views of B images; mean over all 2B rows."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (N, D)
+    return (ntxent_lse_torch(z, tau) - positive_logits_torch(z, tau)).mean()
+
+
+def mixture_terms_torch(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mixture statistics of gate logits (B, K), all from one softmax.
+
+    Returns marginal_entropy H(mean_i pi_i), instance_entropy mean_i H(pi_i),
+    pimax mean_i (1 - max_k pi_ik), and pi itself (B, K).
+    """
+    logp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
+    pi = logp.exp()  # (B, K)
+    pbar = pi.mean(0)  # (K,)
+    marginal = -(pbar * torch.log(pbar.clamp_min(torch.finfo(pbar.dtype).tiny))).sum()
+    instance = -(pi * logp).sum(1).mean()
+    pimax = (1.0 - pi.max(1).values).mean()
+    return {"marginal_entropy": marginal, "instance_entropy": instance, "pimax": pimax, "pi": pi}
+
+
+def pull_push_torch(z: torch.Tensor, assign: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Associative-embedding loss (iii): pull z toward its component mean, push the means apart.
+
+    z (B, D) the mixture embeddings, assign (B,) int64 component of each row (argmax pi, no grad).
+    Empty components take part in neither term. push is <= 0 (minimising it spreads the means).
+    """
+    B, D = z.shape
+    onehot = F.one_hot(assign, K).to(z.dtype)  # (B, K)
+    counts = onehot.sum(0)  # (K,)
+    present = counts > 0
+    mu = (onehot.T @ z) / counts.clamp_min(1).unsqueeze(1)  # (K, D)
+    dist = (z - mu[assign]).norm(dim=1)  # (B,)
+    per_comp = (onehot.T @ dist.unsqueeze(1)).squeeze(1) / counts.clamp_min(1)  # (K,)
+    n_present = present.sum()
+    pull = per_comp[present].sum() / n_present
+    mu_p = mu[present]
+    if mu_p.shape[0] < 2:
+        return pull, z.sum() * 0.0
+    diff = mu_p.unsqueeze(0) - mu_p.unsqueeze(1)  # (k, k, D)
+    off = ~torch.eye(mu_p.shape[0], dtype=torch.bool, device=z.device)
+    # sqrt has an infinite gradient at 0; the diagonal is excluded, and coincident means get eps.
+    pair = (diff[off].pow(2).sum(-1) + 1e-12).sqrt()
+    return pull, -pair.mean()
+
+
+def max_entropy(K: int) -> float:
+    """log K: the marginal entropy of a perfectly balanced mixture (for logs and tests)."""
+    return math.log(K)

@@ -1,0 +1,89 @@
+"""The MIX'EM network: backbone trunk + mixture-of-embeddings head, and the uint8 inference wrapper."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixem.backbones import build_backbone
+from mixem.config import MixEMConfig
+
+
+class MixEMOutput(NamedTuple):
+    embedding: torch.Tensor  # (B, D) z = sum_k pi_k e_k, not re-normalised (as released)
+    mixture_logits: torch.Tensor  # (B, K) gate logits; pi = softmax
+    components: torch.Tensor  # (B, K, D) L2-normalised component embeddings e_k
+    features: torch.Tensor  # (B, F) backbone features h
+
+
+class MixtureHead(nn.Module):
+    """K component MLPs F->H->D and a gate MLP F->H->K, batched: one GEMM for all K+1 first layers,
+    one batched GEMM for the K second layers (no Python loop over K)."""
+
+    def __init__(self, in_features: int, hidden: int, dim: int, K: int):
+        super().__init__()
+        self.K, self.H, self.D = K, hidden, dim
+        self.fc1 = nn.Linear(in_features, (K + 1) * hidden)  # [components 0..K-1 | gate]
+        self.w2 = nn.Parameter(torch.empty(K, hidden, dim))  # component second layers
+        self.b2 = nn.Parameter(torch.zeros(K, dim))
+        self.gate2 = nn.Linear(hidden, K)
+        bound = 1.0 / hidden**0.5  # nn.Linear's default init, per component
+        nn.init.uniform_(self.w2, -bound, bound)
+        nn.init.uniform_(self.b2, -bound, bound)
+
+    def forward(self, h: torch.Tensor):
+        B = h.shape[0]
+        a = F.relu(self.fc1(h)).view(B, self.K + 1, self.H)  # (B, K+1, H)
+        comp = torch.einsum("bkh,khd->bkd", a[:, : self.K], self.w2) + self.b2  # (B, K, D)
+        logits = self.gate2(a[:, self.K])  # (B, K)
+        return F.normalize(comp, dim=-1), logits
+
+
+class MixEM(nn.Module):
+    def __init__(self, cfg: MixEMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, feat = build_backbone(cfg)
+        self.feature_dim = feat
+        self.head = MixtureHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
+
+    def forward(self, x: torch.Tensor) -> MixEMOutput:
+        """x: (B, C, H, W) float, already normalised."""
+        h = self.backbone(x)  # (B, F)
+        comp, logits = self.head(h)  # (B, K, D), (B, K)
+        pi = torch.softmax(logits.float(), dim=1).to(comp.dtype)
+        z = torch.einsum("bk,bkd->bd", pi, comp)  # (B, D)
+        return MixEMOutput(z, logits, comp, h)
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) in [0, 255] -> float normalised with the config's mean/std."""
+        mean = torch.tensor(self.cfg.mean, device=x_uint8.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.cfg.std, device=x_uint8.device).view(1, -1, 1, 1)
+        return (x_uint8.float() / 255.0 - mean) / std
+
+
+class InferenceModel(nn.Module):
+    """What export and embed run: uint8 NCHW at the model's size in, normalisation inside the graph.
+
+    forward(x_uint8) -> (embedding (B, D) L2-normalised mixture embedding, mixture_probs (B, K)),
+    plus backbone features (B, F) when built with features=True.
+    """
+
+    def __init__(self, model: MixEM, features: bool = False):
+        super().__init__()
+        self.model, self.features = model, features
+        cfg = model.cfg
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(cfg.std).view(1, -1, 1, 1) * 255.0), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        x = (x.float() - self.mean) * self.inv_std
+        out = self.model(x)
+        emb = F.normalize(out.embedding.float(), dim=1)
+        probs = torch.softmax(out.mixture_logits.float(), dim=1)
+        if self.features:
+            return emb, probs, out.features.float()
+        return emb, probs
