@@ -1,0 +1,187 @@
+"""load_images: any supported image source (folder, npz, IDX, CIFAR, STL-10, embedded) as one uint8 tensor."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mixem import folders, formats
+from mixem.errors import DataError
+
+FORMATS = ("folder", "npz", "idx", "cifar10", "cifar100", "cifar100-20", "stl10")
+SPLITS = ("auto", "train", "test", "all", "unlabeled")
+EMBEDDED_DIR = Path(__file__).parent / "data_files"  # the Fashion-MNIST test split, shipped as package data
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts it
+SUPPORTED = ("an image folder (jpg, png, bmp, webp, gif, tif), an .npz with x/images, IDX files "
+             "(MNIST, Fashion-MNIST), cifar-10-batches-py, cifar-100-python, stl10_binary, or 'fashion-mnist'")
+_CHUNK = 2048  # images fitted per step: bounds the float copy interpolate makes (2048x3x96x96 floats = 226 MB)
+
+
+@dataclass
+class ImageSet:
+    """Images at the model's size and channels, with whatever labels and names the source carries."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8, H = W = image_size, C = in_channels
+    labels: np.ndarray | None = None  # (N,) int64 indices into class_names; None when the source has none
+    class_names: list[str] | None = None  # name of each label index
+    paths: list[str] | None = None  # image folders: the file of each image; array formats: None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) for unreadable files
+    source: str = ""  # one line: what was loaded, from where
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(n, 1|3, H, W) uint8 to `channels`: luminance as PIL's "L" (ITU-R 601-2, same integer rounding) or replication."""
+    if x.shape[1] == channels:
+        return x
+    if channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    r, g, b = x.to(torch.int32).unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[:, None]
+
+
+def to_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, C, H, W) uint8 to size x size: centre square crop, then antialiased bilinear resize (as folders do)."""
+    H, W = x.shape[-2:]
+    if H == W == size:
+        return x
+    side = min(H, W)
+    top, left = (H - side) // 2, (W - side) // 2
+    x = x[..., top: top + side, left: left + side].float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def fit(parts: list[np.ndarray], size: int, channels: int,
+        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Concatenate (n, C, H, W) uint8 parts into one (N, channels, size, size) tensor, chunk by chunk."""
+    total = sum(len(p) for p in parts)
+    out = torch.empty((total, channels, size, size), dtype=torch.uint8)
+    at = 0
+    for p in parts:
+        for i in range(0, len(p), _CHUNK):
+            x = torch.from_numpy(np.array(p[i: i + _CHUNK]))  # a copy: parts may be read-only or memory-mapped
+            x = to_size(to_channels(x, channels), size)
+            out[at: at + len(x)] = x
+            at += len(x)
+            if progress is not None:
+                progress(at, total)
+    return out
+
+
+def _parse(source: str, split: str, fmt: str | None) -> tuple[str, Path, str]:
+    """Split "FORMAT:PATH" and "fashion-mnist[:SPLIT]" into (format or "", path, split)."""
+    head, sep, rest = source.partition(":")
+    if head.lower() == "fashion-mnist" and (not sep or rest in SPLITS):
+        if sep and split not in ("auto", rest):
+            raise DataError(f"data {source!r} names split {rest!r} but the split option says {split!r}")
+        if not FASHION_MNIST_DIR.is_dir() or not formats.idx_files(FASHION_MNIST_DIR):
+            raise DataError(f"fashion-mnist: not found in {FASHION_MNIST_DIR}; install it with "
+                            "'apt-get install dataset-fashion-mnist', pass the folder holding its IDX files, "
+                            "or leave the data option unset to use the embedded 10,000-image test split")
+        return "idx", FASHION_MNIST_DIR, rest if sep else split
+    if sep and head.lower() in FORMATS:
+        fmt, source = head.lower(), rest
+    return fmt or "", Path(source).expanduser(), split
+
+
+def detect(path: Path) -> tuple[str, Path]:
+    """The format of an existing path and the folder or file its reader takes."""
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return "npz", path
+        try:
+            with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+                head = f.read(4)
+        except (OSError, EOFError):
+            head = b""
+        if head == b"\x00\x00\x08\x03":
+            return "idx", path
+        raise DataError(f"{path}: not a supported data file; give {SUPPORTED}")
+    for sub, kind in (("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),
+                      ("stl10_binary", "stl10")):
+        if (path / sub).is_dir() and path.name != sub:
+            found = [s for s in ("cifar-10-batches-py", "cifar-100-python", "stl10_binary") if (path / s).is_dir()]
+            if len(found) > 1:
+                raise DataError(f"{path}: holds {', '.join(found)}; point the data option at one of them")
+            return kind, path / sub
+    if any((path / f).is_file() for f in ("data_batch_1", "test_batch", "batches.meta")):
+        return "cifar10", path
+    if (path / "meta").is_file() and any((path / f).is_file() for f in ("train", "test")):
+        return "cifar100", path
+    if any((path / f"{s}_X.bin").is_file() for s in ("train", "test", "unlabeled")):
+        return "stl10", path
+    for d in (path, path / "raw"):
+        if d.is_dir() and formats.idx_files(d):
+            return "idx", d
+    return "folder", path
+
+
+def load_images(source: str | None, *, image_size: int, in_channels: int, split: str = "auto",
+                labels: bool = True, max_images: int = 0, progress: Callable[[int, int], None] | None = None,
+                format: str | None = None, threads: int = 0) -> ImageSet:
+    """Load every image of `source` (None = the embedded Fashion-MNIST test split) at image_size, in_channels.
+
+    source: a path, "FORMAT:PATH" (FORMAT one of FORMATS; e.g. "cifar100-20:DIR" for the 20 coarse
+    classes), or "fashion-mnist[:SPLIT]" (the Debian dataset-fashion-mnist package). split: train | test |
+    all | auto (all there is; STL-10: train+test) | unlabeled (STL-10). max_images keeps the first N images
+    in file order (folders: the first N readable ones), not a random sample. progress(done, total) is
+    called from this thread as images are decoded or resized. threads: decoding threads, 0 = one per CPU.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if format is not None and format not in FORMATS:
+        raise DataError(f"unknown data format {format!r}: choose one of {', '.join(FORMATS)}")
+    if max_images < 0:
+        raise DataError(f"max_images must be >= 0 (0 = all), got {max_images}")
+    if source is None:
+        if split not in ("auto", "test"):
+            raise DataError(f"the embedded data is the Fashion-MNIST test split only, not {split!r}; "
+                            "use data 'fashion-mnist' (apt-get install dataset-fashion-mnist) for train")
+        arrays = formats.read_idx(EMBEDDED_DIR, "test", max_images, formats.FASHION_MNIST_CLASSES)
+        arrays.source = f"embedded Fashion-MNIST test split ({EMBEDDED_DIR})"
+        return _finish(arrays, image_size, in_channels, labels, progress)
+    fmt, path, split = _parse(str(source), split, format)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; give {SUPPORTED}")
+    detected, where = detect(path)
+    if fmt in ("cifar100", "cifar100-20") and detected == "cifar100":
+        detected = fmt
+    elif fmt and fmt != detected:
+        raise DataError(f"{path}: asked for format {fmt!r} but this looks like {detected!r}")
+    if detected == "folder":
+        if not path.is_dir():
+            raise DataError(f"{path}: not a supported data file; give {SUPPORTED}")
+        if split not in ("auto", "all"):
+            raise DataError(f"{path}: an image folder has no {split!r} split; point the data option at that folder")
+        images, y, names, paths, skipped = folders.read_folder(
+            path, image_size, in_channels, labels=labels, limit=max_images, threads=threads, progress=progress)
+        note = f", {len(skipped)} unreadable files skipped" if skipped else ""
+        return ImageSet(torch.from_numpy(images), y, names, paths, skipped,
+                        f"image folder {path} ({len(images)} images{note})")
+    if detected == "idx":
+        arrays = formats.read_idx(where, split, max_images)
+    elif detected == "npz":
+        arrays = formats.read_npz(where, split, max_images)
+    elif detected == "stl10":
+        arrays = formats.read_stl10(where, split, max_images)
+    else:
+        arrays = formats.read_cifar(where, detected, split, max_images)
+    return _finish(arrays, image_size, in_channels, labels, progress)
+
+
+def _finish(arrays: formats.Arrays, size: int, channels: int, labels: bool, progress) -> ImageSet:
+    images = fit(arrays.parts, size, channels, progress)
+    if not len(images):
+        raise DataError(f"{arrays.source}: holds no images")
+    keep = labels and arrays.labels is not None
+    return ImageSet(images, arrays.labels if keep else None, arrays.class_names if keep else None,
+                    None, [], f"{arrays.source} ({len(images)} images)")

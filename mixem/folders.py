@@ -1,0 +1,147 @@
+"""Image folders: list the image files under a root and decode them in parallel to uint8 NCHW squares."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mixem.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+
+
+def list_images(root: Path) -> list[str]:
+    """Relative POSIX paths of the image files under root, sorted; hidden files and folders left out."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or the same folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        # Hidden folders hold copies (.ipynb_checkpoints) or metadata (.git); __MACOSX holds AppleDouble files.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue  # "._x.jpg" AppleDouble files start with a dot too
+            found.append(name if rel == "." else f"{Path(rel).as_posix()}/{name}")
+    return sorted(found)
+
+
+def _to_mode(im: Image.Image, mode: str) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit scans: PIL's own conversion clips to 255 instead of scaling.
+        a = np.asarray(im, dtype=np.int64)
+        a = a >> 8 if a.max(initial=0) > 255 else a
+        im = Image.fromarray(a.clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        a = a * 255 if a.max(initial=0) <= 1 else a
+        im = Image.fromarray(np.rint(a).clip(0, 255).astype(np.uint8), "L")
+    elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent pixels carry arbitrary colour (often black): show them on white, as a viewer does.
+        rgba = im.convert("RGBA")
+        im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
+    return im if im.mode == mode else im.convert(mode)
+
+
+def decode(path: str, size: int, mode: str) -> np.ndarray:
+    """One image file as (C, size, size) uint8: EXIF-upright, shorter side resized, centre-cropped."""
+    with Image.open(path) as im:
+        # JPEG only: decode at 1/2..1/8 scale when that still covers size x size (much faster for photos).
+        im.draft(im.mode, (size, size))
+        im = ImageOps.exif_transpose(im)
+        im = _to_mode(im, mode)
+        w, h = im.size
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        a = np.asarray(im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0))
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _decode_chunk(paths: list[str], out: np.ndarray, size: int, mode: str) -> list[str | None]:
+    """Decode into out[i]; returns None per success or the reason the file was skipped."""
+    reasons: list[str | None] = []
+    for i, p in enumerate(paths):
+        try:
+            out[i] = decode(p, size, mode)
+            reasons.append(None)
+        except Exception as e:  # any decoder failure means "skip this file", never "stop the run"
+            reasons.append(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
+    return reasons
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def decode_files(paths: list[str], size: int, channels: int, *, limit: int = 0, threads: int = 0,
+                 progress: Callable[[int, int], None] | None = None):
+    """Decode paths in order into (N, C, size, size) uint8, stopping at `limit` readable images (0 = all).
+
+    Returns (images, kept indices into paths, skipped (path, reason) pairs).
+    """
+    mode = "L" if channels == 1 else "RGB"
+    target = min(limit, len(paths)) if limit else len(paths)
+    buf = np.empty((target, channels, size, size), np.uint8)
+    kept, skipped, filled, pos = [], [], 0, 0
+    threads = threads or default_threads()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        # Rounds: with a limit, unreadable files are replaced by the next ones in order until it is met.
+        while filled < target and pos < len(paths):
+            batch = list(range(pos, min(pos + target - filled, len(paths))))
+            pos += len(batch)
+            step = max(1, min(64, len(batch) // (threads * 4) or 1))
+            futures = {}
+            for j in range(0, len(batch), step):
+                idx = batch[j: j + step]
+                out = buf[filled + j: filled + j + len(idx)]
+                futures[pool.submit(_decode_chunk, [paths[i] for i in idx], out, size, mode)] = j
+            reasons: list[str | None] = [None] * len(batch)
+            done = 0
+            for fut in as_completed(futures):
+                r = fut.result()
+                reasons[futures[fut]: futures[fut] + len(r)] = r
+                done += len(r)
+                if progress is not None:
+                    progress(filled + done, target)
+            good = [j for j, r in enumerate(reasons) if r is None]
+            skipped += [(paths[batch[j]], r) for j, r in enumerate(reasons) if r is not None]
+            if len(good) < len(batch):
+                buf[filled: filled + len(good)] = buf[filled + np.asarray(good, dtype=np.int64)]
+            kept += [batch[j] for j in good]
+            filled += len(good)
+    return buf[:filled], kept, skipped
+
+
+def read_folder(root: Path, size: int, channels: int, *, labels: bool, limit: int, threads: int,
+                progress: Callable[[int, int], None] | None):
+    """Returns (images, labels, class names, paths, skipped) for an image folder."""
+    rel = list_images(root)
+    if not rel:
+        exts = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+        raise DataError(f"{root}: no image files found (looked recursively for {exts})")
+    paths = [str(root / r) for r in rel]
+    images, kept, skipped = decode_files(paths, size, channels, limit=limit, threads=threads, progress=progress)
+    if not kept:
+        first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DataError(f"{root}: none of the {len(skipped)} image files could be read{first}")
+    y, names = None, None
+    rel_kept = [rel[i] for i in kept]
+    # Labels come from first-level sub-folders only when every image lies in one (ImageFolder layout).
+    if labels and all("/" in r for r in rel_kept):
+        classes = [r.split("/", 1)[0] for r in rel_kept]
+        names = sorted(set(classes))
+        index = {c: i for i, c in enumerate(names)}
+        y = np.array([index[c] for c in classes], dtype=np.int64)
+    return images, y, names, [paths[i] for i in kept], skipped
