@@ -1,0 +1,175 @@
+"""ONNX export of a checkpoint: uint8 NCHW in, dynamic batch, fp32 or fp16, checked and parity-gated.
+
+The exported graph (one directory per export):
+    model.onnx    input  `images`        uint8   (batch, C, S, S), S = the model's image size, no resize
+                  output `embedding`     float32 (batch, D)  L2-normalised mixture embedding
+                  output `mixture_probs` float32 (batch, K)  softmax of the gate, pi
+                  output `features`      float32 (batch, F)  backbone features (only with features=True)
+                  normalisation ((x - mean) / std, the config's) is inside the graph.
+    parity.json   agreement with PyTorch on real images (see export/parity.py), with its thresholds
+    export.json   what was exported: precision, opset, shapes, versions, the parity verdict
+    config.json   the MixEMConfig the model was built from
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixem.config import atomic_write_text, save_json
+from mixem.errors import MixEMError, require
+
+from . import parity
+
+# Opset 18: the torch.export-based exporter's native opset (no version conversion pass), read by
+# onnxruntime >= 1.14 and by TensorRT 10/11's ONNX parser.
+OPSET = 18
+INPUT = "images"
+OUTPUTS = ("embedding", "mixture_probs", "features")
+MODEL, PARITY, EXPORT, CONFIG = "model.onnx", "parity.json", "export.json", "config.json"
+PARITY_IMAGES = 256
+_ONNX_INSTALL = "pip install 'mixem-fast[onnx]'  (onnx, onnxruntime, onnxscript)"
+
+
+def export_graph(model: torch.nn.Module, *, features: bool = False, opset: int = OPSET):
+    """The fp32 ONNX ModelProto of InferenceModel(model) with a dynamic batch axis named `batch`.
+
+    dynamo=True (torch.export): TorchScript export is deprecated, and `dynamic_shapes` states the
+    batch axis on the input; the outputs' batch axes follow from the graph.
+    """
+    require("onnxscript", "ONNX export", _ONNX_INSTALL)
+    from torch.export import Dim
+
+    from mixem.model import InferenceModel
+
+    cfg = model.cfg
+    wrapper = InferenceModel(model.float().cpu().eval(), features=features).eval()
+    # Batch 2 for tracing: torch.export specialises sizes 0 and 1, which would pin the axis.
+    example = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+    names = list(OUTPUTS[: 3 if features else 2])
+    try:
+        program = torch.onnx.export(wrapper, (example,), None, input_names=[INPUT], output_names=names,
+                                    opset_version=opset, dynamo=True,
+                                    dynamic_shapes=({0: Dim("batch", min=1)},), verbose=False)
+    except Exception as e:  # the exporter raises many types; the user needs the first line
+        raise MixEMError(f"ONNX export failed for backbone {cfg.backbone!r}: {str(e).splitlines()[0][:300]}") from None
+    return program.model_proto
+
+
+def to_fp16(proto):
+    """fp16 weights and compute, uint8 input and fp32 outputs kept (keep_io_types).
+
+    onnxruntime's converter rewrites the already-verified fp32 graph, so the fp16 model is the fp32
+    one with casts, not a second trace; exporting a .half() model instead would need PyTorch's CPU
+    fp16 kernels at trace time. TensorRT 11 builds fp16 engines from exactly this kind of graph.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+
+
+def onnx_reference(model: torch.nn.Module, features: bool = False):
+    """PyTorch fp32 CPU reference with the exported graph's signature (uint8 ndarray in)."""
+    from mixem.model import InferenceModel
+
+    ref = InferenceModel(model.float().cpu().eval(), features=features).eval()
+
+    def run(x: np.ndarray):
+        with torch.inference_mode():
+            return ref(torch.from_numpy(np.ascontiguousarray(x)))
+
+    return run
+
+
+def ort_runner(path: str | os.PathLike, threads: int | None = None):
+    """onnxruntime CPU session over a file: uint8 ndarray -> list of outputs."""
+    ort = require("onnxruntime", "ONNX parity check", _ONNX_INSTALL)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.log_severity_level = 3  # errors only: fp16 graphs log a cast-insertion warning per node on CPU
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {INPUT: np.ascontiguousarray(x)})
+
+
+def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = False, features: bool = False,
+                opset: int = OPSET, parity_images: int = PARITY_IMAGES, min_cosine: float | None = None,
+                max_prob_error: float | None = None) -> dict:
+    """Export the checkpoint at `ckpt` to out_dir/model.onnx; returns the summary written to export.json.
+
+    The model is written under a temporary name, checked (onnx.checker full_check), run through
+    onnxruntime against PyTorch on real images, and renamed into place only if parity holds;
+    otherwise a one-line MixEMError is raised and the failed report is left in parity_failed.json.
+    """
+    from mixem.checkpoint import load_model, resolve
+
+    onnx = require("onnx", "ONNX export", _ONNX_INSTALL)
+    t0 = time.perf_counter()
+    model, cfg = load_model(ckpt, "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proto = export_graph(model, features=features, opset=opset)
+    precision = "fp16" if fp16 else "fp32"
+    if fp16:
+        proto = to_fp16(proto)
+    final = out / MODEL
+    tmp = out / f".{MODEL}.tmp{os.getpid()}"
+    try:
+        onnx.save_model(proto, str(tmp))  # one file: these models are far below protobuf's 2 GB limit
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise MixEMError(f"{final}: exported graph fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
+        images = parity.real_images(parity_images, cfg.image_size, cfg.in_channels)
+        report = parity.compare(onnx_reference(model, features), ort_runner(tmp), images)
+        report = parity.gate(report, precision, min_cosine, max_prob_error)
+        report["runtime"] = "onnxruntime CPUExecutionProvider vs PyTorch fp32 CPU"
+        if not report["passed"]:
+            save_json(report, out / "parity_failed.json")
+            raise MixEMError(f"{final}: " + parity.failure_line(report, "ONNX " + precision)
+                             + f"; report in {out / 'parity_failed.json'}")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    (out / "parity_failed.json").unlink(missing_ok=True)
+    save_json(report, out / PARITY)
+    save_json(cfg, out / CONFIG)
+    summary = describe(final, cfg, precision=precision, opset=opset, features=features)
+    summary.update(format="onnx", checkpoint=str(resolve(ckpt)), parity=_short(report),
+                   seconds=round(time.perf_counter() - t0, 2))
+    atomic_write_text(out / EXPORT, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def describe(path: Path, cfg, *, precision: str, opset: int, features: bool) -> dict:
+    """What a consumer needs to know about model.onnx, read back from the written graph."""
+    import onnx
+    import onnxruntime
+
+    proto = onnx.load(str(path))
+    return {"path": str(path), "precision": precision, "opset": opset, "features": features,
+            "size_bytes": path.stat().st_size, **io_spec(proto),
+            "image_size": cfg.image_size, "in_channels": cfg.in_channels,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
+
+
+def io_spec(proto) -> dict:
+    """{"inputs": {name: {dtype, shape}}, "outputs": {...}}; a dynamic axis appears by its name."""
+    import onnx
+
+    def one(v):
+        t = v.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
+
+    return {"inputs": {v.name: one(v) for v in proto.graph.input},
+            "outputs": {v.name: one(v) for v in proto.graph.output}}
+
+
+def _short(report: dict) -> dict:
+    keys = ("images", "min_cosine", "max_prob_error", "argmax_agreement", "passed")
+    return {k: report[k] for k in keys}
