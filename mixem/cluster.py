@@ -1,0 +1,261 @@
+"""FAISS k-means over every point (CPU or GPU), with k-means++ and MIX'EM mixture-mean initialisation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import scipy.sparse
+
+from mixem.errors import ConfigError, DataError
+
+INITS = ("kmeans++", "random")
+SEED_POINTS_PER_CENTROID = 1024  # k-means++ seeds from at most k * this many points (see _seeding_sample)
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (k, D) float32; unit rows when spherical
+    assign: np.ndarray  # (N,) int64 cluster of every input point
+    distances: np.ndarray  # (N,) float32 squared L2 distance of each point to its centroid
+    objective: float  # sum of `distances` over all N points (inertia); the best redo's
+    device: str  # "cpu" or "gpu": where faiss ran
+    sampled: bool  # True when faiss trained on a random subset (max_points_per_centroid * k < N)
+    n_points_used: int  # points faiss trained on; assign/distances/objective always cover all N
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Float32 copy with unit-norm rows; all-zero rows stay zero instead of becoming NaN."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x /= np.maximum(norms, np.finfo(np.float32).tiny)
+    return x
+
+
+def faiss_num_gpus() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (which has no get_num_gpus in old builds) or no CUDA device."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def _resolve_gpu(gpu) -> int:
+    n = faiss_num_gpus()
+    if gpu == "auto":
+        return n
+    if gpu is True:
+        if n == 0:
+            warnings.warn("faiss sees no GPU (faiss-cpu, or no CUDA device): k-means runs on the CPU", stacklevel=3)
+        return n
+    if gpu is False:
+        return 0
+    raise ConfigError(f"gpu must be 'auto', True or False, got {gpu!r}")
+
+
+def _sqdist(x: np.ndarray, c: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
+    """(N, m) squared L2 distances, clipped at 0 (the expansion can go slightly negative in float32)."""
+    d = x_sq[:, None] + (c * c).sum(1)[None, :] - 2.0 * (x @ c.T)
+    return np.maximum(d, 0.0, out=d)
+
+
+def kmeans_plus_plus(
+    x: np.ndarray, k: int, *, seed: int = 0, centers: np.ndarray | None = None, n_local_trials: int | None = None
+) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; scikit-learn's variant: at each step
+    draw 2 + ln k candidates by D² sampling and keep the one that lowers the potential most).
+
+    Written here because faiss before 1.14 has only random initialisation, and because MIX'EM's
+    mixture init needs seeding *conditioned on given centres* (empty components): `centers` (m, D)
+    are kept as the first m rows and only k - m new ones are drawn. Returns (k, D) float32.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    N, D = x.shape
+    rng = np.random.default_rng(seed)
+    trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
+    chosen = np.empty((k, D), dtype=np.float32)
+    m = 0 if centers is None else len(centers)
+    if m > k:
+        raise ConfigError(f"kmeans_plus_plus got {m} given centres for k={k}")
+    if m:
+        chosen[:m] = centers
+        closest = faiss.knn(x, chosen[:m], 1)[0][:, 0].astype(np.float64)  # (N,) blockwise in faiss
+        closest = np.maximum(closest, 0.0)
+    else:
+        chosen[0] = x[rng.integers(N)]
+        m = 1
+        closest = _sqdist(x, chosen[:1], (x * x).sum(1))[:, 0].astype(np.float64)
+    x_sq = (x * x).sum(1)
+    for i in range(m, k):
+        potential = closest.sum()
+        if potential <= 0.0:  # every point already sits on a centre: any point is as good as another
+            cand = rng.integers(N, size=1)
+        else:
+            cum = np.cumsum(closest)
+            cand = np.searchsorted(cum, rng.random(trials) * cum[-1], side="right")
+            cand = np.minimum(cand, N - 1)
+        d = np.minimum(closest[:, None], _sqdist(x, x[cand], x_sq))  # (N, trials)
+        best = int(np.argmin(d.sum(0)))
+        closest = d[:, best]
+        chosen[i] = x[cand[best]]
+    return chosen
+
+
+def _seeding_sample(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    # k-means++ is sequential in k and costs O(N k D); drawing the seeds from k * 1024 random points
+    # keeps it O(k² D) at millions of points while any cluster holding more than ~1/1024 of a
+    # centroid's share is still represented. All N points are still used by the k-means itself.
+    n_max = k * SEED_POINTS_PER_CENTROID
+    if len(x) <= n_max:
+        return x
+    return x[np.sort(rng.choice(len(x), n_max, replace=False))]
+
+
+def _initial_centroids(x: np.ndarray, k: int, init, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if isinstance(init, np.ndarray):
+        return np.ascontiguousarray(init, dtype=np.float32)
+    if init == "random":
+        return x[rng.choice(len(x), k, replace=False)].copy()
+    return kmeans_plus_plus(_seeding_sample(x, k, rng), k, seed=int(rng.integers(2**31)))
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    init: str | np.ndarray = "kmeans++",
+    spherical: bool = False,
+    niter: int = 25,
+    nredo: int = 1,
+    seed: int = 0,
+    max_points_per_centroid: int | None = None,
+    gpu: str | bool = "auto",
+) -> KMeansResult:
+    """Lloyd k-means with faiss (`faiss.Kmeans`), keeping the best of `nredo` seedings by objective.
+
+    x: (N, D) float32. init: "kmeans++", "random", or (k, D) initial centroids (then one run: every
+    redo would start from the same centres). spherical: unit-norm centroids and inner-product
+    assignment (for L2-normalised x this is the same partition as L2). max_points_per_centroid:
+    None trains on every point; faiss's own default of 256 silently subsamples to 256·k points.
+    gpu: "auto" uses faiss's GPUs when it has any; the result says where it ran.
+    """
+    if x.ndim != 2:
+        raise DataError(f"k-means needs a 2-D (points, dims) array, got shape {tuple(x.shape)}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    N, D = x.shape
+    if not 1 <= k <= N:
+        raise ConfigError(f"k must be between 1 and the number of points ({N}), got {k}")
+    if niter < 0 or nredo < 1:
+        raise ConfigError(f"niter must be >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
+    if not np.isfinite(x).all():
+        raise DataError("k-means input holds NaN or infinite values: check the embeddings that produced it")
+    if isinstance(init, np.ndarray):
+        if init.shape != (k, D):
+            raise ConfigError(f"initial centroids must have shape ({k}, {D}), got {tuple(init.shape)}")
+        nredo = 1
+    elif init not in INITS:
+        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(INITS)} or pass centroids")
+    mppc = math.ceil(N / k) if max_points_per_centroid is None else int(max_points_per_centroid)
+    if mppc < 1:
+        raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")
+    ngpu = _resolve_gpu(gpu)
+    x_sq = (x * x).sum(1)
+
+    # Independent streams per redo, so calls with seeds 0 and 1 do not share nredo - 1 of their runs.
+    redo_seeds = np.random.default_rng(seed).integers(2**31 - 1, size=nredo)
+    best = None
+    for r in range(nredo):
+        c0 = _initial_centroids(x, k, init, int(redo_seeds[r]))
+        if spherical:
+            c0 = l2_normalize(c0)
+        km = faiss.Kmeans(
+            D,
+            k,
+            niter=niter,
+            nredo=1,  # faiss's later redos would restart from the previous result, not a new seeding
+            spherical=spherical,
+            seed=int(redo_seeds[r]),  # faiss uses it for subsampling and for splitting empty clusters
+            max_points_per_centroid=mppc,
+            min_points_per_centroid=1,  # N >= k is checked above; the 39-per-centroid hint is only a print
+            gpu=ngpu if ngpu else False,
+        )
+        km.train(x, init_centroids=c0)
+        index = km.index
+        index.reset()
+        index.add(km.centroids)
+        score, assign = index.search(x, 1)
+        assign, score = assign[:, 0].astype(np.int64), score[:, 0]
+        if spherical:  # the index returns inner products; report squared L2 like the Euclidean case
+            c_sq = (km.centroids * km.centroids).sum(1)
+            dist = np.maximum(x_sq + c_sq[assign] - 2.0 * score, 0.0).astype(np.float32)
+        else:
+            dist = np.maximum(score, 0.0)
+        obj = float(dist.sum(dtype=np.float64))
+        if best is None or obj < best.objective:
+            best = KMeansResult(
+                centroids=np.ascontiguousarray(km.centroids, dtype=np.float32),
+                assign=assign,
+                distances=dist,
+                objective=obj,
+                device="gpu" if ngpu else "cpu",
+                sampled=N > k * mppc,
+                n_points_used=min(N, k * mppc),
+            )
+    return best
+
+
+def mixture_init_centroids(
+    features: np.ndarray, probs_or_assign: np.ndarray, k: int, *, seed: int = 0, n_components: int | None = None
+) -> np.ndarray:
+    """MIX'EM's "mean component init": (k, F) float32 initial centres from the mixture assignment.
+
+    Each point goes to its argmax-π component; a component's centre is the mean of its points'
+    features. K == k: centre i is component i. K != k: the k most frequent components (the released
+    "FRQBASED" rule). Empty components, and the k - K missing centres when K < k, are drawn by
+    k-means++ conditioned on the non-empty means: unlike the released code's uniform random vector
+    in the feature range, such a point lies on the data and far from the existing centres, so it
+    neither starts empty nor duplicates a centre.
+
+    probs_or_assign: (N, K) mixture probabilities, or (N,) component indices (then K is
+    n_components, or the largest index + 1).
+    """
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    pa = np.asarray(probs_or_assign)
+    N = features.shape[0]
+    if pa.shape[0] != N:
+        raise DataError(f"{N} feature rows but {pa.shape[0]} mixture assignments: they must be row-aligned")
+    if pa.ndim == 2:
+        K, comp = pa.shape[1], pa.argmax(1)
+    elif pa.ndim == 1 and np.issubdtype(pa.dtype, np.integer):
+        comp = pa.astype(np.int64)
+        if comp.min() < 0:
+            raise DataError("component indices must be >= 0")
+        K = n_components if n_components is not None else int(comp.max()) + 1
+        if comp.max() >= K:
+            raise DataError(f"component index {int(comp.max())} out of range for n_components={K}")
+    else:
+        raise DataError("probs_or_assign must be (N, K) probabilities or (N,) integer component indices")
+    if not 1 <= k <= N:
+        raise ConfigError(f"k must be between 1 and the number of points ({N}), got {k}")
+
+    counts = np.bincount(comp, minlength=K)
+    onehot = scipy.sparse.csr_matrix((np.ones(N), (comp, np.arange(N))), shape=(K, N))
+    means = np.asarray(onehot @ features.astype(np.float64)) / np.maximum(counts, 1)[:, None]  # (K, F)
+    if K == k:
+        slots = np.arange(K)
+    else:
+        slots = np.argsort(-counts, kind="stable")[: min(k, K)]  # most frequent first
+    filled = slots[counts[slots] > 0]
+    given = means[filled].astype(np.float32)
+    if len(given) == k:
+        return given
+    # Seed the missing centres after the given ones, then put every centre back into its slot.
+    centres = kmeans_plus_plus(features, k, seed=seed, centers=given if len(given) else None)
+    if K != k:
+        return centres
+    out = np.empty_like(centres)
+    out[filled] = centres[: len(filled)]
+    out[np.setdiff1d(np.arange(k), filled)] = centres[len(filled) :]
+    return out
