@@ -1,0 +1,174 @@
+"""The mixem-fast command line: one thin function per command, calling into the packages."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mixem.errors import MixEMError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench.")
+
+
+class Preset(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    paper = "paper"
+
+
+class Method(str, Enum):
+    mixem = "mixem"
+    simclr = "simclr"
+    ccp = "ccp"
+
+
+class Impl(str, Enum):
+    auto = "auto"
+    triton = "triton"
+    torch = "torch"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    trt = "trt"
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result.")]
+JsonLog = Annotated[Optional[Path], typer.Option("--json-log", help="Append JSON-lines events to this file.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+
+
+def _errors(fn):
+    """Print a MixEMError as one line on stderr and exit 1; never a traceback for the user's mistakes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MixEMError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; finished checkpoints and shards are kept (rerun with --resume)", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@_errors
+def train(
+    data: Annotated[Optional[str], typer.Argument(help="Image folder, .npz, IDX dir, CIFAR/STL-10 dir, or "
+                                                       "'fashion-mnist'. Default: the embedded Fashion-MNIST test split.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory.")] = None,
+    preset: Annotated[Preset, typer.Option(help="Recipe: cpu (minutes on 2 cores), paper (the released MIX'EM "
+                                                "recipe), auto (paper on a GPU, cpu otherwise).")] = Preset.auto,
+    config: Annotated[Optional[Path], typer.Option(help="JSON file {\"model\": {...}, \"train\": {...}} of field overrides.")] = None,
+    method: Annotated[Optional[Method], typer.Option(help="Objective.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the data.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="NT-Xent temperature.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="convnet | resnet18 | resnet34 | resnet50")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Input side in pixels.")] = None,
+    channels: Annotated[Optional[int], typer.Option("--channels", help="1 (grayscale) or 3 (RGB).")] = None,
+    components: Annotated[Optional[int], typer.Option("--components", "-k", help="K mixture components.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="train | test | all | auto (for standard datasets).")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Use only the first N images.")] = None,
+    impl: Annotated[Optional[Impl], typer.Option(help="Loss kernels: auto (Triton on CUDA) | triton | torch.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N epochs (0: at the end only).")] = None,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Cluster and score the data after training.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    device: Device = None,
+    seed: Seed = None,
+    quiet: Quiet = False,
+    json_log: JsonLog = None,
+):
+    """Train MIX'EM and print how well its clusters match the labels (when the data has labels)."""
+    from mixem.session import train_command
+
+    model_over = dict(backbone=backbone, image_size=image_size, in_channels=channels, components=components)
+    train_over = dict(data=data, out=str(out) if out else None, method=method.value if method else None,
+                      epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, split=split,
+                      max_images=max_images, impl=impl.value if impl else None, compile=compile,
+                      eval_every=eval_every, device=device, seed=seed)
+    train_command(preset.value, config, model_over, train_over, resume=resume, evaluate=evaluate,
+                  quiet=quiet, json_log=json_log)
+
+
+@app.command("eval")
+@_errors
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
+    data: Annotated[Optional[str], typer.Argument(help="Data to cluster (default: the data the run trained on).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Clusters (default: number of classes, else K).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="train | test | all | auto")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images")] = None,
+    device: Device = None,
+    seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
+    quiet: Quiet = False,
+    json_log: JsonLog = None,
+):
+    """Cluster a dataset with a trained model; print ACC/NMI/ARI next to raw-pixel k-means."""
+    from mixem.session import eval_command
+
+    eval_command(checkpoint, data, k=k, split=split, max_images=max_images, device=device, seed=seed,
+                 quiet=quiet, json_log=json_log)
+
+
+@app.command()
+@_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx, or trt (TensorRT engine via ONNX).")] = ExportFormat.onnx,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("export"),
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision model.")] = False,
+    features: Annotated[bool, typer.Option("--features", help="Also output backbone features.")] = False,
+    min_batch: Annotated[int, typer.Option("--min-batch", help="TensorRT profile: smallest batch.")] = 1,
+    opt_batch: Annotated[int, typer.Option("--opt-batch", help="TensorRT profile: batch tuned for.")] = 256,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="TensorRT profile: largest batch.")] = 1024,
+):
+    """Export a checkpoint to ONNX (parity-checked against PyTorch) or a TensorRT engine."""
+    from mixem.export import export_checkpoint
+
+    summary = export_checkpoint(checkpoint, fmt=format.value, out_dir=out, fp16=fp16, features=features,
+                                min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+@_errors
+def bench(
+    name: Annotated[Optional[str], typer.Argument(help="Benchmark to run; omit to list them.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny CPU-sized cases (smoke test only).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results directory (default bench/results).")] = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+):
+    """Run a benchmark against its baseline in the same process and write JSON results."""
+    import mixem.bench as b
+
+    names = b.available()
+    if name is None:
+        typer.echo("\n".join(names))
+        return
+    if name not in names:
+        raise MixEMError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
+    result = b.run(name, quick=quick, out_dir=str(out) if out else None, device=device)
+    typer.echo(json.dumps(result, indent=2, default=str)[:4000])
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

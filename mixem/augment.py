@@ -1,0 +1,48 @@
+"""SimCLR augmentation on the training device, batched, with per-sample random parameters (kornia)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixem.config import MixEMConfig, TrainConfig
+
+
+def build_augment(model_cfg: MixEMConfig, train_cfg: TrainConfig) -> nn.Module:
+    """uint8 (B, C, H, W) -> normalised float views (B, C, S, S), S = model_cfg.image_size.
+
+    SimCLR's recipe: random resized crop, horizontal flip, colour jitter (brightness/contrast and, for
+    RGB, saturation/hue) w.p. jitter_p, random grayscale (RGB), gaussian blur (on by default >= 64 px,
+    kernel ~10 % of the side as in SimCLR). All parameters are drawn per sample from torch's RNG.
+    """
+    import kornia.augmentation as K
+
+    S, C = model_cfg.image_size, model_cfg.in_channels
+    s = train_cfg.color_jitter
+    ops: list[nn.Module] = [
+        K.RandomResizedCrop((S, S), scale=train_cfg.crop_scale, ratio=(3 / 4, 4 / 3), p=1.0),
+        K.RandomHorizontalFlip(p=0.5),
+    ]
+    if s > 0 and train_cfg.jitter_p > 0:
+        if C == 3:
+            ops.append(K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=train_cfg.jitter_p))
+        else:  # saturation and hue do not exist for one channel
+            ops.append(K.ColorJitter(0.8 * s, 0.8 * s, 0.0, 0.0, p=train_cfg.jitter_p))
+    if C == 3 and train_cfg.grayscale_p > 0:
+        ops.append(K.RandomGrayscale(p=train_cfg.grayscale_p))
+    blur = train_cfg.blur if train_cfg.blur is not None else S >= 64
+    if blur:
+        k = max(3, int(0.1 * S) // 2 * 2 + 1)
+        ops.append(K.RandomGaussianBlur((k, k), sigma=(0.1, 2.0), p=0.5))
+    ops.append(K.Normalize(mean=torch.tensor(model_cfg.mean), std=torch.tensor(model_cfg.std)))
+    return _Augment(K.AugmentationSequential(*ops))
+
+
+class _Augment(nn.Module):
+    def __init__(self, seq: nn.Module):
+        super().__init__()
+        self.seq = seq
+
+    @torch.no_grad()
+    def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return self.seq(x_uint8.float().div_(255.0))

@@ -1,0 +1,169 @@
+"""What `train` and `eval` do end to end: configs from preset + overrides, data, training, scored clusters."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mixem import checkpoint as ckpt
+from mixem.config import MixEMConfig, TrainConfig, from_dict, preset, replace, save_json, to_dict
+from mixem.errors import ConfigError
+from mixem.runlog import RunLog
+
+
+def build_configs(preset_name: str, config_file: Path | None, model_over: dict, train_over: dict,
+                  device: str | None = None) -> tuple[MixEMConfig, TrainConfig, str]:
+    """preset -> config file -> CLI overrides, each later one winning; returns the resolved preset name too."""
+    if preset_name == "auto":
+        dev = device or train_over.get("device") or "auto"
+        preset_name = "paper" if (dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())) else "cpu"
+    model_cfg, train_cfg = preset(preset_name)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or set(data) - {"model", "train"}:
+            raise ConfigError(f"--config {path}: expected an object with keys 'model' and/or 'train'")
+        model_cfg = from_dict(MixEMConfig, {**to_dict(model_cfg), **data.get("model", {})}, where=f"{path} model")
+        train_cfg = from_dict(TrainConfig, {**to_dict(train_cfg), **data.get("train", {})}, where=f"{path} train")
+    model_cfg = _replace_checked(model_cfg, model_over)
+    train_cfg = replace(train_cfg, **train_over)
+    return model_cfg, train_cfg, preset_name
+
+
+def _replace_checked(cfg: MixEMConfig, over: dict) -> MixEMConfig:
+    over = {k: v for k, v in over.items() if v is not None}
+    if "in_channels" in over and "mean" not in over and over["in_channels"] != cfg.in_channels:
+        # Keep per-channel normalisation consistent with the new channel count.
+        over["mean"] = (sum(cfg.mean) / len(cfg.mean),) * over["in_channels"]
+        over["std"] = (sum(cfg.std) / len(cfg.std),) * over["in_channels"]
+    return from_dict(MixEMConfig, {**to_dict(cfg), **{k: list(v) if isinstance(v, tuple) else v for k, v in over.items()}},
+                     where="options")
+
+
+def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data: str | None = None,
+              split: str | None = None, max_images: int | None = None):
+    from mixem.data import load_images
+
+    t0 = time.perf_counter()
+    source = data if data is not None else train_cfg.data
+    ds = load_images(source, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
+                     split=split or train_cfg.split, max_images=max_images if max_images is not None else train_cfg.max_images)
+    n_cls = len(ds.class_names) if ds.class_names else (len(set(ds.labels.tolist())) if ds.labels is not None else 0)
+    log.print(f"data: {ds.source}: {len(ds.images):,} images {tuple(ds.images.shape[1:])}"
+              + (f", {n_cls} classes" if n_cls else ", no labels")
+              + (f", {len(ds.skipped)} unreadable files skipped" if ds.skipped else "")
+              + f" ({time.perf_counter() - t0:.1f} s)")
+    for path, reason in ds.skipped[:5]:
+        log.print(f"  skipped {path}: {reason}")
+    log.event("data", source=ds.source, images=len(ds.images), classes=n_cls, skipped=len(ds.skipped))
+    return ds
+
+
+def train_command(preset_name: str, config_file, model_over: dict, train_over: dict, *, resume: bool,
+                  evaluate: bool, quiet: bool, json_log) -> dict:
+    from mixem.train import train
+
+    if resume:
+        out = Path(train_over.get("out") or TrainConfig().out)
+        _, model_cfg, saved_train = ckpt.load_configs(out)
+        if saved_train is None:
+            raise ConfigError(f"{out}: the latest checkpoint has no train_config.json; cannot resume")
+        extra = {k: v for k, v in train_over.items() if v is not None and k not in ("out", "epochs", "device")}
+        if extra or any(v is not None for v in model_over.values()) or config_file:
+            raise ConfigError("--resume continues a run with its saved configs; only --out, --epochs and --device may be given")
+        train_cfg = replace(saved_train, epochs=train_over.get("epochs"), device=train_over.get("device"))
+        name = "resumed"
+    else:
+        model_cfg, train_cfg, name = build_configs(preset_name, config_file, model_over, train_over)
+    log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet)
+    log.print(f"mixem-fast train: preset {name}, {model_cfg.backbone} {model_cfg.in_channels}x{model_cfg.image_size}px, "
+              f"K={model_cfg.components}, method {train_cfg.method}, {train_cfg.epochs} epochs x batch {train_cfg.batch_size} "
+              f"-> {train_cfg.out}")
+    ds = load_data(train_cfg, model_cfg, log)
+    k = _num_clusters(ds, model_cfg)
+    t0 = time.perf_counter()
+    curve = []
+
+    def on_epoch(model, epoch, record):
+        if train_cfg.eval_every and epoch % train_cfg.eval_every == 0 and epoch < train_cfg.epochs and ds.labels is not None:
+            row = _headline(_score(model, ds, k, train_cfg.device, seed=train_cfg.seed, quick=True))
+            point = {"epoch": epoch, "minutes": round((time.perf_counter() - t0) / 60, 3), **row}
+            curve.append(point)
+            log.event("eval", **point)
+            log.print(f"  eval epoch {epoch}: ACC {row['acc']:.3f} NMI {row['nmi']:.3f} ARI {row['ari']:.3f}")
+
+    model, result = train(model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch)
+    summary = {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "epochs": result.epochs,
+               "train_seconds": round(result.seconds, 1), "preset": name}
+    if evaluate:
+        summary.update(_evaluate_and_report(model, ds, k, train_cfg.device, train_cfg.seed, result.run_dir, log,
+                                            minutes=(time.perf_counter() - t0) / 60, curve=curve))
+    return summary
+
+
+def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, quiet, json_log) -> dict:
+    from mixem.train import resolve_device
+
+    dev = resolve_device(device or "auto")
+    model, model_cfg = ckpt.load_model(checkpoint_path, device=dev)
+    _, _, train_cfg = ckpt.load_configs(checkpoint_path)
+    train_cfg = train_cfg or TrainConfig()
+    log = RunLog(json_log, quiet=quiet)
+    ds = load_data(train_cfg, model_cfg, log, data=data, split=split, max_images=max_images)
+    k = k or _num_clusters(ds, model_cfg)
+    out_dir = ckpt.resolve(checkpoint_path)
+    return _evaluate_and_report(model, ds, k, str(dev), seed, out_dir, log)
+
+
+def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
+    if ds.labels is not None:
+        return len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
+    return model_cfg.components
+
+
+def _score(model, ds, k: int, device: str, seed: int, quick: bool = False) -> list[dict]:
+    from mixem.evaluate import evaluate, extract_features
+    from mixem.train import resolve_device
+
+    feats = extract_features(model, ds.images, device=str(resolve_device(device)))
+    if quick:
+        return evaluate(feats, ds.labels, k, seed=seed, inits=("mixture",), feature_types=("embedding",))
+    return evaluate(feats, ds.labels, k, seed=seed)
+
+
+def _headline(rows: list[dict]) -> dict:
+    """MIX'EM's prescribed clustering: k-means on the mixture embedding, started from the mixture components."""
+    for r in rows:
+        if r.get("features") == "embedding" and r.get("init") == "mixture":
+            return r
+    return rows[0]
+
+
+def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog, minutes: float | None = None,
+                         curve: list | None = None) -> dict:
+    from mixem.evaluate import format_table, raw_pixel_baseline
+
+    if ds.labels is None:
+        log.print("no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here")
+        return {}
+    rows = _score(model, ds, k, device, seed)
+    base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
+    head = _headline(rows)
+    metrics = {"k": k, "images": len(ds.images), "source": ds.source, "rows": rows, "raw_pixel_kmeans": base,
+               "mixem": head, "curve": curve or [], "minutes": round(minutes, 3) if minutes is not None else None}
+    save_json(metrics, Path(out_dir) / "metrics.json")
+    log.event("metrics", **metrics)
+    log.print(format_table(rows + [base]))
+    line = (f"MIX'EM (k-means from mixture components)  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
+            f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
+            f"  ({len(ds.images):,} images, k={k})")
+    print(line)
+    return {"mixem": head, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json")}

@@ -1,0 +1,172 @@
+"""The training loop: data on the device, augmentation on the device, checkpoints every epoch, resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mixem import checkpoint as ckpt
+from mixem.augment import build_augment
+from mixem.config import MixEMConfig, TrainConfig, save_json
+from mixem.errors import ConfigError, TrainingDiverged
+from mixem.model import MixEM, MixEMOutput
+from mixem.objectives import detach_terms, objective
+from mixem.runlog import RunLog
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    epochs: int  # epochs completed in total (including resumed ones)
+    seconds: float  # wall time of this invocation's training epochs
+    history: list[dict] = field(default_factory=list)  # one record per epoch of this invocation
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu (or auto)")
+    return dev
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from ~0 to 1, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # One seed per (run, epoch): shuffling and augmentation of an epoch do not depend on how many
+    # epochs ran in this process, which is what makes a resumed run equal an uninterrupted one.
+    return seed * 1_000_003 + epoch
+
+
+def _split(out: MixEMOutput, B: int) -> tuple[MixEMOutput, MixEMOutput]:
+    return (MixEMOutput(*(t[:B].float() for t in out)), MixEMOutput(*(t[B:].float() for t in out)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, *, resume: bool = False,
+          log: RunLog | None = None, on_epoch=None) -> tuple[MixEM, TrainResult]:
+    """Train on `images` (uint8 (N, C, H, W) at model_cfg.image_size); returns the model and a summary.
+
+    `on_epoch(model, epoch, record)` is called after each epoch's checkpoint (evaluation hooks).
+    """
+    log = log or RunLog(quiet=True)
+    device = resolve_device(train_cfg.device)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    N, C, H, W = images.shape
+    B = train_cfg.batch_size
+    if (C, H, W) != (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size):
+        raise ConfigError(f"images are {C}x{H}x{W} but the model expects "
+                          f"{model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size}; "
+                          "reload the data at the model's --image-size/--channels")
+    if N < B:
+        raise ConfigError(f"--batch-size {B} is larger than the {N} training images; pass --batch-size {N} or less")
+    run_dir = Path(train_cfg.out)
+    steps_per_epoch = N // B  # drop_last, as SimCLR and the released MIX'EM code do
+    total_steps = steps_per_epoch * train_cfg.epochs
+    warmup_steps = max(1, round(train_cfg.warmup_epochs * steps_per_epoch))
+
+    torch.manual_seed(train_cfg.seed)
+    model = MixEM(model_cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, train_cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps))
+    start_epoch = 0
+    if resume:
+        start_epoch = _restore(run_dir, model, opt, sched, device)
+        log.print(f"resuming {run_dir} at epoch {start_epoch + 1}/{train_cfg.epochs}")
+    elif (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(model_cfg, run_dir / "config.json")
+    save_json(train_cfg, run_dir / "train_config.json")
+
+    fwd_model = torch.compile(model) if train_cfg.compile else model
+    augment = build_augment(model_cfg, train_cfg).to(device)
+    images = images.to(device)
+    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+    log.event("start", device=str(device), images=N, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch,
+              parameters=sum(p.numel() for p in model.parameters()), model=model_cfg.__dict__, train=train_cfg.__dict__)
+
+    history, t_train = [], 0.0
+    for epoch in range(start_epoch, train_cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        g = torch.Generator().manual_seed(_epoch_seed(train_cfg.seed, epoch))
+        perm = torch.randperm(N, generator=g).to(device)
+        torch.manual_seed(_epoch_seed(train_cfg.seed, epoch))  # kornia draws from the global RNG
+        sums: dict[str, float] = {}
+        desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
+        with log.progress(steps_per_epoch * B, desc) as bar:
+            for s in range(steps_per_epoch):
+                x = images[perm[s * B:(s + 1) * B]]
+                views = torch.cat([augment(x), augment(x)])  # (2B, C, S, S)
+                if device.type == "cuda":
+                    views = views.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    out = fwd_model(views)
+                terms = objective(*_split(out, B), train_cfg)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    last = run_dir / "checkpoints" / "latest"
+                    keep = f"the last good checkpoint is {last.parent / last.read_text().strip()}" if last.exists() else "no checkpoint was written yet"
+                    raise TrainingDiverged(f"loss became {float(loss)} at epoch {epoch + 1}, step {s + 1}; {keep}; "
+                                           "lower --lr or raise --temperature and resume")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                vals = detach_terms(terms)
+                for k, v in vals.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.advance(B, **{k: v for k, v in vals.items() if k in ("loss", "ntxent", "marginal_entropy")})
+            rate = bar.rate
+        dt = time.perf_counter() - t0
+        t_train += dt
+        record = {"epoch": epoch + 1, "seconds": round(dt, 3), "images_per_s": round(rate, 1),
+                  "lr": sched.get_last_lr()[0], **{k: v / steps_per_epoch for k, v in sums.items()}}
+        name = f"epoch_{epoch + 1:04d}"
+        ckpt.save_checkpoint(run_dir / "checkpoints" / name, model, model_cfg, train_cfg=train_cfg,
+                             state={"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "record": record},
+                             trainer_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+        ckpt.mark_latest(run_dir, name)
+        ckpt.prune(run_dir, keep=2)
+        log.event("epoch", **record)
+        log.print(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  " + "  ".join(
+            f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr", "seconds", "images_per_s"))
+            + f"  {record['images_per_s']:,.0f} img/s")
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(model, epoch + 1, record)
+    last = ckpt.resolve(run_dir)
+    return model, TrainResult(run_dir, last, train_cfg.epochs, t_train, history)
+
+
+def _restore(run_dir: Path, model, opt, sched, device) -> int:
+    from safetensors.torch import load_file
+
+    path = ckpt.resolve(run_dir)
+    model.load_state_dict(load_file(str(path / ckpt.WEIGHTS), device=str(device)))
+    state = ckpt.load_trainer_state(path)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(ckpt.read_state(path)["epoch"])
