@@ -54,6 +54,14 @@ def _resolve_gpu(gpu) -> int:
     raise ConfigError(f"gpu must be 'auto', True or False, got {gpu!r}")
 
 
+def _row_sq(x: np.ndarray) -> np.ndarray:
+    return np.einsum("nd,nd->n", x, x)  # (N,) without materialising x * x (N, D)
+
+
+def _all_finite(x: np.ndarray, rows: int = 65536) -> bool:
+    return all(np.isfinite(x[s : s + rows]).all() for s in range(0, len(x), rows))  # bounded temporaries
+
+
 def _sqdist(x: np.ndarray, c: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
     """(N, m) squared L2 distances, clipped at 0 (the expansion can go slightly negative in float32)."""
     d = x_sq[:, None] + (c * c).sum(1)[None, :] - 2.0 * (x @ c.T)
@@ -78,6 +86,7 @@ def kmeans_plus_plus(
     m = 0 if centers is None else len(centers)
     if m > k:
         raise ConfigError(f"kmeans_plus_plus got {m} given centres for k={k}")
+    x_sq = _row_sq(x)
     if m:
         chosen[:m] = centers
         closest = faiss.knn(x, chosen[:m], 1)[0][:, 0].astype(np.float64)  # (N,) blockwise in faiss
@@ -85,8 +94,7 @@ def kmeans_plus_plus(
     else:
         chosen[0] = x[rng.integers(N)]
         m = 1
-        closest = _sqdist(x, chosen[:1], (x * x).sum(1))[:, 0].astype(np.float64)
-    x_sq = (x * x).sum(1)
+        closest = _sqdist(x, chosen[:1], x_sq)[:, 0].astype(np.float64)
     for i in range(m, k):
         potential = closest.sum()
         if potential <= 0.0:  # every point already sits on a centre: any point is as good as another
@@ -104,8 +112,8 @@ def kmeans_plus_plus(
 
 def _seeding_sample(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     # k-means++ is sequential in k and costs O(N k D); drawing the seeds from k * 1024 random points
-    # keeps it O(k² D) at millions of points while any cluster holding more than ~1/1024 of a
-    # centroid's share is still represented. All N points are still used by the k-means itself.
+    # makes it O(k² D) at millions of points, while a cluster holding 1/k of the data still has ~1024
+    # points in the sample. Only the seeding is sampled: Lloyd's iterations use all N points.
     n_max = k * SEED_POINTS_PER_CENTROID
     if len(x) <= n_max:
         return x
@@ -149,7 +157,7 @@ def kmeans(
         raise ConfigError(f"k must be between 1 and the number of points ({N}), got {k}")
     if niter < 0 or nredo < 1:
         raise ConfigError(f"niter must be >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
-    if not np.isfinite(x).all():
+    if not _all_finite(x):
         raise DataError("k-means input holds NaN or infinite values: check the embeddings that produced it")
     if isinstance(init, np.ndarray):
         if init.shape != (k, D):
@@ -161,7 +169,7 @@ def kmeans(
     if mppc < 1:
         raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")
     ngpu = _resolve_gpu(gpu)
-    x_sq = (x * x).sum(1)
+    x_sq = _row_sq(x) if spherical else None
 
     # Independent streams per redo, so calls with seeds 0 and 1 do not share nredo - 1 of their runs.
     redo_seeds = np.random.default_rng(seed).integers(2**31 - 1, size=nredo)
@@ -241,8 +249,12 @@ def mixture_init_centroids(
         raise ConfigError(f"k must be between 1 and the number of points ({N}), got {k}")
 
     counts = np.bincount(comp, minlength=K)
-    onehot = scipy.sparse.csr_matrix((np.ones(N), (comp, np.arange(N))), shape=(K, N))
-    means = np.asarray(onehot @ features.astype(np.float64)) / np.maximum(counts, 1)[:, None]  # (K, F)
+    sums = np.zeros((K, features.shape[1]), dtype=np.float64)
+    for s in range(0, N, 65536):  # float64 sums, in blocks so no (N, F) float64 copy is made
+        block = features[s : s + 65536].astype(np.float64)
+        n = len(block)
+        sums += scipy.sparse.csr_matrix((np.ones(n), (comp[s : s + n], np.arange(n))), shape=(K, n)) @ block
+    means = sums / np.maximum(counts, 1)[:, None]  # (K, F)
     if K == k:
         slots = np.arange(K)
     else:

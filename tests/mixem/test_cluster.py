@@ -57,6 +57,17 @@ def test_subsampling_is_reported_and_all_points_still_assigned(digits):
     assert not full.sampled and full.n_points_used == len(x)
 
 
+def test_seeding_from_a_sample_at_scale(digits, monkeypatch):
+    import mixem.cluster
+
+    x, _ = digits
+    full = kmeans(x, 10, niter=30, nredo=3, seed=2)
+    monkeypatch.setattr(mixem.cluster, "SEED_POINTS_PER_CENTROID", 20)  # seeds from 200 of 1797 points
+    sub = kmeans(x, 10, niter=30, nredo=3, seed=2)
+    assert sub.n_points_used == len(x) and sub.assign.shape == (len(x),)
+    assert sub.objective < full.objective * 1.1
+
+
 def test_given_centroids_are_honoured(digits):
     x, _ = digits
     init = x[[0, 100, 200, 300, 400]] + 0.01
