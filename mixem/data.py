@@ -133,7 +133,8 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
     source: a path, "FORMAT:PATH" (FORMAT one of FORMATS; e.g. "cifar100-20:DIR" for the 20 coarse
     classes), or "fashion-mnist[:SPLIT]" (the Debian dataset-fashion-mnist package). split: train | test |
     all | auto (all there is; STL-10: train+test) | unlabeled (STL-10). max_images keeps the first N images
-    in file order (folders: the first N readable ones), not a random sample. progress(done, total) is
+    in file order (folders: the first N readable ones), not a random sample. Folder labels come from the
+    first-level sub-folder names when every image lies in one; loose images at the top mean no labels. progress(done, total) is
     called from this thread as images are decoded or resized. threads: decoding threads, 0 = one per CPU.
     """
     if split not in SPLITS:
@@ -147,7 +148,7 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
             raise DataError(f"the embedded data is the Fashion-MNIST test split only, not {split!r}; "
                             "use data 'fashion-mnist' (apt-get install dataset-fashion-mnist) for train")
         arrays = formats.read_idx(EMBEDDED_DIR, "test", max_images, formats.FASHION_MNIST_CLASSES)
-        arrays.source = f"embedded Fashion-MNIST test split ({EMBEDDED_DIR})"
+        arrays.source = "embedded Fashion-MNIST test split"
         return _finish(arrays, image_size, in_channels, labels, progress)
     fmt, path, split = _parse(str(source), split, format)
     if not path.exists():
@@ -164,9 +165,7 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
             raise DataError(f"{path}: an image folder has no {split!r} split; point the data option at that folder")
         images, y, names, paths, skipped = folders.read_folder(
             path, image_size, in_channels, labels=labels, limit=max_images, threads=threads, progress=progress)
-        note = f", {len(skipped)} unreadable files skipped" if skipped else ""
-        return ImageSet(torch.from_numpy(images), y, names, paths, skipped,
-                        f"image folder {path} ({len(images)} images{note})")
+        return ImageSet(torch.from_numpy(images), y, names, paths, skipped, f"image folder {path}")
     if detected == "idx":
         arrays = formats.read_idx(where, split, max_images)
     elif detected == "npz":
@@ -184,4 +183,4 @@ def _finish(arrays: formats.Arrays, size: int, channels: int, labels: bool, prog
         raise DataError(f"{arrays.source}: holds no images")
     keep = labels and arrays.labels is not None
     return ImageSet(images, arrays.labels if keep else None, arrays.class_names if keep else None,
-                    None, [], f"{arrays.source} ({len(images)} images)")
+                    None, [], arrays.source)

@@ -54,6 +54,8 @@ def _to_mode(im: Image.Image, mode: str) -> Image.Image:
 
 def decode(path: str, size: int, mode: str) -> np.ndarray:
     """One image file as (C, size, size) uint8: EXIF-upright, shorter side resized, centre-cropped."""
+    # PIL rather than torchvision.io: draft() skips most of the JPEG work for small targets, and it
+    # reads bmp/tiff/gif/16-bit files too; it releases the GIL while decoding, so threads scale.
     with Image.open(path) as im:
         # JPEG only: decode at 1/2..1/8 scale when that still covers size x size (much faster for photos).
         im.draft(im.mode, (size, size))

@@ -135,7 +135,8 @@ def read_idx(path: Path, split: str, limit: int, class_names: list[str] | None =
     if lab is not None and class_names is None:
         class_names = FASHION_MNIST_CLASSES if "fashion" in str(path).lower() else _names_for(lab)
     which = "+".join(files) if path.is_dir() else path.name
-    return Arrays(parts, lab, class_names if lab is not None else None, f"IDX {which} at {path}")
+    kind = "Fashion-MNIST" if "fashion" in str(path).lower() else "IDX"
+    return Arrays(parts, lab, class_names if lab is not None else None, f"{kind} {which} at {path}")
 
 
 # ---------------------------------------------------------------- .npz
@@ -222,7 +223,7 @@ def read_npz(path: Path, split: str, limit: int) -> Arrays:
                 for key in ("class_names", "classes"):
                     if key in keys and names is None:
                         names = [str(s) for s in z[key]]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read .npz file ({e})") from None
     parts, lab = _take(parts, labels, limit)
     if lab is not None and names is None:
@@ -268,8 +269,9 @@ def _load_batch(path: Path) -> dict[str, object]:
             d = _ArrayUnpickler(f, encoding="bytes").load()
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: not a CIFAR python batch ({e}); only numpy arrays and lists are accepted") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DataError(f"{path}: cannot read CIFAR python batch ({e}); it may be truncated") from None
+    except Exception as e:  # a damaged pickle fails in many ways (EOFError, KeyError, struct.error...)
+        raise DataError(f"{path}: cannot read CIFAR python batch ({type(e).__name__}: {e}); "
+                        "it may be truncated") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: not a CIFAR python batch (a pickled {type(d).__name__}, expected a dict)")
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in d.items()}
@@ -317,7 +319,10 @@ def read_cifar(folder: Path, kind: str, split: str, limit: int) -> Arrays:
             break
         d = _load_batch(folder / name)
         x = _batch_images(d, folder / name)
-        y = np.asarray(d.get(label_key, []), dtype=np.int64).reshape(-1)
+        try:
+            y = np.asarray(d.get(label_key, []), dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{folder / name}: '{label_key}' is not a list of integers ({e})") from None
         if len(y) != len(x):
             raise DataError(f"{folder / name}: {len(y)} '{label_key}' for {len(x)} images")
         parts.append(x)
