@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 from functools import lru_cache
-from importlib import resources
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from mixem.errors import MixEMError
 
 # Gates per precision. Cosine is the metric that matters for embeddings (nearest neighbours and
 # k-means see directions); probs are gated loosely because a softmax over K logits amplifies
@@ -24,27 +19,17 @@ THRESHOLDS = {
 PARITY_BATCHES = (1, 7, 64)
 
 
-@lru_cache(maxsize=2)
-def _fashion_mnist_test() -> np.ndarray:
-    """The embedded Fashion-MNIST test images, uint8 (10000, 28, 28).
-
-    A private IDX reader until mixem.data.load_images lands: export needs real images, not noise,
-    because random inputs leave BatchNorm statistics and softmax ties untested.
-    """
-    raw = gzip.decompress(resources.files("mixem").joinpath("data_files/t10k-images-idx3-ubyte.gz").read_bytes())
-    if int.from_bytes(raw[:4], "big") != 0x803:  # IDX magic: unsigned byte, 3 dimensions
-        raise MixEMError("mixem/data_files/t10k-images-idx3-ubyte.gz: not an IDX3 ubyte file; reinstall mixem-fast")
-    n, h, w = (int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w)
-
-
+@lru_cache(maxsize=4)
 def real_images(n: int, image_size: int, in_channels: int) -> np.ndarray:
-    """n real uint8 images (n, C, S, S) at the model's size: resized (antialiased) and channel-replicated."""
-    x = torch.from_numpy(_fashion_mnist_test()[:n].copy()).unsqueeze(1)  # (n, 1, 28, 28)
-    if x.shape[-1] != image_size:
-        x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        x = x.round().clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, in_channels, -1, -1).contiguous().numpy()
+    """The first n embedded Fashion-MNIST test images as uint8 (n, C, S, S) at the model's size and channels.
+
+    Real images, not noise: random inputs leave BatchNorm statistics and softmax near-ties untested.
+    Cached (callers must not write into it): export checks and benchmarks ask for the same images.
+    """
+    from mixem.data import load_images
+
+    x = load_images(None, image_size=image_size, in_channels=in_channels, max_images=n, labels=False).images
+    return x.contiguous().numpy()
 
 
 def compare(reference: Callable, candidate: Callable, images: np.ndarray,
