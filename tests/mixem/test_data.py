@@ -493,3 +493,19 @@ def test_stl10_truncated(stl10):
     (d / "test_X.bin").write_bytes(raw[:-100])
     with pytest.raises(DataError, match=r"test_X\.bin.*truncated"):
         load_images(str(d), image_size=32, in_channels=3, split="test")
+
+
+def test_folder_reads_every_listed_format_losslessly(tmp_path, fashion):
+    x = fashion[0][:6]
+    for k, ext in enumerate(["bmp", "gif", "tif", "TIFF", "webp", "png"]):
+        options = {"lossless": True} if ext == "webp" else {}
+        Image.fromarray(x[k]).save(tmp_path / f"{k}.{ext}", **options)
+    s = load_images(str(tmp_path), image_size=28, in_channels=1)
+    assert not s.skipped
+    np.testing.assert_array_equal(s.images[:, 0].numpy(), x)
+
+
+def test_folder_16_bit_png_is_scaled_not_clipped(tmp_path, fashion):
+    Image.fromarray(fashion[0][0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    s = load_images(str(tmp_path), image_size=28, in_channels=3)
+    np.testing.assert_array_equal(s.images[0, 1].numpy(), fashion[0][0])
