@@ -80,7 +80,9 @@ def fit(parts: list[np.ndarray], size: int, channels: int,
 def _parse(source: str, split: str, fmt: str | None) -> tuple[str, Path, str]:
     """Split "FORMAT:PATH" and "fashion-mnist[:SPLIT]" into (format or "", path, split)."""
     head, sep, rest = source.partition(":")
-    if head.lower() == "fashion-mnist" and (not sep or rest in SPLITS):
+    if head.lower() == "fashion-mnist" and not Path(source).exists():  # a local folder of that name wins
+        if sep and rest not in SPLITS:
+            raise DataError(f"data {source!r}: unknown split {rest!r}; use fashion-mnist:train, :test or :all")
         if sep and split not in ("auto", rest):
             raise DataError(f"data {source!r} names split {rest!r} but the split option says {split!r}")
         if not FASHION_MNIST_DIR.is_dir() or not formats.idx_files(FASHION_MNIST_DIR):
@@ -131,11 +133,13 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
     """Load every image of `source` (None = the embedded Fashion-MNIST test split) at image_size, in_channels.
 
     source: a path, "FORMAT:PATH" (FORMAT one of FORMATS; e.g. "cifar100-20:DIR" for the 20 coarse
-    classes), or "fashion-mnist[:SPLIT]" (the Debian dataset-fashion-mnist package). split: train | test |
-    all | auto (all there is; STL-10: train+test) | unlabeled (STL-10). max_images keeps the first N images
-    in file order (folders: the first N readable ones), not a random sample. Folder labels come from the
-    first-level sub-folder names when every image lies in one; loose images at the top mean no labels. progress(done, total) is
-    called from this thread as images are decoded or resized. threads: decoding threads, 0 = one per CPU.
+    classes), or "fashion-mnist[:SPLIT]" (the Debian dataset-fashion-mnist package).
+    split: train | test | all | auto (all there is; STL-10: train+test, its clustering benchmark) |
+    unlabeled (STL-10; STL-10's unlabeled and all carry no labels).
+    max_images: keep the first N images in file order (folders: the first N readable), not a random sample.
+    Folder labels are the first-level sub-folder names when every image lies in one; else there are none.
+    progress(done, total) is called from this thread as images are decoded or resized.
+    threads: image-decoding threads, 0 = one per available CPU.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")

@@ -509,3 +509,11 @@ def test_folder_16_bit_png_is_scaled_not_clipped(tmp_path, fashion):
     Image.fromarray(fashion[0][0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
     s = load_images(str(tmp_path), image_size=28, in_channels=3)
     np.testing.assert_array_equal(s.images[0, 1].numpy(), fashion[0][0])
+
+
+def test_fashion_mnist_bad_split_and_conflicting_split():
+    with pytest.raises(DataError, match="unknown split 'val'"):
+        load_images("fashion-mnist:val", image_size=28, in_channels=1)
+    if DEBIAN_FMNIST.is_dir():
+        with pytest.raises(DataError, match="split option says 'train'"):
+            load_images("fashion-mnist:test", image_size=28, in_channels=1, split="train")
