@@ -186,5 +186,7 @@ def _finish(arrays: formats.Arrays, size: int, channels: int, labels: bool, prog
     if not len(images):
         raise DataError(f"{arrays.source}: holds no images")
     keep = labels and arrays.labels is not None
+    if keep and arrays.class_names is not None and len(arrays.labels) and arrays.labels.max() >= len(arrays.class_names):
+        raise DataError(f"{arrays.source}: label {arrays.labels.max()} but only {len(arrays.class_names)} class names")
     return ImageSet(images, arrays.labels if keep else None, arrays.class_names if keep else None,
                     None, [], arrays.source)

@@ -213,6 +213,9 @@ def read_npz(path: Path, split: str, limit: int) -> Arrays:
             for xk, yk in pairs:
                 parts.append(_as_nchw_uint8(z[xk][:limit or None], f"{path}[{xk}]"))
                 ys.append(z[yk][:limit or None] if yk in keys else None)
+                if ys[-1] is not None and ys[-1].shape != (len(parts[-1]),):
+                    raise DataError(f"{path}[{yk}]: labels have shape {ys[-1].shape}, expected "
+                                    f"({len(parts[-1])},) to match {xk}")
             labels, names = None, None
             if all(y is not None for y in ys):
                 where = f"{path}[{'+'.join(yk for _, yk in pairs)}]"

@@ -517,3 +517,13 @@ def test_fashion_mnist_bad_split_and_conflicting_split():
     if DEBIAN_FMNIST.is_dir():
         with pytest.raises(DataError, match="split option says 'train'"):
             load_images("fashion-mnist:test", image_size=28, in_channels=1, split="train")
+
+
+def test_npz_class_names_must_cover_labels(tmp_path, digits):
+    x, y = digits
+    np.savez(tmp_path / "n.npz", x=x, y=y, class_names=np.array(["zero", "one"]))
+    with pytest.raises(DataError, match="label 9 but only 2 class names"):
+        load_images(str(tmp_path / "n.npz"), image_size=8, in_channels=1)
+    names = np.array([str(i) * 2 for i in range(10)])
+    np.savez(tmp_path / "ok.npz", x=x, y=y, class_names=names)
+    assert load_images(str(tmp_path / "ok.npz"), image_size=8, in_channels=1).class_names[3] == "33"
