@@ -126,10 +126,10 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
                     out = fwd_model(views)
                 terms = objective(*_split(out, B), train_cfg)
                 loss = terms["loss"]
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss.detach()):
                     last = run_dir / "checkpoints" / "latest"
                     keep = f"the last good checkpoint is {last.parent / last.read_text().strip()}" if last.exists() else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"loss became {float(loss)} at epoch {epoch + 1}, step {s + 1}; {keep}; "
+                    raise TrainingDiverged(f"loss became {loss.detach().item()} at epoch {epoch + 1}, step {s + 1}; {keep}; "
                                            "lower --lr or raise --temperature and resume")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

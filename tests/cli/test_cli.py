@@ -1,0 +1,66 @@
+"""The CLI through Typer's CliRunner: the quickstart path on real data, and one-line errors for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mixem.cli.app import app
+
+runner = CliRunner()
+TINY = {"model": dict(backbone="convnet", width=8, head_hidden=16),
+        "train": dict(batch_size=64, epochs=1)}
+
+
+def _one_error_line(result):
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_train_then_eval_prints_comparison(tmp_path):
+    conf = tmp_path / "tiny.json"
+    conf.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--preset", "cpu", "--config", str(conf), "--max-images", "640",
+                            "--out", str(out), "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("MIX'EM") and "raw-pixel k-means" in last and "ACC" in last
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["mixem"]["acc"] <= 1 and metrics["images"] == 640
+    r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "raw-pixel k-means" in r.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "/no/such/dir"], "/no/such/dir"),
+    (["train", "--backbone", "vgg11"], "unknown backbone"),
+    (["train", "-k", "1"], "at least 2"),
+    (["train", "--image-size", "4"], "image_size"),
+    (["train", "--resume", "--out", "/no/such/run"], "/no/such/run"),
+    (["eval", "/no/such/ckpt"], "checkpoint not found"),
+    (["bench", "nope"], "unknown benchmark"),
+])
+def test_bad_input_one_line(args, needle):
+    assert needle in _one_error_line(runner.invoke(app, args))
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = _one_error_line(runner.invoke(app, ["train", str(tmp_path / "empty"), "--no-eval"]))
+    assert str(tmp_path / "empty") in line
+
+
+def test_batch_larger_than_data(tmp_path):
+    line = _one_error_line(runner.invoke(app, ["train", "--max-images", "10", "--batch-size", "64",
+                                               "--out", str(tmp_path / "r"), "--no-eval"]))
+    assert "--batch-size 64" in line
+
+
+def test_pickle_checkpoint_refused_by_eval(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04K\x01.")
+    assert "pickle" in _one_error_line(runner.invoke(app, ["eval", str(tmp_path / "model.pt")]))

@@ -1,0 +1,110 @@
+"""Training: the loss falls, a killed run resumes to the same weights, NaN stops cleanly, pickles are refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixem import checkpoint as ckpt
+from mixem import train as train_mod
+from mixem.config import MixEMConfig, TrainConfig
+from mixem.data import load_images
+from mixem.errors import CheckpointError, TrainingDiverged
+from mixem.model import MixEM
+
+TINY_MODEL = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.29,), std=(0.35,))
+TINY_TRAIN = dict(batch_size=64, epochs=3, optimizer="adamw", lr=2e-3, warmup_epochs=0.5, temperature=0.2,
+                  crop_scale=(0.35, 1.0), blur=False, grayscale_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def fmnist512():
+    return load_images(None, image_size=28, in_channels=1, max_images=512)
+
+
+def test_short_run_loss_falls(fmnist512, tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), **TINY_TRAIN)
+    model, result = train_mod.train(MixEMConfig(**TINY_MODEL), cfg, fmnist512.images)
+    first, last = result.history[0], result.history[-1]
+    assert last["loss"] < first["loss"] and last["ntxent"] < first["ntxent"], result.history
+    assert {"ntxent", "marginal_entropy", "instance", "pull", "push", "loss"} <= set(first)
+    # The run directory holds a loadable checkpoint equal to the returned model.
+    loaded, _ = ckpt.load_model(tmp_path / "run")
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, "-m", "mixem.cli", "train", *args], dict(cwd=cwd, env=env)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    conf = tmp_path / "tiny.json"
+    conf.write_text(json.dumps({"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 4}}))
+    common = ["--preset", "cpu", "--config", str(conf), "--max-images", "768", "--no-eval", "--quiet", "--device", "cpu"]
+    cmd, kw = _cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
+    subprocess.run(cmd, check=True, timeout=300, **kw)
+
+    cmd, kw = _cli(*common, "--out", str(tmp_path / "killed"), cwd=tmp_path)
+    proc = subprocess.Popen(cmd, **kw)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = latest.read_text().strip()
+    assert done != "epoch_0004", "the run finished before it could be killed; make the epochs longer"
+    cmd, kw = _cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
+    subprocess.run(cmd, check=True, timeout=300, **kw)
+
+    a = load_file(str(ckpt.resolve(tmp_path / "full") / "model.safetensors"))
+    b = load_file(str(ckpt.resolve(tmp_path / "killed") / "model.safetensors"))
+    assert ckpt.read_state(tmp_path / "killed")["epoch"] == 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume from {done}")
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(fmnist512, tmp_path, monkeypatch):
+    real = train_mod.objective
+    calls = {"n": 0}
+
+    def poisoned(o1, o2, cfg):
+        calls["n"] += 1
+        terms = real(o1, o2, cfg)
+        if calls["n"] == 10:  # epoch 2 (8 steps per epoch)
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_mod, "objective", poisoned)
+    cfg = TrainConfig(out=str(tmp_path / "run"), **TINY_TRAIN)
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 2.*epoch_0001"):
+        train_mod.train(MixEMConfig(**TINY_MODEL), cfg, fmnist512.images)
+    assert ckpt.read_state(tmp_path / "run")["epoch"] == 1
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    model = MixEM(MixEMConfig(**TINY_MODEL))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="pickle checkpoints are refused"):
+        ckpt.load_model(tmp_path / "model.pt")
+    # A checkpoint directory whose trainer state smuggles a Python object is refused too.
+    ckpt.save_checkpoint(tmp_path / "c", model, MixEMConfig(**TINY_MODEL), trainer_state={"x": torch.zeros(1)})
+    torch.save({"evil": Path("/")}, tmp_path / "c" / ckpt.TRAINER)
+    with pytest.raises(CheckpointError, match="refused"):
+        ckpt.load_trainer_state(tmp_path / "c")
+
+
+def test_lr_schedule_shape():
+    f = [train_mod.lr_factor(s, 10, 110) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # non-increasing after warm-up
+    assert f[-1] < 0.001
