@@ -39,7 +39,7 @@ class ImageSet:
 
 
 def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """(n, 1|3, H, W) uint8 to `channels`: luminance as PIL's "L" (ITU-R 601-2, same integer rounding) or replication."""
+    """(n, 1|3, H, W) uint8 to `channels`: luminance as PIL's "L" (ITU-R 601-2, its rounding) or replication."""
     if x.shape[1] == channels:
         return x
     if channels == 3:
@@ -186,7 +186,8 @@ def _finish(arrays: formats.Arrays, size: int, channels: int, labels: bool, prog
     if not len(images):
         raise DataError(f"{arrays.source}: holds no images")
     keep = labels and arrays.labels is not None
-    if keep and arrays.class_names is not None and len(arrays.labels) and arrays.labels.max() >= len(arrays.class_names):
-        raise DataError(f"{arrays.source}: label {arrays.labels.max()} but only {len(arrays.class_names)} class names")
+    names = arrays.class_names
+    if keep and names is not None and len(arrays.labels) and arrays.labels.max() >= len(names):
+        raise DataError(f"{arrays.source}: label {arrays.labels.max()} but only {len(names)} class names")
     return ImageSet(images, arrays.labels if keep else None, arrays.class_names if keep else None,
                     None, [], arrays.source)

@@ -203,7 +203,8 @@ def read_npz(path: Path, split: str, limit: int) -> Arrays:
             if not pairs:
                 wanted = {"train": ["train"], "test": ["test"]}.get(split, ["train", "test"])
                 if split not in ("auto", "all", "train", "test"):
-                    raise DataError(f"{path}: split {split!r} does not exist for .npz data; use train, test, all or auto")
+                    raise DataError(f"{path}: split {split!r} does not exist for .npz data; "
+                                    "use train, test, all or auto")
                 pairs = [(f"x_{s}", f"y_{s}") for s in wanted if f"x_{s}" in keys]
                 if not pairs or (split == "all" and len(pairs) < 2):
                     found = ", ".join(sorted(keys)) or "none"

@@ -52,7 +52,8 @@ def test_embedded_as_rgb_replicates_and_resizes(fashion):
     assert s.labels.tolist() == fashion[1][:64].tolist()
 
 
-@pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(),
+                    reason="dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_debian_package_matches_embedded_split(fashion):
     full = load_images("fashion-mnist", image_size=28, in_channels=1)
     assert full.images.shape == (70_000, 1, 28, 28) and np.bincount(full.labels).tolist() == [7000] * 10
@@ -90,7 +91,8 @@ def idx_dir(tmp_path, fashion):
     return d
 
 
-@pytest.mark.parametrize("split,rows", [("train", (0, 300)), ("test", (300, 500)), ("all", (0, 500)), ("auto", (0, 500))])
+@pytest.mark.parametrize("split,rows", [("train", (0, 300)), ("test", (300, 500)),
+                                        ("all", (0, 500)), ("auto", (0, 500))])
 def test_idx_splits(idx_dir, fashion, split, rows):
     s = load_images(str(idx_dir), image_size=28, in_channels=1, split=split)
     np.testing.assert_array_equal(s.images[:, 0].numpy(), fashion[0][slice(*rows)])
@@ -359,7 +361,8 @@ def cifar10(tmp_path, tiles):
         write_cifar_batch(d / name, {"batch_label": f"batch {b}".encode(), "labels": y[rows].tolist(),
                                      "data": cifar_rows(x[rows]), "filenames": [b"x.png"] * 8},
                           protocol=2 if b % 2 == 0 else 5)
-    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]]
+    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer",
+                                  "dog", "frog", "horse", "ship", "truck"]]
     write_cifar_batch(d / "batches.meta", {"label_names": names, "num_cases_per_batch": 8, "num_vis": 3072})
     return d, x, y
 
