@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
