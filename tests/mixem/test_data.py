@@ -166,6 +166,7 @@ def messy_folder(tmp_path, fashion, tiles):
     (root / ".ipynb_checkpoints").mkdir()
     (root / ".ipynb_checkpoints/00.png").write_bytes(png)
     (root / "photo/readme.txt").write_text("not an image")
+    os.symlink(root, root / "coat" / "loop")  # a link back to the root must not load anything twice
     return root, good, bad
 
 
