@@ -18,9 +18,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", 
 def list_images(root: Path) -> list[str]:
     """Relative POSIX paths of the image files under root, sorted; hidden files and folders left out."""
     found, seen = [], set()
+    top = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop, or the same folder linked twice
+        # A folder seen before (linked twice) or a link up to the root or above it (a loop) adds nothing new.
+        if real in seen or (seen and (top == real or top.startswith(real.rstrip(os.sep) + os.sep))):
             dirnames[:] = []
             continue
         seen.add(real)
