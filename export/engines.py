@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -100,7 +101,8 @@ class TorchEngine(Engine):
     def _run(self, x):
         x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._dtype, enabled=self._dtype is not None):
+        amp = torch.autocast(self.device.type, dtype=self._dtype) if self._dtype else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
             return tuple(o.float() for o in self.net(x))
 
 
