@@ -1,0 +1,281 @@
+"""The harness every benchmark runs under: check, warm up, time, peak memory, ceilings, atomic JSON.
+
+A benchmark is a module `bench/<file>.py` that defines
+    NAME: str                                   the name `python -m mixem.bench NAME` takes
+    cases(quick: bool) -> list[dict]            JSON-able case parameters; quick = tiny CPU smoke cases
+    setup(case, device) -> dict[str, callable]  candidates, baseline first ({"torch": fn, "triton": fn});
+                                                each fn runs one iteration and returns its result
+optionally
+    check(case, candidates) -> dict | None      correctness first: raise (AssertionError) on a mismatch;
+                                                a returned dict (e.g. max errors) is recorded
+    work(case) -> {"flop": n, "bytes": n, "exp": n}   ideal work of one iteration, for rates and the floor
+    not_measured(device) -> list[str]           what this benchmark could not measure here, and why
+Every candidate runs in the same process on the same inputs as the baseline. A candidate that runs
+out of memory is recorded as "oom", any other exception as "error", and the next one runs.
+Timing: CUDA `triton.testing.do_bench` (L2 flushed, 20/50/80 % quantiles); CPU the median of repeated
+`time.perf_counter` calls. Peak memory: CUDA max_memory_allocated over one call; CPU the process RSS.
+On CUDA the ceilings (bf16 and fp32 8192² matmul, device copy) are measured in the same run, and each
+candidate's time is compared with the floor max(flop / matmul rate, bytes / copy rate).
+Results: bench/results/<bench>__<device>__pt<torch>__<date>.json, written atomically.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+_NOT_BENCHMARKS = {"harness", "__init__", "__main__"}
+
+
+def available() -> list[str]:
+    """Names of the benchmark modules in bench/ (files that assign NAME), found without importing them."""
+    return sorted(_modules())
+
+
+def _modules() -> dict[str, str]:
+    found = {}
+    for path in sorted(BENCH_DIR.glob("*.py")):
+        if path.stem in _NOT_BENCHMARKS or path.stem.startswith("_"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NAME" for t in node.targets):
+                if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                    found[node.value.value] = path.stem
+    return found
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def _device_info(dev: torch.device) -> dict:
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        props = torch.cuda.get_device_properties(dev)
+        return {"type": "cuda", "name": name, "slug": _slug(name), "memory_bytes": props.total_memory,
+                "sm_count": props.multi_processor_count, "capability": list(torch.cuda.get_device_capability(dev))}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "slug": "cpu", "cores": os.cpu_count()}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "numpy"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def _git() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _time(fn, dev: torch.device, quick: bool) -> dict:
+    if dev.type == "cuda":
+        from triton.testing import do_bench
+
+        q20, q50, q80 = do_bench(fn, warmup=10 if quick else 25, rep=20 if quick else 100, quantiles=[0.2, 0.5, 0.8])
+        return {"median_ms": q50, "q20_ms": q20, "q80_ms": q80, "timer": "triton.testing.do_bench"}
+    fn()  # warm-up: compiles, fills caches
+    times = []
+    for _ in range(3 if quick else 10):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "q20_ms": min(times), "q80_ms": max(times), "n": len(times),
+            "timer": "time.perf_counter"}
+
+
+def _peak(fn, dev: torch.device) -> dict:
+    if dev.type == "cuda":
+        _sync(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        _sync(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        return {"peak_bytes": peak, "peak_extra_bytes": peak - base}
+    fn()
+    return {"rss_bytes": _rss_bytes(), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def measure_ceilings(dev: torch.device) -> dict:
+    """Matmul TFLOP/s (bf16, and fp32 without tf32) and device copy GB/s, measured now on this GPU."""
+    from triton.testing import do_bench
+
+    n = 8192
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+        ms = do_bench(lambda: a @ b, warmup=25, rep=100, quantiles=[0.5])[0]
+        out[f"matmul_{str(dtype).split('.')[1]}_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
+        del a, b
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100, quantiles=[0.5])[0]
+    out["copy_gbps"] = 2 * x.numel() / (ms * 1e-3) / 1e9  # read + write
+    del x, y
+    torch.cuda.empty_cache()
+    out["how"] = f"median of triton.testing.do_bench: {n}x{n} @ {n}x{n} matmul (fp32 with tf32 off); 1 GiB copy_ (read + write)"
+    return out
+
+
+def _rates(rec: dict, work: dict, ceilings: dict, case: dict) -> None:
+    s = rec["median_ms"] * 1e-3
+    if work.get("flop"):
+        rec["tflops"] = work["flop"] / s / 1e12
+    if work.get("bytes"):
+        rec["gbps"] = work["bytes"] / s / 1e9
+    if work.get("exp"):
+        rec["gexp_per_s"] = work["exp"] / s / 1e9
+    if ceilings:
+        fp32 = case.get("dtype") in ("float32", "torch.float32")
+        peak = ceilings["matmul_float32_tflops" if fp32 else "matmul_bfloat16_tflops"] * 1e12
+        floor = max(work.get("flop", 0) / peak, work.get("bytes", 0) / (ceilings["copy_gbps"] * 1e9))
+        if floor > 0:
+            rec["floor_ms"] = floor * 1e3
+            rec["fraction_of_floor"] = floor / s
+
+
+def _run_case(mod, case: dict, dev: torch.device, quick: bool, ceilings: dict) -> dict:
+    out = {"case": case, "candidates": {}}
+    work = mod.work(case) if hasattr(mod, "work") else {}
+    if work:
+        out["work"] = work
+    try:
+        cands = mod.setup(case, dev)
+    except Exception as e:  # noqa: BLE001 (an OOM or a failure in one case must not end the run)
+        out["setup"] = "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
+        _free(dev)
+        return out
+    if hasattr(mod, "check"):
+        try:
+            out["check"] = {"status": "ok", **(mod.check(case, cands) or {})}
+        except AssertionError as e:
+            out["check"] = {"status": "failed", "message": str(e).splitlines()[0] if str(e) else "assertion failed"}
+            return out  # correctness first: a wrong candidate is not timed
+        except Exception as e:  # noqa: BLE001
+            out["check"] = {"status": "skipped", "message": "oom" if _is_oom(e) else f"{type(e).__name__}: {e}"}
+            _free(dev)
+    for name, fn in cands.items():
+        try:
+            rec = {"status": "ok", **_time(fn, dev, quick), **_peak(fn, dev)}
+            _rates(rec, work, ceilings, case)
+        except Exception as e:  # noqa: BLE001
+            rec = {"status": "oom"} if _is_oom(e) else {"status": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            _free(dev)
+        out["candidates"][name] = rec
+    base_name = next(iter(cands), None)
+    base = out["candidates"].get(base_name, {})
+    for name, rec in out["candidates"].items():
+        if rec["status"] == "ok" and base.get("status") == "ok":
+            rec["speedup_vs_" + base_name] = base["median_ms"] / rec["median_ms"]
+    del cands
+    _free(dev)
+    return out
+
+
+def _free(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run(name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto") -> dict:
+    """Run one benchmark; returns the result dict, with the JSON file it wrote under "path"."""
+    modules = _modules()
+    if name not in modules:
+        raise KeyError(f"no benchmark named {name!r}; available: {', '.join(sorted(modules)) or 'none'}")
+    dev = _resolve_device(device)
+    if dev.type == "cpu" and "triton" not in sys.modules:
+        # Triton picks compiled or interpreted kernels when a kernel is defined, i.e. at import.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    mod = importlib.import_module(f"mixem.bench.{modules[name]}")
+    not_measured = list(mod.not_measured(dev)) if hasattr(mod, "not_measured") else []
+    ceilings = {}
+    if dev.type == "cuda":
+        ceilings = measure_ceilings(dev)
+        not_measured.append("exp (MUFU) rate: not measured; the floor counts matmul FLOPs and bytes only")
+    else:
+        not_measured.append(
+            "no CUDA GPU in this session: triton kernels ran in the interpreter (TRITON_INTERPRET=1); "
+            "timings are not meaningful for GPU performance, and GPU numbers need a GPU session"
+        )
+        not_measured.append("ceilings (matmul TFLOP/s, copy GB/s) and fraction of the floor: need a GPU")
+        not_measured.append("per-candidate peak memory: on CPU only the process RSS is recorded")
+    started = _dt.datetime.now(_dt.timezone.utc)
+    results = [_run_case(mod, case, dev, quick, ceilings) for case in mod.cases(quick)]
+    info, versions = _device_info(dev), _versions()
+    data = {
+        "bench": name, "quick": quick, "device": info, "versions": versions, "git": _git(),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "conditions": f"on {info['name']} with torch=={versions['torch']}, triton=={versions['triton']}; "
+                      f"times are medians ({'do_bench' if dev.type == 'cuda' else 'perf_counter'})",
+        "ceilings": ceilings, "not_measured": not_measured, "cases": results,
+    }
+    torch_v = versions["torch"].split("+")[0]
+    fname = f"{name}__{info['slug']}__pt{torch_v}__{started.date().isoformat()}.json"
+    path = Path(out_dir) if out_dir else RESULTS_DIR
+    _write_atomic(path / fname, data)
+    data["path"] = str(path / fname)
+    return data
