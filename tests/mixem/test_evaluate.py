@@ -20,8 +20,9 @@ def fashion():
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)
-    cfg = MixEMConfig(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.3,), std=(0.3,))
-    return MixEM(cfg)
+    return MixEM(
+        MixEMConfig(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.3,), std=(0.3,))
+    )
 
 
 def test_extract_features_shapes_norms_and_batching(fashion, tiny_model):
