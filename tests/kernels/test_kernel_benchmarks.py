@@ -1,0 +1,48 @@
+"""The kernel benchmarks run through the shared harness: discovery, check-first, OOM handling, JSON."""
+
+import json
+import re
+
+import torch
+
+from mixem.bench import available, run
+
+
+def test_kernel_benchmarks_are_discovered():
+    assert {"kernel_nt_xent", "kernel_mixture_entropy"} <= set(available())
+
+
+def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, device):
+    import mixem.bench.kernel_mixture_entropy as mod
+    from mixem.losses import mixture_terms_torch
+
+    real_setup = mod.setup
+
+    def setup(case, dev):
+        cands = real_setup(case, dev)
+        if case["variant"] == "oom":
+            def boom():
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+            return {"torch": cands["torch"], "boom": boom, "triton": cands["triton"]}
+        return {"torch": cands["torch"], "triton": lambda: cands["torch"]() + 1.0}  # a wrong "kernel"
+
+    monkeypatch.setattr(mod, "_compiled", lambda: mixture_terms_torch)  # keep the smoke test free of compiles
+    monkeypatch.setattr(mod, "setup", setup)
+    monkeypatch.setattr(mod, "cases", lambda quick: [
+        {"B": 7, "K": 3, "dtype": "float32", "phase": "fwd", "variant": v} for v in ("oom", "wrong")
+    ])
+    res = run("kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device=device.type)
+
+    assert re.fullmatch(r"kernel_mixture_entropy__[a-z0-9-]+__pt[0-9.a-z]+__\d{4}-\d\d-\d\d\.json", res["path"].split("/")[-1])
+    on_disk = json.loads(open(res["path"]).read())
+    assert on_disk["bench"] == "kernel_mixture_entropy" and on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["git"]["sha"] is None or re.fullmatch(r"[0-9a-f]{40}", on_disk["git"]["sha"])
+    assert on_disk["not_measured"], "every run says what it could not measure"
+    oom, wrong = on_disk["cases"]
+    assert oom["check"]["status"] == "ok"
+    assert oom["candidates"]["boom"] == {"status": "oom"}
+    assert oom["candidates"]["torch"]["status"] == oom["candidates"]["triton"]["status"] == "ok"
+    assert oom["candidates"]["triton"]["speedup_vs_torch"] > 0
+    assert wrong["check"]["status"] == "failed" and wrong["candidates"] == {}
+    assert list(tmp_path.glob(".*.tmp")) == [], "the atomic write leaves no temporary file"
