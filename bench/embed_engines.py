@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 import weakref
@@ -10,8 +11,6 @@ import numpy as np
 import torch
 
 NAME = "embed_engines"
-# What could not be run in the last setup() and why (TensorRT missing, no GPU provider, ...).
-not_measured: list[str] = []
 
 _MODELS = {
     # The CPU preset's model (mixem.config.PRESETS["cpu"]) and the paper's ResNet-18 at CIFAR size.
@@ -41,43 +40,58 @@ def _images(case) -> np.ndarray:
     return real_images(case["batch"], cfg.image_size, cfg.in_channels)
 
 
+def not_measured(device) -> list[str]:
+    """The engines this machine cannot run, and why; setup() leaves exactly these out."""
+    out = []
+    cuda = torch.device(device).type == "cuda"
+    if not cuda:
+        out.append("torch autocast fp16 and onnxruntime's CUDA provider: CPU run (torch and onnxruntime run fp32 on the CPU)")
+        out.append("trt: TensorRT needs a CUDA GPU")
+        return out
+    if not _ort_cuda():
+        out.append("onnx on CUDA: onnxruntime-gpu is not installed (pip install onnxruntime-gpu)")
+    if importlib.util.find_spec("tensorrt") is None:
+        out.append("trt: TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com tensorrt)")
+    return out
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def setup(case: dict, device) -> dict:
     """Candidates over one random-init checkpoint (speed does not depend on the weights); torch first."""
     from mixem.checkpoint import save_checkpoint
-    from mixem.errors import MixEMError
     from mixem.export import build_trt_engine, export_onnx, load_engine
     from mixem.model import MixEM
 
-    device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
-                          "cpu" if str(device) == "auto" else device)
-    not_measured.clear()
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     tmp = tempfile.mkdtemp(prefix="mixem_bench_")
     cfg = _cfg(case)
     torch.manual_seed(0)
     save_checkpoint(f"{tmp}/ckpt", MixEM(cfg), cfg)
-    x = _images(case)
-    xt = torch.from_numpy(x).to(device)  # on the GPU already when there is one: transfers are not timed
+    xt = torch.from_numpy(_images(case)).to(device)  # on the GPU already when there is one: copies are not timed
     engines = {"torch": load_engine(f"{tmp}/ckpt", "torch", device)}
-    # Keep the engines' files until the candidates are garbage-collected.
+    # The engines' files live until the candidates are garbage-collected.
     weakref.finalize(engines["torch"], shutil.rmtree, tmp, True)
-    for precision in ("fp32", "fp16"):
-        out = f"{tmp}/onnx_{precision}"
-        export_onnx(f"{tmp}/ckpt", out, fp16=precision == "fp16", parity_images=64)
-        try:
+    if not cuda or _ort_cuda():
+        for precision in ("fp32", "fp16"):
+            out = f"{tmp}/onnx_{precision}"
+            export_onnx(f"{tmp}/ckpt", out, fp16=precision == "fp16", parity_images=64)
             engines[f"onnx_{precision}"] = load_engine(out, "onnx", device)
-        except MixEMError as e:
-            not_measured.append(f"onnx_{precision} on {device}: {e}")
-    if device.type == "cuda":
-        try:
-            build_trt_engine(f"{tmp}/onnx_fp32/model.onnx", f"{tmp}/onnx_fp32/model.plan", fp16=True,
-                             opt_batch=case["batch"], max_batch=max(256, case["batch"]))
-            engines["trt_fp16"] = load_engine(f"{tmp}/onnx_fp32", "trt", device)
-        except MixEMError as e:
-            not_measured.append(f"trt: {e}")
-    else:
-        not_measured.append("trt: TensorRT needs a CUDA GPU; this run is on the CPU")
-    if device.type == "cpu":
-        not_measured.append("torch autocast fp16 and onnxruntime CUDA: CPU run")
+    if cuda and importlib.util.find_spec("tensorrt") is not None:
+        import tensorrt
+
+        # TensorRT 11 has no fp16 builder flag: it needs the fp16 ONNX (strongly typed build).
+        fp16_onnx = not hasattr(tensorrt.BuilderFlag, "FP16")
+        out = f"{tmp}/trt"
+        export_onnx(f"{tmp}/ckpt", out, fp16=fp16_onnx, parity_images=64)
+        build_trt_engine(f"{out}/model.onnx", f"{out}/model.plan", fp16=True,
+                         opt_batch=case["batch"], max_batch=max(256, case["batch"]))
+        engines["trt_fp16"] = load_engine(out, "trt", device)
     # One-iteration callables on identical inputs; each engine validates and converts the same batch.
     return {name: (lambda e=e: e(xt)) for name, e in engines.items()}
 
@@ -114,27 +128,18 @@ def work(case: dict) -> dict:
 
 if __name__ == "__main__":
     import argparse
-    import time
+
+    from mixem.bench import run
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    try:
-        from mixem.bench import run
-    except ImportError:  # the shared harness (bench/harness.py) has not landed: time it plainly
-        run = None
-    if run is not None:
-        print(run(NAME, quick=args.quick, out_dir=args.out, device=args.device))
-    else:
-        for case in cases(args.quick):
-            cands = setup(case, args.device)
-            print(case, check(case, cands), not_measured)
-            for name, fn in cands.items():
-                fn()
-                n, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < 2.0:
-                    fn()
-                    n += 1
-                print(f"  {name:10s} {n * case['batch'] / (time.perf_counter() - t0):10.0f} images/s")
+    result = run(NAME, quick=args.quick, out_dir=args.out, device=args.device)
+    for c in result["cases"]:
+        for name, rec in c["candidates"].items():
+            rate = f"{c['case']['batch'] / rec['median_ms'] * 1e3:10.0f} images/s" if rec["status"] == "ok" else rec["status"]
+            print(f"{c['case']['model']:16s} batch {c['case']['batch']:4d}  {name:10s} {rate}")
+    print("not measured:", *result["not_measured"], sep="\n  ")
+    print("results:", result["path"])

@@ -96,8 +96,10 @@ def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
     config.add_optimization_profile(profile)
     cache_file = Path(timing_cache) if timing_cache else plan_path.parent / TIMING_CACHE
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-    # ignore_mismatch=False: a cache from another GPU or TensorRT version is not used for this build.
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused (False), and this
+    # build starts from an empty cache that then replaces the stale file.
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise MixEMError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
