@@ -61,6 +61,10 @@ def decode(path: str, size: int, mode: str) -> np.ndarray:
     with Image.open(path) as im:
         # JPEG only: decode at 1/2..1/8 scale when that still covers size x size (much faster for photos).
         im.draft(im.mode, (size, size))
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:
+            # PIL only warns between 1x and 2x its limit; after draft() a big JPEG is small, a bomb is not.
+            raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels exceeds the {limit}-pixel limit")
         im = ImageOps.exif_transpose(im)
         im = _to_mode(im, mode)
         w, h = im.size
