@@ -149,17 +149,24 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _config(RA: int, RB: int, D: int, interpret: bool) -> dict:
+def _config(RA: int, RB: int, D: int, dtype: torch.dtype, backward: bool, interpret: bool) -> dict:
     """One tile config per shape (no autotune: it needs a GPU driver, and CI has none)."""
     BD = max(16, triton.next_power_of_2(D))
     if interpret:
         # The interpreter costs ~3-4 ms per tile step whatever its size: the biggest tiles are fastest.
         return dict(BM=min(128, max(16, triton.next_power_of_2(RA))), BN=min(128, max(16, triton.next_power_of_2(RB))), BD=BD)
-    # Untuned guesses for Hopper, to be replaced by measurements: 64-row blocks keep >= 2 waves of
-    # programs on 132 SMs up to M = 16384 and bound the BM x BD fp32 accumulator of the backward.
-    BM = 128 if RA >= 32768 and BD <= 128 else 64
+    if dtype == torch.float64:  # gradcheck-sized problems only; fp64 tiles are 2x the bytes
+        return dict(BM=32, BN=32, BD=BD, num_warps=4, num_stages=1)
+    # Untuned guesses for Hopper, to be replaced by measurements. Checked by compiling for sm_90
+    # (tests/kernels/test_sm90_build.py): wgmma for 16-bit inputs, no register spills, shared memory
+    # under 227 KiB. 64-row blocks keep >= 2 waves of programs on 132 SMs up to M = 16384; the
+    # backward's BM x BD fp32 accumulator spills at 128 rows unless the inputs are 16-bit.
+    half = dtype in (torch.float16, torch.bfloat16)
+    big = RA >= 32768 and BD <= 128 and (half or not backward)
+    BM = 128 if big else 64
     BN = 64 if BD <= 128 else 32
-    return dict(BM=BM, BN=BN, BD=BD, num_warps=8 if BM * BD >= 128 * 128 else 4, num_stages=3 if BD <= 128 else 2)
+    warps = 8 if backward or BM * BD >= 128 * 128 else 4
+    return dict(BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=3 if BD <= 128 and not backward else 2)
 
 
 def _launch_fwd(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, tau: float) -> torch.Tensor:
@@ -170,7 +177,7 @@ def _launch_fwd(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, tau: fl
     lse = torch.empty(RA, dtype=_lse_dtype(rows.dtype), device=rows.device)  # (RA,)
     if RA == 0:
         return lse
-    cfg = _config(RA, RB, D, _interpreting(_ntxent_lse_fwd_kernel))
+    cfg = _config(RA, RB, D, rows.dtype, False, _interpreting(_ntxent_lse_fwd_kernel))
     acc = tl.float64 if rows.dtype == torch.float64 else tl.float32
     with _on(rows):
         _ntxent_lse_fwd_kernel[(triton.cdiv(RA, cfg["BM"]),)](
@@ -185,7 +192,7 @@ def _launch_bwd(a, b, lse_a, dlse_a, lse_b, dlse_b, dscale, a_off, b_off, tau, r
     da = torch.empty_like(a)  # (RA, D)
     if RA == 0:
         return da
-    cfg = _config(RA, RB, D, _interpreting(_ntxent_lse_bwd_kernel))
+    cfg = _config(RA, RB, D, a.dtype, True, _interpreting(_ntxent_lse_bwd_kernel))
     acc = tl.float64 if a.dtype == torch.float64 else tl.float32
     with _on(a):
         _ntxent_lse_bwd_kernel[(triton.cdiv(RA, cfg["BM"]),)](
