@@ -239,8 +239,12 @@ def _write_atomic(path: Path, data: dict) -> None:
         raise
 
 
-def run(name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto") -> dict:
-    """Run one benchmark; returns the result dict, with the JSON file it wrote under "path"."""
+def run(name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto", select: dict | None = None) -> dict:
+    """Run one benchmark; returns the result dict, with the JSON file it wrote under "path".
+
+    select: keep only the cases whose fields equal these values (compared as strings), e.g.
+    {"M": 4096, "dtype": "bfloat16"}, to fit a long grid into a time-limited GPU session.
+    """
     modules = _modules()
     if name not in modules:
         raise KeyError(f"no benchmark named {name!r}; available: {', '.join(sorted(modules)) or 'none'}")
@@ -262,10 +266,11 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
         not_measured.append("ceilings (matmul TFLOP/s, copy GB/s) and fraction of the floor: need a GPU")
         not_measured.append("per-candidate peak memory: on CPU only the process RSS is recorded")
     started = _dt.datetime.now(_dt.timezone.utc)
-    results = [_run_case(mod, case, dev, quick, ceilings) for case in mod.cases(quick)]
+    chosen = [c for c in mod.cases(quick) if all(str(c.get(k)) == str(v) for k, v in (select or {}).items())]
+    results = [_run_case(mod, case, dev, quick, ceilings) for case in chosen]
     info, versions = _device_info(dev), _versions()
     data = {
-        "bench": name, "quick": quick, "device": info, "versions": versions, "git": _git(),
+        "bench": name, "quick": quick, "select": select or {}, "device": info, "versions": versions, "git": _git(),
         "started_utc": started.isoformat(timespec="seconds"),
         "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",

@@ -30,16 +30,16 @@ def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, devi
     monkeypatch.setattr(mod, "_compiled", lambda: mixture_terms_torch)  # keep the smoke test free of compiles
     monkeypatch.setattr(mod, "setup", setup)
     monkeypatch.setattr(mod, "cases", lambda quick: [
-        {"B": 7, "K": 3, "dtype": "float32", "phase": "fwd", "variant": v} for v in ("oom", "wrong")
+        {"B": B, "K": 3, "dtype": "float32", "phase": "fwd", "variant": v} for B, v in ((7, "oom"), (7, "wrong"), (9, "wrong"))
     ])
-    res = run("kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device=device.type)
+    res = run("kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device=device.type, select={"B": "7"})
 
     assert re.fullmatch(r"kernel_mixture_entropy__[a-z0-9-]+__pt[0-9.a-z]+__\d{4}-\d\d-\d\d\.json", res["path"].split("/")[-1])
     on_disk = json.loads(open(res["path"]).read())
     assert on_disk["bench"] == "kernel_mixture_entropy" and on_disk["versions"]["torch"] == torch.__version__
     assert on_disk["git"]["sha"] is None or re.fullmatch(r"[0-9a-f]{40}", on_disk["git"]["sha"])
     assert on_disk["not_measured"], "every run says what it could not measure"
-    oom, wrong = on_disk["cases"]
+    oom, wrong = on_disk["cases"]  # select dropped the B = 9 case
     assert oom["check"]["status"] == "ok"
     assert oom["candidates"]["boom"] == {"status": "oom"}
     assert oom["candidates"]["torch"]["status"] == oom["candidates"]["triton"]["status"] == "ok"
