@@ -1,0 +1,145 @@
+"""The cluster job: FAISS k-means over an embedding run's shards, its outputs, metrics and report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mixem import manifest, shards
+from mixem.cluster import faiss_num_gpus, kmeans, l2_normalize, mixture_init_centroids
+from mixem.config import atomic_write_text
+from mixem.errors import ConfigError, DataError
+from mixem.metrics import clustering_metrics
+from mixem.runlog import RunLog
+
+INITS = ("mixture", "kmeans++", "random")
+CLUSTERS, CENTROIDS, INDEX, METRICS, REPORT = "clusters.parquet", "centroids.npy", "index.faiss", "metrics.json", "report.html"
+
+
+def load_run(out: Path) -> manifest.Manifest:
+    """The manifest of a finished embedding run, or a one-line error saying what is missing."""
+    m = manifest.load(out)
+    if m is None:
+        raise DataError(f"{out}: no {manifest.MANIFEST}; run `mixem-fast embed MODEL IMAGES --out {out}` first")
+    done = shards.done_shards(out, m.n_shards)
+    if len(done) < m.n_shards:
+        raise DataError(f"{out}: {len(done)} of {m.n_shards} shards are done; rerun the embed command to finish it")
+    return m
+
+
+def _rel(paths: np.ndarray, root: str) -> list[str]:
+    cut = len(root) + 1
+    return [p[cut:] if p.startswith(root + "/") else p for p in paths]
+
+
+def find_labels(rel: list[str], labels_file: Path | None):
+    """Labels per row: from a CSV of (path relative to the image folder, label) when given, else from
+    first-level sub-folder names when every image lies in one. (labels, where from, class names) or Nones."""
+    if labels_file is not None:
+        if not Path(labels_file).is_file():
+            raise DataError(f"{labels_file}: labels file not found")
+        with open(labels_file, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+        if rows and rows[0][:2] == ["path", "label"]:
+            rows = rows[1:]
+        table = {r[0]: r[1] for r in rows if len(r) >= 2}
+        missing = [p for p in rel if p not in table]
+        if missing:
+            raise DataError(f"{labels_file}: no label for {len(missing)} of {len(rel)} images (first: {missing[0]}); "
+                            "give one 'relative/path,label' line per image")
+        names = [table[p] for p in rel]
+        source = str(labels_file)
+    elif rel and all("/" in p for p in rel):
+        names = [p.split("/", 1)[0] for p in rel]
+        source = "sub-folder names"
+    else:
+        return None, None, None
+    classes, y = np.unique(np.asarray(names), return_inverse=True)
+    return y.astype(np.int64), source, classes.tolist()
+
+
+def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bool = False, niter: int = 25,
+                seed: int = 0, max_points_per_centroid: int | None = None, labels_file: Path | None = None,
+                gpu: str | bool = "auto", report: bool = True, per_cluster: int = 24,
+                log: RunLog | None = None) -> dict:
+    """Cluster every embedded image of run `out` into k groups; writes the outputs beside the shards."""
+    log = log or RunLog(quiet=True)
+    out = Path(out)
+    if init not in INITS:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    m = load_run(out)
+    t0 = time.perf_counter()
+    x, cols = shards.read_ok(out, m.n_shards)
+    x = l2_normalize(x) if spherical else x  # stored rows are unit already; fp16 rounding moves them ~1e-3
+    N, D = x.shape
+    if not 1 <= k <= N:
+        raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
+    ngpu = faiss_num_gpus() if gpu in ("auto", True) else 0
+    where = f"faiss on {ngpu} GPU(s)" if ngpu else "faiss on the CPU (faiss-cpu or no GPU visible to faiss)"
+    log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({time.perf_counter() - t0:.1f} s); "
+              f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}")
+    if init == "mixture":
+        # MIX'EM: start from the mean of each argmax-pi group (empty ones seeded by k-means++).
+        c0 = mixture_init_centroids(x, cols["mixture_probs"], k, seed=seed)
+        res = kmeans(x, k, init=c0, spherical=spherical, niter=niter, seed=seed,
+                     max_points_per_centroid=max_points_per_centroid, gpu=gpu)
+    else:
+        res = kmeans(x, k, init=init, spherical=spherical, niter=niter, seed=seed,
+                     max_points_per_centroid=max_points_per_centroid, gpu=gpu)
+    t_km = time.perf_counter() - t0
+    if res.sampled:
+        log.print(f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "
+                  "every point is still assigned")
+    ids, paths = cols["id"], cols["image_path"]
+    table = pa.table({"image_path": pa.array(paths, pa.string()), "id": pa.array(ids, pa.int64()),
+                      "cluster": pa.array(res.assign.astype(np.int32)),
+                      "distance": pa.array(res.distances.astype(np.float32))})
+    _atomic(out / CLUSTERS, lambda p: pq.write_table(table, p))
+    _atomic(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
+    # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
+    index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids.astype(np.int64))
+    _atomic(out / INDEX, lambda p: faiss.write_index(index, str(p)))
+    sizes = np.bincount(res.assign, minlength=k)
+    rel = _rel(paths, m.root)
+    y, label_source, classes = find_labels(rel, labels_file)
+    metrics = {"k": k, "init": init, "spherical": spherical, "niter": niter, "seed": seed, "points": N, "dim": D,
+               "features": m.features, "objective": res.objective, "device": res.device, "faiss": where,
+               "sampled": res.sampled, "points_used_for_training": res.n_points_used,
+               "cluster_sizes": sizes.tolist(), "empty_clusters": int((sizes == 0).sum()),
+               "seconds_kmeans": round(t_km, 3)}
+    if y is not None:
+        metrics.update({"labels": label_source, "classes": int(y.max()) + 1, **clustering_metrics(y, res.assign),
+                        "mixture_argmax": clustering_metrics(y, cols["mixture_probs"].argmax(1))})
+    atomic_write_text(out / METRICS, json.dumps(metrics, indent=2) + "\n")
+    if report:
+        from mixem.report import write_report
+
+        write_report(out / REPORT, rel, m.root, res.assign, res.distances, k, metrics, y, classes,
+                     per_cluster=per_cluster)
+    summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "faiss", "sampled", "empty_clusters")}
+    for key in ("acc", "nmi", "ari", "labels"):
+        if key in metrics:
+            summary[key] = metrics[key]
+    summary["outputs"] = [str(out / f) for f in (CLUSTERS, CENTROIDS, INDEX, METRICS) + ((REPORT,) if report else ())]
+    log.event("cluster", **summary)
+    return summary
+
+
+def _save_npy(path: Path, a: np.ndarray):
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+        np.save(f, a)
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)

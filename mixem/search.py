@@ -1,0 +1,53 @@
+"""Nearest-image search: embed a query image with the run's own model and look it up in index.faiss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from mixem import folders
+from mixem.clustering import CLUSTERS, INDEX, load_run
+from mixem.errors import ConfigError, DataError
+
+
+def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None = None,
+           device: str = "auto") -> list[dict]:
+    """The k images of run `out` closest to `image` (cosine similarity), best first.
+
+    The query is embedded the way the run embedded its images (manifest.json: model, engine, features);
+    `model` overrides the model path when the run's files moved. Rows: rank, image_path, score, cluster.
+    """
+    out = Path(out)
+    m = load_run(out)
+    if k < 1:
+        raise ConfigError(f"-k must be >= 1, got {k}")
+    if not (out / INDEX).is_file():
+        raise DataError(f"{out}/{INDEX}: no index yet; run `mixem-fast cluster {out} --k K` first")
+    from mixem.embed import EmbedOptions, _load_engine
+
+    opts = EmbedOptions(engine=m.engine, features=m.features, batch_size=1, device=device)
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    engine = _load_engine(model or m.model, opts, dev)
+    try:
+        x = folders.decode(str(image), engine.image_size, "L" if engine.in_channels == 1 else "RGB")[None]
+    except Exception as e:  # noqa: BLE001 (PIL raises many types for one meaning: not a readable image)
+        raise DataError(f"{image}: cannot read this image ({type(e).__name__}: {e})") from None
+    outs = engine(x)
+    q = outs[2] if m.features == "backbone" else outs[0]
+    q = torch.nn.functional.normalize(q.float(), dim=1).cpu().numpy()
+    index = faiss.read_index(str(out / INDEX))
+    scores, ids = index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, index.ntotal))
+    table = pq.read_table(out / CLUSTERS, columns=["id", "image_path", "cluster"])
+    row_of = {int(i): r for r, i in enumerate(table.column("id").to_numpy())}
+    paths, clusters = table.column("image_path").to_pylist(), table.column("cluster").to_numpy()
+    hits = []
+    for rank, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist()), 1):
+        if i < 0:
+            continue
+        r = row_of[i]
+        hits.append({"rank": rank, "image_path": paths[r], "score": round(float(s), 6), "cluster": int(clusters[r])})
+    return hits
