@@ -166,6 +166,95 @@ def bench(
     typer.echo(json.dumps(result, indent=2, default=str)[:4000])
 
 
+class EmbedEngine(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+    trt = "trt"
+
+
+class EmbedFeatures(str, Enum):
+    embedding = "embedding"
+    backbone = "backbone"
+
+
+class ClusterInit(str, Enum):
+    mixture = "mixture"
+    kmeanspp = "kmeans++"
+    random = "random"
+
+
+@app.command()
+@_errors
+def embed(
+    model: Annotated[Path, typer.Argument(help="Checkpoint/run dir (torch), model.onnx or export dir (onnx), model.plan (trt).")],
+    images: Annotated[Path, typer.Argument(help="Image folder, searched recursively.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (shards, manifest, summary).")],
+    engine: Annotated[EmbedEngine, typer.Option("--engine", help="Inference engine.")] = EmbedEngine.torch,
+    features: Annotated[EmbedFeatures, typer.Option("--features", help="What to store: the mixture embedding, "
+                                                    "or backbone features (onnx/trt: export with --features).")] = EmbedFeatures.embedding,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per engine call.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Images per output shard.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
+    decoder: Annotated[Optional[str], typer.Option("--decoder", help="auto | pil | nvjpeg (GPU JPEG decode).")] = None,
+    device: Device = None,
+    quiet: Quiet = False,
+    json_log: JsonLog = None,
+):
+    """Embed every image of a folder into resumable shards; rerun the same command to resume, torchrun to split."""
+    from mixem.config import replace
+    from mixem.embed import EmbedOptions, dist_env, embed_folder
+    from mixem.runlog import RunLog
+
+    opts = replace(EmbedOptions(engine=engine.value, features=features.value), batch_size=batch_size,
+                   shard_size=shard_size, workers=workers, decoder=decoder, device=device)
+    rank, _, _ = dist_env()
+    summary = embed_folder(str(model), images, out, opts, RunLog(json_log, quiet=quiet or rank > 0))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+@_errors
+def cluster(
+    run: Annotated[Path, typer.Argument(help="Output directory of `mixem-fast embed`.")],
+    k: Annotated[int, typer.Option("--k", help="Number of clusters.")],
+    init: Annotated[ClusterInit, typer.Option("--init", help="mixture: MIX'EM's argmax-pi group means.")] = ClusterInit.mixture,
+    spherical: Annotated[bool, typer.Option("--spherical", help="Unit-norm centroids, cosine assignment.")] = False,
+    niter: Annotated[int, typer.Option("--niter", help="Lloyd iterations.")] = 25,
+    max_points: Annotated[Optional[int], typer.Option("--max-points-per-centroid", help="Train on a random "
+                                                      "k*N subset (default: every point).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'relative/path,label' to score "
+                                                   "against (default: sub-folder names when all images have one).")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
+    quiet: Quiet = False,
+    json_log: JsonLog = None,
+):
+    """Cluster an embedding run with FAISS k-means; write clusters.parquet, centroids, index, metrics, report."""
+    from mixem.clustering import cluster_run
+    from mixem.runlog import RunLog
+
+    summary = cluster_run(run, k, init=init.value, spherical=spherical, niter=niter, seed=seed,
+                          max_points_per_centroid=max_points, labels_file=labels, report=report,
+                          log=RunLog(json_log, quiet=quiet))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+@_errors
+def search(
+    run: Annotated[Path, typer.Argument(help="A clustered embedding run directory.")],
+    image: Annotated[Path, typer.Argument(help="Query image.")],
+    k: Annotated[int, typer.Option("-k", "--top", help="How many neighbours.")] = 10,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Model path, if it moved since embedding.")] = None,
+    device: Device = None,
+):
+    """Print the images of a run nearest to IMAGE (cosine similarity), best first, as JSON lines."""
+    from mixem.search import search as run_search
+
+    for hit in run_search(run, image, k, model=str(model) if model else None, device=device or "auto"):
+        typer.echo(json.dumps(hit))
+
+
 def main():
     app()
 

@@ -33,7 +33,7 @@ def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     engine = _load_engine(model or m.model, opts, dev)
     try:
-        x = folders.decode(str(image), engine.image_size, "L" if engine.in_channels == 1 else "RGB")[None]
+        x = np.array(folders.decode(str(image), engine.image_size, "L" if engine.in_channels == 1 else "RGB")[None])
     except Exception as e:  # noqa: BLE001 (PIL raises many types for one meaning: not a readable image)
         raise DataError(f"{image}: cannot read this image ({type(e).__name__}: {e})") from None
     outs = engine(x)
