@@ -120,6 +120,8 @@ def _check(logits: torch.Tensor) -> None:
         raise MixEMError(f"the mixture kernel takes float16/bfloat16/float32/float64, got {logits.dtype}")
     if logits.shape[1] > MAX_K:
         raise MixEMError(f"the mixture kernel supports K <= {MAX_K}, got K = {logits.shape[1]}; use impl='torch'")
+    if logits.numel() >= 2**31:  # the kernels index with int32
+        raise MixEMError(f"the mixture kernel takes fewer than 2^31 logits, got {logits.numel()}")
     if logits.device.type != "cuda" and not _interpreting():
         raise MixEMError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
     if _interpreting() and logits.dtype == torch.bfloat16:

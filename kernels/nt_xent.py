@@ -138,6 +138,8 @@ def _check(*zs: torch.Tensor) -> None:
         raise MixEMError(f"the NT-Xent kernel takes float16/bfloat16/float32/float64, got {z.dtype}")
     if z.shape[1] > MAX_D:
         raise MixEMError(f"the NT-Xent kernel supports D <= {MAX_D}, got D = {z.shape[1]}; use impl='torch'")
+    if max(t.numel() for t in zs) >= 2**31:  # the kernels index with int32
+        raise MixEMError(f"the NT-Xent kernel takes fewer than 2^31 elements per matrix, got {max(t.numel() for t in zs)}")
     interp = _interpreting(_ntxent_lse_fwd_kernel)
     if z.device.type != "cuda" and not interp:
         raise MixEMError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
