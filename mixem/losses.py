@@ -37,6 +37,20 @@ def ntxent_lse_torch(z: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.logsumexp(s, dim=1)  # (M,)
 
 
+def ntxent_lse_rows_torch(z_rows: torch.Tensor, z_all: torch.Tensor, row_offset: int, tau: float) -> torch.Tensor:
+    """lse of rows z_rows (R, D) against all rows of z_all (M, D), excluding each row's own column.
+
+    Row i of z_rows is row (row_offset + i) of z_all: what one rank computes for its rows against
+    the all-gathered matrix. ntxent_lse_torch(z) == ntxent_lse_rows_torch(z, z, 0, tau).
+    """
+    R, D = z_rows.shape
+    acc = torch.promote_types(z_rows.dtype, torch.float32)
+    s = (z_rows.to(acc) @ z_all.to(acc).T) / tau  # (R, M)
+    own = torch.arange(R, device=z_rows.device)
+    s = s.index_put((own, own + row_offset), torch.tensor(float("-inf"), dtype=acc, device=z_rows.device))
+    return torch.logsumexp(s, dim=1)  # (R,)
+
+
 def positive_logits_torch(z: torch.Tensor, tau: float) -> torch.Tensor:
     """s_{i,p(i)} for rows stacked as [view 1; view 2]: the dot with the other view of the same image."""
     N, D = z.shape

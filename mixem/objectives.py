@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mixem import losses
 from mixem.config import TrainConfig
+from mixem.distributed import SINGLE, DistContext, gather
 from mixem.errors import ConfigError
 from mixem.model import MixEMOutput
 
@@ -28,6 +30,30 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float, impl: str = "auto") 
     return losses.nt_xent_torch(z1, z2, tau)
 
 
+def ntxent_lse_rows(z_rows, z_all, row_offset: int, tau: float, impl: str = "auto") -> torch.Tensor:
+    """lse of a block of rows against all (gathered) rows, by the reference or the fused kernel."""
+    if resolve_impl(impl, z_rows.device) == "triton":
+        from mixem.kernels import ntxent_lse_rows_triton
+
+        return ntxent_lse_rows_triton(z_rows, z_all, row_offset, tau)
+    return losses.ntxent_lse_rows_torch(z_rows, z_all, row_offset, tau)
+
+
+def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, tau: float, impl: str, ctx: DistContext) -> torch.Tensor:
+    """NT-Xent over the global batch [views 1 of all ranks; views 2 of all ranks]; each rank computes its
+    own rows against every gathered row and returns W x its share (see mixem.distributed)."""
+    if not ctx.enabled:
+        return nt_xent(z1, z2, tau, impl)
+    B = z1.shape[0]  # local images
+    Bg = B * ctx.world
+    n1, n2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # (B, D)
+    z_all = torch.cat([gather(n1, ctx), gather(n2, ctx)])  # (2Bg, D)
+    lse1 = ntxent_lse_rows(n1, z_all, ctx.rank * B, tau, impl)  # (B,)
+    lse2 = ntxent_lse_rows(n2, z_all, Bg + ctx.rank * B, tau, impl)  # (B,)
+    pos = (n1 * n2).sum(-1) / tau  # (B,) the positive of a view-1 row is its view-2 row and vice versa
+    return ((lse1 - pos).sum() + (lse2 - pos).sum()) / (2 * Bg) * ctx.world
+
+
 def mixture_terms(logits: torch.Tensor, impl: str = "auto") -> dict[str, torch.Tensor]:
     """Marginal entropy, instance entropy, 1 - max pi and pi, by the reference or the fused kernel."""
     if resolve_impl(impl, logits.device) == "triton":
@@ -37,21 +63,23 @@ def mixture_terms(logits: torch.Tensor, impl: str = "auto") -> dict[str, torch.T
     return losses.mixture_terms_torch(logits)
 
 
-def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
     """MIX'EM loss for two views: NT-Xent on the mixture embedding, (i)-(iii) per view, summed over views
-    as the released code does. Returns every term by name and 'loss', the total to minimise."""
+    as the released code does. Returns every term by name and 'loss', the total to minimise.
+    Under torchrun every term covers the global batch (mixem.distributed)."""
     K = o1.mixture_logits.shape[1]
-    terms = {"ntxent": nt_xent(o1.embedding, o2.embedding, cfg.temperature, cfg.impl)}
+    terms = {"ntxent": nt_xent_global(o1.embedding, o2.embedding, cfg.temperature, cfg.impl, ctx)}
     if cfg.method == "simclr":
         terms["loss"] = terms["ntxent"]
         return terms
     marginal = instance = pull = push = 0.0
     for o in (o1, o2):
-        m = mixture_terms(o.mixture_logits, cfg.impl)
+        logits, z = gather(o.mixture_logits, ctx), gather(o.embedding, ctx)  # global batch
+        m = mixture_terms(logits, cfg.impl)
         marginal = marginal + m["marginal_entropy"]
         instance = instance + (m["instance_entropy"] if cfg.instance_term == "entropy" else m["pimax"])
         if cfg.w_pull or cfg.w_push:
-            p, q = losses.pull_push_torch(o.embedding, m["pi"].detach().argmax(1), K)
+            p, q = losses.pull_push_torch(z, m["pi"].detach().argmax(1), K)
             pull, push = pull + p, push + q
     terms.update(marginal_entropy=marginal / 2, instance=instance / 2)
     total = (terms["ntxent"] - cfg.w_marginal * marginal + cfg.w_instance * instance)
@@ -62,9 +90,9 @@ def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig) -> dict[
     return terms
 
 
-def objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
     if cfg.method in ("mixem", "simclr"):
-        return mixem_objective(o1, o2, cfg)
+        return mixem_objective(o1, o2, cfg, ctx)
     raise ConfigError(f"method {cfg.method!r} is not available yet in this build; use mixem or simclr")
 
 
@@ -72,4 +100,3 @@ def detach_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
 
 
-__all__ = ["resolve_impl", "nt_xent", "mixture_terms", "mixem_objective", "objective", "detach_terms"]

@@ -69,7 +69,8 @@ def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data:
 
 def train_command(preset_name: str, config_file, model_over: dict, train_over: dict, *, resume: bool,
                   evaluate: bool, quiet: bool, json_log) -> dict:
-    from mixem.train import train
+    from mixem.distributed import init_from_env, shutdown
+    from mixem.train import resolve_device, train
 
     if resume:
         out = Path(train_over.get("out") or TrainConfig().out)
@@ -83,7 +84,20 @@ def train_command(preset_name: str, config_file, model_over: dict, train_over: d
         name = "resumed"
     else:
         model_cfg, train_cfg, name = build_configs(preset_name, config_file, model_over, train_over)
-    log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet)
+    ctx, device = init_from_env(resolve_device(train_cfg.device))
+    try:
+        return _train_and_report(model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate,
+                                 quiet=quiet, json_log=json_log)
+    finally:
+        shutdown()
+
+
+def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
+    from mixem.train import train
+
+    log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet, enabled=ctx.main)
+    if ctx.enabled:
+        log.print(f"torchrun: {ctx.world} processes ({device.type}), global batch {train_cfg.batch_size}")
     log.print(f"mixem-fast train: preset {name}, {model_cfg.backbone} {model_cfg.in_channels}x{model_cfg.image_size}px, "
               f"K={model_cfg.components}, method {train_cfg.method}, {train_cfg.epochs} epochs x batch {train_cfg.batch_size} "
               f"-> {train_cfg.out}")
@@ -94,17 +108,18 @@ def train_command(preset_name: str, config_file, model_over: dict, train_over: d
 
     def on_epoch(model, epoch, record):
         if train_cfg.eval_every and epoch % train_cfg.eval_every == 0 and epoch < train_cfg.epochs and ds.labels is not None:
-            row = _headline(_score(model, ds, k, train_cfg.device, seed=train_cfg.seed, quick=True))
+            row = _headline(_score(model, ds, k, str(device), seed=train_cfg.seed, quick=True))
             point = {"epoch": epoch, "minutes": round((time.perf_counter() - t0) / 60, 3), **row}
             curve.append(point)
             log.event("eval", **point)
             log.print(f"  eval epoch {epoch}: ACC {row['acc']:.3f} NMI {row['nmi']:.3f} ARI {row['ari']:.3f}")
 
-    model, result = train(model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch)
+    model, result = train(model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch, ctx=ctx,
+                          device=device)
     summary = {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "epochs": result.epochs,
                "train_seconds": round(result.seconds, 1), "preset": name}
-    if evaluate:
-        summary.update(_evaluate_and_report(model, ds, k, train_cfg.device, train_cfg.seed, result.run_dir, log,
+    if evaluate and ctx.main:
+        summary.update(_evaluate_and_report(model, ds, k, str(device), train_cfg.seed, result.run_dir, log,
                                             minutes=(time.perf_counter() - t0) / 60, curve=curve))
     return summary
 

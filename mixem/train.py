@@ -13,6 +13,7 @@ import torch
 from mixem import checkpoint as ckpt
 from mixem.augment import build_augment
 from mixem.config import MixEMConfig, TrainConfig, save_json
+from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
 from mixem.errors import ConfigError, TrainingDiverged
 from mixem.model import MixEM, MixEMOutput
 from mixem.objectives import detach_terms, objective
@@ -61,13 +62,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, *, resume: bool = False,
-          log: RunLog | None = None, on_epoch=None) -> tuple[MixEM, TrainResult]:
+          log: RunLog | None = None, on_epoch=None, ctx: DistContext = SINGLE,
+          device: torch.device | None = None) -> tuple[MixEM, TrainResult]:
     """Train on `images` (uint8 (N, C, H, W) at model_cfg.image_size); returns the model and a summary.
 
-    `on_epoch(model, epoch, record)` is called after each epoch's checkpoint (evaluation hooks).
+    `on_epoch(model, epoch, record)` is called on rank 0 after each epoch's checkpoint (evaluation hooks).
+    Under torchrun (`ctx` from mixem.distributed.init_from_env) batch_size is the global batch: each
+    rank takes its contiguous share of every step's images, and only rank 0 writes checkpoints.
     """
     log = log or RunLog(quiet=True)
-    device = resolve_device(train_cfg.device)
+    device = device or resolve_device(train_cfg.device)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     N, C, H, W = images.shape
@@ -76,6 +80,7 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
         raise ConfigError(f"images are {C}x{H}x{W} but the model expects "
                           f"{model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size}; "
                           "reload the data at the model's --image-size/--channels")
+    mine = local_slice(B, ctx)
     if N < B:
         raise ConfigError(f"--batch-size {B} is larger than the {N} training images; pass --batch-size {N} or less")
     run_dir = Path(train_cfg.out)
@@ -95,11 +100,20 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
         log.print(f"resuming {run_dir} at epoch {start_epoch + 1}/{train_cfg.epochs}")
     elif (run_dir / "checkpoints" / "latest").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(model_cfg, run_dir / "config.json")
-    save_json(train_cfg, run_dir / "train_config.json")
+    barrier(ctx)  # every rank has checked the run directory before rank 0 writes into it
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(model_cfg, run_dir / "config.json")
+        save_json(train_cfg, run_dir / "train_config.json")
 
-    fwd_model = torch.compile(model) if train_cfg.compile else model
+    fwd_model = model
+    if ctx.enabled:
+        if device.type == "cuda":  # SimCLR's global BN; SyncBatchNorm has no CPU implementation
+            fwd_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        fwd_model = torch.nn.parallel.DistributedDataParallel(
+            fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if train_cfg.compile:
+        fwd_model = torch.compile(fwd_model)
     augment = build_augment(model_cfg, train_cfg).to(device)
     images = images.to(device)
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
@@ -118,24 +132,24 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
         desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
         with log.progress(steps_per_epoch * B, desc) as bar:
             for s in range(steps_per_epoch):
-                x = images[perm[s * B:(s + 1) * B]]
+                x = images[perm[s * B:(s + 1) * B][mine]]
                 views = torch.cat([augment(x), augment(x)])  # (2B, C, S, S)
                 if device.type == "cuda":
                     views = views.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     out = fwd_model(views)
-                terms = objective(*_split(out, B), train_cfg)
+                terms = objective(*_split(out, x.shape[0]), train_cfg, ctx)
                 loss = terms["loss"]
-                if not torch.isfinite(loss.detach()):
+                vals = mean_over_ranks(detach_terms(terms), ctx)
+                if not math.isfinite(vals["loss"]):  # the averaged value: every rank stops together
                     last = run_dir / "checkpoints" / "latest"
                     keep = f"the last good checkpoint is {last.parent / last.read_text().strip()}" if last.exists() else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"loss became {loss.detach().item()} at epoch {epoch + 1}, step {s + 1}; {keep}; "
+                    raise TrainingDiverged(f"loss became {vals['loss']} at epoch {epoch + 1}, step {s + 1}; {keep}; "
                                            "lower --lr or raise --temperature and resume")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                vals = detach_terms(terms)
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.advance(B, **{k: v for k, v in vals.items() if k in ("loss", "ntxent", "marginal_entropy")})
@@ -145,17 +159,20 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
         record = {"epoch": epoch + 1, "seconds": round(dt, 3), "images_per_s": round(rate, 1),
                   "lr": sched.get_last_lr()[0], **{k: v / steps_per_epoch for k, v in sums.items()}}
         name = f"epoch_{epoch + 1:04d}"
-        ckpt.save_checkpoint(run_dir / "checkpoints" / name, model, model_cfg, train_cfg=train_cfg,
-                             state={"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "record": record},
-                             trainer_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-        ckpt.mark_latest(run_dir, name)
-        ckpt.prune(run_dir, keep=2)
+        if ctx.main:
+            ckpt.save_checkpoint(run_dir / "checkpoints" / name, model, model_cfg, train_cfg=train_cfg,
+                                 state={"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "record": record,
+                                        "world_size": ctx.world},
+                                 trainer_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            ckpt.mark_latest(run_dir, name)
+            ckpt.prune(run_dir, keep=2)
+        barrier(ctx)
         log.event("epoch", **record)
         log.print(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  " + "  ".join(
             f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr", "seconds", "images_per_s"))
             + f"  {record['images_per_s']:,.0f} img/s")
         history.append(record)
-        if on_epoch is not None:
+        if on_epoch is not None and ctx.main:
             on_epoch(model, epoch + 1, record)
     last = ckpt.resolve(run_dir)
     return model, TrainResult(run_dir, last, train_cfg.epochs, t_train, history)
