@@ -293,10 +293,17 @@ def _ntxent_lse_rows_backward(ctx, dlse):
 _ntxent_lse_rows.register_autograd(_ntxent_lse_rows_backward, setup_context=_ntxent_lse_rows_setup)
 
 
+def _tau(tau) -> float:
+    # float() of a tensor would silently cut a learnable temperature out of the graph.
+    if torch.is_tensor(tau) and tau.requires_grad:
+        raise MixEMError("the fused NT-Xent kernel takes a fixed temperature; for a learnable one use impl='torch'")
+    return float(tau)
+
+
 def ntxent_lse_triton(z: torch.Tensor, tau: float) -> torch.Tensor:
     """lse_i = log Σ_{k≠i} exp(z_i·z_k/τ) of one (M, D) matrix, like `ntxent_lse_torch`; (M,) fp32 (fp64 for fp64)."""
     _check(z)
-    return _ntxent_lse(z, float(tau))
+    return _ntxent_lse(z, _tau(tau))
 
 
 def ntxent_lse_rows_triton(z_rows: torch.Tensor, z_all: torch.Tensor, row_offset: int, tau: float) -> torch.Tensor:
@@ -313,7 +320,7 @@ def ntxent_lse_rows_triton(z_rows: torch.Tensor, z_all: torch.Tensor, row_offset
     _check(z_rows, z_all)
     if not 0 <= row_offset <= z_all.shape[0] - z_rows.shape[0]:
         raise MixEMError(f"row_offset {row_offset} puts {z_rows.shape[0]} rows outside the {z_all.shape[0]} gathered rows")
-    return _ntxent_lse_rows(z_rows, z_all, int(row_offset), float(tau))
+    return _ntxent_lse_rows(z_rows, z_all, int(row_offset), _tau(tau))
 
 
 def nt_xent_triton(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.Tensor:

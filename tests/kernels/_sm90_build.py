@@ -80,4 +80,5 @@ if __name__ == "__main__":
         nt_xent(torch.float64, 64, 16, kind)
         for K in (10, 1000):
             mixture(torch.bfloat16, 65536, K, kind)
+        mixture(torch.float32, 1, 2, kind)  # one-row blocks
     sys.stdout.flush()

@@ -208,6 +208,8 @@ def test_errors_are_one_line_mixem_errors(device):
         ntxent_lse_rows_triton(torch.randn(4, 8, device=device), torch.randn(6, 8, device=device), 3, 0.5)
     with pytest.raises(MixEMError, match="float16/bfloat16/float32/float64"):
         ntxent_lse_triton(torch.randint(0, 3, (8, 8), device=device), 0.5)
+    with pytest.raises(MixEMError, match="learnable"):
+        nt_xent_triton(torch.randn(4, 8, device=device), torch.randn(4, 8, device=device), torch.tensor(0.5, requires_grad=True))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the bf16 refusal is for the CPU interpreter only")
