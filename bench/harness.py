@@ -75,7 +75,18 @@ def _device_info(dev: torch.device) -> dict:
         props = torch.cuda.get_device_properties(dev)
         return {"type": "cuda", "name": name, "slug": _slug(name), "memory_bytes": props.total_memory,
                 "sm_count": props.multi_processor_count, "capability": list(torch.cuda.get_device_capability(dev))}
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "slug": "cpu", "cores": os.cpu_count()}
+    return {"type": "cpu", "name": _cpu_model(), "slug": "cpu", "cores": os.cpu_count()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _slug(text: str) -> str:
@@ -203,21 +214,23 @@ def _run_case(mod, case: dict, dev: torch.device, quick: bool, ceilings: dict) -
         except Exception as e:  # noqa: BLE001
             out["check"] = {"status": "skipped", "message": "oom" if _is_oom(e) else f"{type(e).__name__}: {e}"}
             _free(dev)
-    for name, fn in cands.items():
+    base_name = next(iter(cands), None)
+    for name in list(cands):
+        # Dropped once timed: a candidate may hold large state (a retained autograd graph) that must
+        # not count against the next one's memory.
+        fn = cands.pop(name)
         try:
             rec = {"status": "ok", **_time(fn, dev, quick), **_peak(fn, dev)}
             _rates(rec, work, ceilings, case)
         except Exception as e:  # noqa: BLE001
             rec = {"status": "oom"} if _is_oom(e) else {"status": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-            _free(dev)
+        del fn
+        _free(dev)
         out["candidates"][name] = rec
-    base_name = next(iter(cands), None)
     base = out["candidates"].get(base_name, {})
     for name, rec in out["candidates"].items():
         if rec["status"] == "ok" and base.get("status") == "ok":
             rec["speedup_vs_" + base_name] = base["median_ms"] / rec["median_ms"]
-    del cands
-    _free(dev)
     return out
 
 
