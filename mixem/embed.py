@@ -222,6 +222,7 @@ def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOpt
     device = torch.device(opts.device if opts.device != "auto" else
                           (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     engine = _load_engine(model, opts, device)  # before listing: a wrong model fails in a second
+    how = _resolve_decoder(opts.decoder, engine.device)
     settings = dict(model=str(model), engine=opts.engine, features=opts.features,
                     image_size=engine.image_size, in_channels=engine.in_channels)
     t_list = time.perf_counter()
@@ -235,7 +236,6 @@ def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOpt
     done = shards.done_shards(out, m.n_shards)
     todo = [s for s in mine if s not in done]
     _clean_tmp(out, set(todo))
-    how = _resolve_decoder(opts.decoder, engine.device)
     workers = opts.workers or folders.default_threads()
     total = sum(m.shard_range(s)[1] - m.shard_range(s)[0] for s in todo)
     log.print(f"engine {engine.name} ({engine.provider}) on {engine.device}, decoder {how} x{workers}; "
