@@ -13,6 +13,7 @@ from mixem.errors import ConfigError
 
 BACKBONES = ("convnet", "resnet18", "resnet34", "resnet50")
 METHODS = ("mixem", "simclr", "ccp")
+HEADS = ("mixture", "centers")  # "centers" belongs to method "ccp", "mixture" to mixem and simclr
 INSTANCE_TERMS = ("entropy", "pimax")
 
 
@@ -28,6 +29,11 @@ class MixEMConfig:
     head_hidden: int = 512  # hidden width of each component MLP and of the gate MLP
     embed_dim: int = 32  # D: dimension of each component embedding and of the mixture
     components: int = 10  # K: mixture components (MIX'EM: the number of classes sought)
+    head: str = "mixture"  # one of HEADS: "mixture" (MIX'EM) | "centers" (ccp: embedding + cluster-center predictor)
+    # tau_c of the centers head, logits z.c_k / tau_c: in the model config, not the run's, because the
+    # probabilities that export and embed return depend on it. 0.1: cosines span [-1, 1], so logits
+    # span +-10 and an image near one centre can get a confident assignment (SwAV/PCL prototypes use 0.1).
+    center_temperature: float = 0.1
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel mean of pixels in [0,1], applied in the graph
     std: tuple[float, ...] = (0.25, 0.25, 0.25)  # per-channel std, applied in the graph
 
@@ -36,6 +42,10 @@ class MixEMConfig:
             raise ConfigError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if self.components < 2:
             raise ConfigError(f"components (K) must be at least 2, got {self.components}")
+        if self.head not in HEADS:
+            raise ConfigError(f"unknown head {self.head!r}: choose one of {', '.join(HEADS)}")
+        if not self.center_temperature > 0:
+            raise ConfigError(f"center_temperature must be > 0, got {self.center_temperature}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.image_size < 8:
@@ -69,6 +79,12 @@ class TrainConfig:
     instance_term: str = "pimax"  # (ii) "entropy" = H(pi_i); "pimax" = 1 - max pi_i (released code)
     w_pull: float = 0.1  # (iii) weight of pulling embeddings to their component mean
     w_push: float = 0.05  # (iii) weight of pushing component means apart
+    # ccp only (README "The second method (ccp)"); loss = NT-Xent + w_cluster * cluster + w_anchor * anchor
+    w_cluster: float = 1.0  # weight of the clustering loss (cross-view consistency - w_balance * balance)
+    w_balance: float = 2.0  # weight of the batch-marginal entropy H(mean_i p_i) in it: without it all images join one cluster
+    sharpen: float = 0.5  # T: a view's target is softmax(logits / T), T < 1 sharpens it (MixMatch's T)
+    w_anchor: float = 1.0  # weight of the anchor loss (centres toward their soft cluster means + separation)
+    anchor_temperature: float = 0.5  # tau_a of the centre separation (uniformity) term
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area range
     color_jitter: float = 0.8  # jitter strength s (brightness/contrast/saturation 0.8s... as SimCLR)
     jitter_p: float = 0.8  # probability of colour jitter
@@ -99,6 +115,8 @@ class TrainConfig:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not (self.sharpen > 0 and self.anchor_temperature > 0):
+            raise ConfigError(f"sharpen and anchor_temperature must be > 0, got {self.sharpen}, {self.anchor_temperature}")
         self.crop_scale = tuple(float(c) for c in self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
