@@ -13,6 +13,12 @@ from mixem.config import MixEMConfig
 
 
 class MixEMOutput(NamedTuple):
+    """What both heads return, so training, evaluation, embed and export take either unchanged.
+
+    head "centers" (ccp): embedding is the unit-norm instance embedding z, mixture_logits the
+    assignment logits z . c_k / tau_c, components the K predicted centres expanded over the batch.
+    """
+
     embedding: torch.Tensor  # (B, D) z = sum_k pi_k e_k, not re-normalised (as released)
     mixture_logits: torch.Tensor  # (B, K) gate logits; pi = softmax
     components: torch.Tensor  # (B, K, D) L2-normalised component embeddings e_k
@@ -42,17 +48,43 @@ class MixtureHead(nn.Module):
         return F.normalize(comp, dim=-1), logits
 
 
+class CenterHead(nn.Module):
+    """ccp's head: a projection MLP F->H->D gives the instance embedding z, and a cluster-center
+    predictor, K learned seeds (K, H) through an MLP H->H->D, gives the centres C. The centres are
+    network outputs trained by the losses, not the result of a k-means step. Both are L2-normalised."""
+
+    def __init__(self, in_features: int, hidden: int, dim: int, K: int):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        # Unit-variance seeds: through the randomly initialised MLP they give K centres in general
+        # position, so no two start on top of each other.
+        self.seeds = nn.Parameter(torch.randn(K, hidden))
+        self.predictor = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+    def forward(self, h: torch.Tensor):
+        z = F.normalize(self.project(h), dim=-1)  # (B, D)
+        centers = F.normalize(self.predictor(self.seeds), dim=-1)  # (K, D)
+        return z, centers
+
+
 class MixEM(nn.Module):
     def __init__(self, cfg: MixEMConfig):
         super().__init__()
         self.cfg = cfg
         self.backbone, feat = build_backbone(cfg)
         self.feature_dim = feat
-        self.head = MixtureHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
+        if cfg.head == "centers":
+            self.head = CenterHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
+        else:
+            self.head = MixtureHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
 
     def forward(self, x: torch.Tensor) -> MixEMOutput:
         """x: (B, C, H, W) float, already normalised."""
         h = self.backbone(x)  # (B, F)
+        if self.cfg.head == "centers":
+            z, centers = self.head(h)  # (B, D), (K, D)
+            logits = z @ centers.T / self.cfg.center_temperature  # (B, K)
+            return MixEMOutput(z, logits, centers.unsqueeze(0).expand(h.shape[0], -1, -1), h)
         comp, logits = self.head(h)  # (B, K, D), (B, K)
         pi = torch.softmax(logits.float(), dim=1).to(comp.dtype)
         z = torch.einsum("bk,bkd->bd", pi, comp)  # (B, D)
