@@ -110,3 +110,62 @@ def pull_push_torch(z: torch.Tensor, assign: torch.Tensor, K: int) -> tuple[torc
 def max_entropy(K: int) -> float:
     """log K: the marginal entropy of a perfectly balanced mixture (for logs and tests)."""
     return math.log(K)
+
+
+# ccp: contrastive clustering with a cluster-center predictor (README "The second method (ccp)"; our
+# reading of Sundareswaran et al., arXiv 2109.12714, whose full text is unavailable). Rows z_i and
+# centres c_k are unit-norm, assignment logits a_ik = z_i . c_k / tau_c, p_i = softmax(a_i).
+
+
+def soft_cross_entropy_torch(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean_i H(q_i, p_i) = -mean_i sum_k q_ik log softmax(a_i)_k for logits a (B, K), targets q (B, K).
+
+    Gradient: d/da_i = (p_i - q_i) / B when the rows of q sum to 1.
+    """
+    return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def assignment_consistency_torch(logits1: torch.Tensor, logits2: torch.Tensor, sharpen: float) -> torch.Tensor:
+    """Cross-view assignment consistency with sharpened, stop-gradient targets, (B, K) logits per view:
+
+        q^v_i = softmax(a^v_i / T)  (no gradient),   L = 1/2 [H(q^2, p^1) + H(q^1, p^2)]  (soft_cross_entropy_torch)
+
+    Each view's assignment is supervised by the other view's: the cluster of an image must not depend
+    on its augmentation. T < 1 makes each target more confident than the prediction it teaches, so
+    assignments sharpen over training (self-training, as DINO's teacher and MixMatch's T do); the stop-
+    gradient keeps the target from being dragged toward the prediction. Gradient:
+    d/da^1_i = (p^1_i - q^2_i) / (2B), and symmetrically for view 2.
+    """
+    q1 = torch.softmax(logits1.detach() / sharpen, dim=1)  # (B, K)
+    q2 = torch.softmax(logits2.detach() / sharpen, dim=1)  # (B, K)
+    return 0.5 * (soft_cross_entropy_torch(logits1, q2) + soft_cross_entropy_torch(logits2, q1))
+
+
+def soft_cluster_means_torch(z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """m_k = normalise(sum_i p_ik z_i): the unit direction of cluster k's soft mean, (K, D) from z (N, D),
+    probs (N, K). A cluster with no mass gives a zero row (F.normalize's eps), which anchors nothing."""
+    return F.normalize(probs.T @ z, dim=1)  # (K, D)
+
+
+def center_anchor_torch(centers: torch.Tensor, z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Anchoring of the predicted centres to the data: mean_k (1 - c_k . m_k), m_k = soft_cluster_means_torch(z, p)
+    with no gradient, so the centres move toward the data and the data is not dragged toward the
+    centres by this term (the clustering loss already does that). centers (K, D) unit-norm.
+    Gradient: d/dc_k = -m_k / K.
+    """
+    m = soft_cluster_means_torch(z.detach(), probs.detach())  # (K, D)
+    return (1.0 - (centers * m).sum(1)).mean()
+
+
+def center_separation_torch(centers: torch.Tensor, tau: float) -> torch.Tensor:
+    """Uniformity of the centres: (1/K) sum_k log sum_{l != k} exp(c_k . c_l / tau), centers (K, D) unit-norm.
+
+    Minimised when the centres spread out (its minimum, log(K - 1) - 1 / ((K - 1) tau), is reached at a
+    regular simplex when K <= D + 1); it stops two centres from predicting the same cluster, which
+    anchoring alone allows (two equal centres have equal soft means and stay equal).
+    Gradient: d/dc_k = (1/(K tau)) [sum_{l != k} (w_kl + w_lk) c_l], w_kl = softmax_{l != k}(c_k . c_l / tau).
+    """
+    K, D = centers.shape
+    s = centers @ centers.T / tau  # (K, K)
+    s = s.masked_fill(torch.eye(K, dtype=torch.bool, device=centers.device), float("-inf"))
+    return torch.logsumexp(s, dim=1).mean()
