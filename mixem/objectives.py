@@ -1,4 +1,4 @@
-"""The training objectives (MIX'EM, plain SimCLR): named loss terms plus their weighted total."""
+"""The training objectives (MIX'EM, plain SimCLR, ccp): named loss terms plus their weighted total."""
 
 from __future__ import annotations
 
@@ -90,10 +90,38 @@ def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: Dis
     return terms
 
 
+def ccp_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
+    """ccp loss for two views from the centers head (README "The second method (ccp)"):
+
+        loss = instance + w_cluster * (consistency - w_balance * balance) + w_anchor * (anchoring + separation)
+
+    instance: NT-Xent on z; consistency: cross-view cross-entropy against the other view's sharpened
+    assignment; balance: H(mean_i p_i) per view, averaged; anchoring: 1 - c_k . (soft mean of cluster k);
+    separation: uniformity of the centres. Under torchrun every term but NT-Xent is computed on the
+    gathered global batch, identically on every rank (mixem.distributed).
+    """
+    terms = {"instance": nt_xent_global(o1.embedding, o2.embedding, cfg.temperature, cfg.impl, ctx)}
+    a1, a2 = gather(o1.mixture_logits, ctx), gather(o2.mixture_logits, ctx)  # (Bg, K) each
+    consistency = losses.assignment_consistency_torch(a1, a2, cfg.sharpen)
+    balance = (mixture_terms(a1, cfg.impl)["marginal_entropy"] + mixture_terms(a2, cfg.impl)["marginal_entropy"]) / 2
+    centers = o1.components[0]  # (K, D): the predicted centres are the same for every row
+    # The soft means are targets (no gradient): gather the embeddings detached, in the same
+    # [all views 1; all views 2] order as the logits.
+    z = torch.cat([gather(o1.embedding.detach(), ctx), gather(o2.embedding.detach(), ctx)])  # (2Bg, D)
+    anchoring = losses.center_anchor_torch(centers, z, torch.softmax(torch.cat([a1, a2]).detach(), dim=1))
+    separation = losses.center_separation_torch(centers, cfg.anchor_temperature)
+    terms.update(cluster=consistency - cfg.w_balance * balance, consistency=consistency, balance=balance,
+                 anchor=anchoring + separation, anchoring=anchoring, separation=separation)
+    terms["loss"] = terms["instance"] + cfg.w_cluster * terms["cluster"] + cfg.w_anchor * terms["anchor"]
+    return terms
+
+
 def objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
     if cfg.method in ("mixem", "simclr"):
         return mixem_objective(o1, o2, cfg, ctx)
-    raise ConfigError(f"method {cfg.method!r} is not available yet in this build; use mixem or simclr")
+    if cfg.method == "ccp":
+        return ccp_objective(o1, o2, cfg, ctx)
+    raise ConfigError(f"unknown method {cfg.method!r}: use mixem, simclr or ccp")
 
 
 def detach_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
