@@ -35,6 +35,9 @@ def build_configs(preset_name: str, config_file: Path | None, model_over: dict, 
         train_cfg = from_dict(TrainConfig, {**to_dict(train_cfg), **data.get("train", {})}, where=f"{path} train")
     model_cfg = _replace_checked(model_cfg, model_over)
     train_cfg = replace(train_cfg, **train_over)
+    if train_cfg.method == "ccp" and model_cfg.head == "mixture":
+        # The presets describe the trunk and the run; ccp needs its own head, so --method ccp alone suffices.
+        model_cfg = replace(model_cfg, head="centers")
     return model_cfg, train_cfg, preset_name
 
 
