@@ -230,6 +230,11 @@ def cluster(
     json_log: JsonLog = None,
 ):
     """Cluster an embedding run with FAISS k-means; write clusters.parquet, centroids, index, metrics, report."""
+    import os
+
+    # Read when OpenMP loads (with faiss, below): spinning OpenMP threads made faiss k-means ~9x slower on a
+    # shared, busy CPU (bench/cluster_faiss.py); sleeping ones cost nothing measurable at these sizes.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from mixem.clustering import cluster_run
     from mixem.runlog import RunLog
 

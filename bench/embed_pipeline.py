@@ -1,0 +1,214 @@
+"""Benchmark: images/s of the whole embed pipeline vs pure PIL decode on all cores, on the same JPEG files.
+
+`python -m mixem.bench embed_pipeline [--quick]` runs the harness cases; `python -m mixem.bench.embed_pipeline
+--rss N` embeds N small files in a child process and samples its RSS per finished shard (flat memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+NAME = "embed_pipeline"
+DATA = Path(__file__).resolve().parents[1] / "mixem" / "data_files"
+_MODELS = {
+    # The CPU preset's model (mixem.config.PRESETS["cpu"]); and the same trunk on 64 px RGB.
+    "convnet32-28px-gray": dict(backbone="convnet", width=32, image_size=28, in_channels=1, head_hidden=128,
+                                mean=(0.29,), std=(0.35,)),
+    "convnet32-64px-rgb": dict(backbone="convnet", width=32, image_size=64, in_channels=3, head_hidden=128),
+}
+_FOLDERS: dict = {}
+
+
+def _fashion(n: int) -> np.ndarray:
+    raw = gzip.decompress((DATA / "t10k-images-idx3-ubyte.gz").read_bytes())
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+
+
+def write_jpegs(root: Path, n: int, photo_share: float = 2 / 3, seed: int = 0) -> Path:
+    """n real JPEGs: crops of scikit-learn's two sample photos resized to 128..512 px, and Fashion-MNIST
+    items upscaled 4x (112 px); written once, in 100-file sub-folders."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    fm = _fashion(10_000)
+    for i in range(n):
+        d = root / f"{i // 100:05d}"
+        if i % 100 == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        if rng.random() < photo_share:
+            p = photos[i % 2]
+            side = int(rng.integers(120, 420))
+            t, left = rng.integers(0, p.shape[0] - side), rng.integers(0, p.shape[1] - side)
+            out = int(rng.integers(128, 513))
+            im = Image.fromarray(p[t: t + side, left: left + side]).resize((out, out), Image.BILINEAR)
+        else:
+            im = Image.fromarray(fm[i % len(fm)]).resize((112, 112), Image.BICUBIC)
+        im.save(d / f"{i:07d}.jpg", quality=90)
+    return root
+
+
+def cases(quick: bool) -> list[dict]:
+    if quick:
+        return [{"model": "convnet32-28px-gray", "images": 400, "batch": 128}]
+    return [{"model": m, "images": 3000, "batch": 256} for m in _MODELS]
+
+
+def _folder(n: int) -> Path:
+    if n not in _FOLDERS:
+        tmp = Path(tempfile.mkdtemp(prefix="mixem_bench_jpegs_"))
+        _FOLDERS[n] = write_jpegs(tmp / "imgs", n)
+        weakref.finalize(_FOLDERS, shutil.rmtree, tmp, True)
+    return _FOLDERS[n]
+
+
+def not_measured(device) -> list[str]:
+    return ["inputs: JPEGs generated from scikit-learn's two sample photos (crops resized to 128-512 px) and "
+            "Fashion-MNIST items upscaled to 112 px, written once to a temporary folder; not a photo corpus",
+            "nvJPEG GPU decode (--decoder nvjpeg): needs a CUDA GPU; this is the PIL path only",
+            "onnx/trt engines: the torch engine is timed; bench embed_engines compares the engines alone"]
+
+
+def setup(case: dict, device) -> dict:
+    import torch
+
+    from mixem.checkpoint import save_checkpoint
+    from mixem.config import MixEMConfig
+    from mixem.embed import EmbedOptions, embed_folder
+    from mixem.folders import decode_files, list_images
+    from mixem.model import MixEM
+
+    root = _folder(case["images"])
+    cfg = MixEMConfig(**_MODELS[case["model"]])
+    tmp = Path(tempfile.mkdtemp(prefix="mixem_bench_embed_"))
+    torch.manual_seed(0)
+    save_checkpoint(tmp / "ckpt", MixEM(cfg), cfg)
+    paths = [str(root / r) for r in list_images(root)]
+    opts = EmbedOptions(batch_size=case["batch"], shard_size=1000, device=str(device))
+
+    def decode():  # the ceiling: PIL on every core, nothing else
+        images, kept, skipped = decode_files(paths, cfg.image_size, cfg.in_channels)
+        return len(kept), len(skipped)
+
+    def pipeline():  # listing, manifest, decode, engine, shard files: a fresh output every call
+        out = tmp / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        s = embed_folder(str(tmp / "ckpt"), root, out, opts)
+        return s["embedded"], s["skipped"]
+
+    cands = {"decode": decode, "pipeline": pipeline}
+    weakref.finalize(cands, shutil.rmtree, tmp, True)
+    return cands
+
+
+def check(case: dict, candidates: dict) -> dict:
+    n = case["images"]
+    assert candidates["decode"]() == (n, 0), "pure decode did not read every file"
+    assert candidates["pipeline"]() == (n, 0), "the pipeline did not embed every file"
+    import torch
+
+    return {"images": n, "torch_threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
+            "load_average": os.getloadavg()}
+
+
+# ---------------------------------------------------------------- RSS over a long run
+
+
+def _rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_run(n: int, shard_size: int = 5000, out_json: Path | None = None) -> dict:
+    """Embed n small real JPEGs (Fashion-MNIST, 28 px) with `mixem-fast embed` in a child process; sample
+    its VmRSS every 0.1 s together with the number of finished shards (from the JSON log)."""
+    import torch
+
+    from mixem.checkpoint import save_checkpoint
+    from mixem.config import PRESETS, MixEMConfig
+    from mixem.model import MixEM
+
+    tmp = Path(tempfile.mkdtemp(prefix="mixem_rss_"))
+    try:
+        t0 = time.perf_counter()
+        fm = _fashion(10_000)
+        for i in range(n):
+            d = tmp / "imgs" / f"{i // 1000:05d}"
+            if i % 1000 == 0:
+                d.mkdir(parents=True)
+            Image.fromarray(fm[i % len(fm)]).save(d / f"{i:07d}.jpg", quality=90)
+        t_write = time.perf_counter() - t0
+        cfg = MixEMConfig(**PRESETS["cpu"]["model"])
+        torch.manual_seed(0)
+        save_checkpoint(tmp / "ckpt", MixEM(cfg), cfg)
+        log = tmp / "log.jsonl"
+        cmd = [sys.executable, "-m", "mixem.cli", "embed", str(tmp / "ckpt"), str(tmp / "imgs"), "--out",
+               str(tmp / "out"), "--shard-size", str(shard_size), "-q", "--json-log", str(log)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        samples = []
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                rss = _rss_kb(proc.pid)
+                shards = log.read_text().count('"event": "shard"') if log.exists() else 0
+                if rss is not None:
+                    samples.append((round(time.perf_counter() - t0, 2), shards, rss))
+                time.sleep(0.1)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        out, err = proc.communicate()
+        stop.set()
+        th.join()
+        if proc.returncode != 0:
+            raise RuntimeError(err.decode()[-2000:])
+        summary = json.loads(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    per_shard = {}
+    for _, s, rss in samples:
+        per_shard[s] = max(per_shard.get(s, 0), rss)
+    n_sh = max(per_shard) if per_shard else 0
+    first = max(v for s, v in per_shard.items() if s <= 1) if per_shard else None
+    res = {"files": n, "shard_size": shard_size, "seconds_writing_files": round(t_write, 1),
+           "embed_seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
+           "peak_rss_mb": round(max(r for _, _, r in samples) / 1024, 1),
+           "rss_mb_by_shards_done": {int(s): round(v / 1024, 1) for s, v in sorted(per_shard.items())},
+           "rss_mb_after_first_shard": round(first / 1024, 1) if first else None,
+           "rss_mb_last_shard": round(per_shard[n_sh] / 1024, 1) if per_shard else None,
+           "how": "VmRSS of the `mixem-fast embed` child from /proc every 0.1 s; max per number of shards "
+                  "finished (counted from the --json-log shard events)",
+           "load_average": os.getloadavg()}
+    if out_json:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rss", type=int, required=True, help="files to embed while sampling RSS")
+    ap.add_argument("--shard-size", type=int, default=5000)
+    ap.add_argument("--out", type=Path, default=None, help="JSON file for the result")
+    a = ap.parse_args()
+    print(json.dumps(rss_run(a.rss, a.shard_size, a.out), indent=1))
