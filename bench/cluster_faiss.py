@@ -28,7 +28,8 @@ def _data(case) -> tuple[np.ndarray, np.ndarray]:
         step = 100_000
         for s in range(0, case["n"], step):  # bounded temporaries at 1M points
             m = min(step, case["n"] - s)
-            x[s: s + m] = centres[rng.integers(len(centres), size=m)] + 0.7 * rng.standard_normal((m, case["d"]), dtype=np.float32)
+            noise = rng.standard_normal((m, case["d"]), dtype=np.float32)
+            x[s: s + m] = centres[rng.integers(len(centres), size=m)] + 0.7 * noise
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         init = x[rng.choice(case["n"], case["k"], replace=False)].copy()
         _DATA.clear()  # keep one case's points alive at a time (1M x 128 floats = 512 MB)

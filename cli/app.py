@@ -186,12 +186,14 @@ class ClusterInit(str, Enum):
 @app.command()
 @_errors
 def embed(
-    model: Annotated[Path, typer.Argument(help="Checkpoint/run dir (torch), model.onnx or export dir (onnx), model.plan (trt).")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint/run dir (torch), model.onnx or export dir (onnx), "
+                                               "model.plan (trt).")],
     images: Annotated[Path, typer.Argument(help="Image folder, searched recursively.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (shards, manifest, summary).")],
     engine: Annotated[EmbedEngine, typer.Option("--engine", help="Inference engine.")] = EmbedEngine.torch,
-    features: Annotated[EmbedFeatures, typer.Option("--features", help="What to store: the mixture embedding, "
-                                                    "or backbone features (onnx/trt: export with --features).")] = EmbedFeatures.embedding,
+    features: Annotated[EmbedFeatures, typer.Option(
+        "--features", help="What to store: the mixture embedding, or backbone features (onnx/trt: export with "
+                           "--features).")] = EmbedFeatures.embedding,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per engine call.")] = None,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Images per output shard.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
@@ -217,13 +219,15 @@ def embed(
 def cluster(
     run: Annotated[Path, typer.Argument(help="Output directory of `mixem-fast embed`.")],
     k: Annotated[int, typer.Option("--k", help="Number of clusters.")],
-    init: Annotated[ClusterInit, typer.Option("--init", help="mixture: MIX'EM's argmax-pi group means.")] = ClusterInit.mixture,
+    init: Annotated[ClusterInit, typer.Option("--init", help="mixture: MIX'EM's argmax-pi group means.")
+                    ] = ClusterInit.mixture,
     spherical: Annotated[bool, typer.Option("--spherical", help="Unit-norm centroids, cosine assignment.")] = False,
     niter: Annotated[int, typer.Option("--niter", help="Lloyd iterations.")] = 25,
     max_points: Annotated[Optional[int], typer.Option("--max-points-per-centroid", help="Train on a random "
                                                       "k*N subset (default: every point).")] = None,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of 'relative/path,label' to score "
-                                                   "against (default: sub-folder names when all images have one).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="CSV of 'relative/path,label' to score against (default: sub-folder names when all "
+                         "images have one).")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
     quiet: Quiet = False,

@@ -21,7 +21,8 @@ from mixem.metrics import clustering_metrics
 from mixem.runlog import RunLog
 
 INITS = ("mixture", "kmeans++", "random")
-CLUSTERS, CENTROIDS, INDEX, METRICS, REPORT = "clusters.parquet", "centroids.npy", "index.faiss", "metrics.json", "report.html"
+CLUSTERS, CENTROIDS, INDEX = "clusters.parquet", "centroids.npy", "index.faiss"
+METRICS, REPORT = "metrics.json", "report.html"
 
 
 def load_run(out: Path) -> manifest.Manifest:

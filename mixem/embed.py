@@ -50,7 +50,8 @@ class EmbedOptions:
 def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run alone."""
     try:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        env = os.environ
+        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
     except ValueError:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
 
@@ -131,7 +132,8 @@ class _Decoder:
     """Submits batch decodes to a thread pool and hands them back in order; at most prefetch + 1 in flight."""
 
     def __init__(self, pool: ThreadPoolExecutor, workers: int, size: int, channels: int, how: str, device):
-        self.pool, self.workers, self.size, self.channels, self.how, self.device = pool, workers, size, channels, how, device
+        self.pool, self.workers, self.how, self.device = pool, workers, how, device
+        self.size, self.channels = size, channels
         self.mode = "L" if channels == 1 else "RGB"
 
     def submit(self, paths: list[str]):

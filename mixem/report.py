@@ -67,7 +67,8 @@ def write_report(path: Path, rel: list[str], root: str, assign: np.ndarray, dist
              f"<div class='meta'>init {esc(str(metrics.get('init')))}; features {esc(str(metrics.get('features')))}; "
              f"{esc(str(metrics.get('faiss')))}; objective {metrics.get('objective', 0):.6g}"
              + (f"; vs {esc(str(metrics.get('labels')))}: {head}" if head else "") + "</div>",
-             "<table><tr><th>cluster</th><th>images</th><th></th>" + ("<th>majority label</th>" if labels is not None else "")
+             "<table><tr><th>cluster</th><th>images</th><th></th>"
+             + ("<th>majority label</th>" if labels is not None else "")
              + "</tr>"]
     top = max(int(sizes.max()), 1) if k else 1
     majority = {}

@@ -87,7 +87,8 @@ def read_stats(out: Path, shard: int) -> dict | None:
 
 def done_shards(out: Path, n_shards: int) -> set[int]:
     """Shards whose stats file exists (written last, so the shard's npy and parquet are complete)."""
-    have = {int(p.stem) for p in (Path(out) / STATS_DIR).glob("[0-9]*.json")} if (Path(out) / STATS_DIR).is_dir() else set()
+    folder = Path(out) / STATS_DIR
+    have = {int(p.stem) for p in folder.glob("[0-9]*.json")} if folder.is_dir() else set()
     return {s for s in have if s < n_shards and read_stats(out, s) is not None}
 
 

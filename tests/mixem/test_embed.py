@@ -174,7 +174,7 @@ def test_shards_read_back_with_pyarrow_numpy_and_embedding_reader(messy_run):
     assert len(vec) == len(meta) == m.n_files
     ok = np.array([r["status"] == "ok" for r in meta])
     np.testing.assert_allclose(np.linalg.norm(vec[ok].astype(np.float32), axis=1), 1.0, atol=2e-3)
-    er = pytest.importorskip("embedding_reader", reason="embedding-reader is not installed (pip install embedding-reader)")
+    er = pytest.importorskip("embedding_reader", reason="embedding-reader not installed (pip install embedding-reader)")
     reader = er.EmbeddingReader(embeddings_folder=str(out / "embeddings"), metadata_folder=str(out / "metadata"),
                                 meta_columns=["image_path", "status"], file_format="parquet_npy")
     assert reader.count == m.n_files
