@@ -1,6 +1,7 @@
 """Two gloo processes on the CPU compute the same loss and parameter gradients as one process on the
 concatenated batch: for the reference losses and for the kernels under Triton's interpreter."""
 
+import dataclasses
 import os
 
 import pytest
@@ -21,9 +22,9 @@ MODEL = MixEMConfig(backbone="convnet", width=4, image_size=16, in_channels=1, h
 W, B = 2, 12  # ranks, global batch (6 images per rank)
 
 
-def _model():
+def _model(method="mixem"):
     torch.manual_seed(0)
-    m = MixEM(MODEL)
+    m = MixEM(dataclasses.replace(MODEL, head="centers") if method == "ccp" else MODEL)
     # BatchNorm couples the samples of a batch, and SyncBatchNorm has no CPU kernel: use running
     # statistics so per-sample outputs do not depend on how the batch is split across ranks.
     for mod in m.modules():
@@ -48,7 +49,7 @@ def _loss_and_grads(model, v1, v2, cfg, ctx=DistContext()):
     return mean_over_ranks(detach_terms(terms), ctx)
 
 
-CASES = [("torch", "mixem"), ("triton", "mixem"), ("torch", "simclr")]
+CASES = [("torch", "mixem"), ("triton", "mixem"), ("torch", "simclr"), ("torch", "ccp")]
 
 
 def _worker(rank, path, result_dir):
@@ -59,7 +60,7 @@ def _worker(rank, path, result_dir):
         v1, v2 = _views()
         mine = slice(rank * B // W, (rank + 1) * B // W)
         for impl, method in CASES:  # one process group for all cases: spawning costs more than computing
-            model = torch.nn.parallel.DistributedDataParallel(_model())
+            model = torch.nn.parallel.DistributedDataParallel(_model(method))
             cfg = TrainConfig(impl=impl, method=method, temperature=0.3)
             terms = _loss_and_grads(model, v1[mine], v2[mine], cfg, DistContext(rank, W, rank))
             grads = {n: p.grad for n, p in model.module.named_parameters()}
@@ -78,7 +79,7 @@ def two_rank_results(tmp_path_factory):
 @pytest.mark.parametrize("impl, method", CASES)
 def test_two_ranks_equal_one_process(two_rank_results, impl, method):
     cfg = TrainConfig(impl=impl, method=method, temperature=0.3)
-    model = _model()
+    model = _model(method)
     v1, v2 = _views()
     ref_terms = _loss_and_grads(model, v1, v2, cfg)
     ref_grads = {n: p.grad for n, p in model.named_parameters()}
