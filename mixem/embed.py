@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,7 @@ from mixem.runlog import RunLog
 FEATURES = ("embedding", "backbone")
 DECODERS = ("auto", "pil", "nvjpeg")
 _JPEG = (".jpg", ".jpeg")
+_NVJPEG_LOCK = threading.Lock()
 
 
 @dataclass
@@ -96,12 +98,13 @@ def decode_nvjpeg(paths: list[str], size: int, channels: int, device: torch.devi
     out = torch.zeros((n, channels, size, size), dtype=torch.uint8, device=device)
     status: list = [None] * n
     jpeg = [i for i, p in enumerate(paths) if p.lower().endswith(_JPEG)]
-    cpu = [i for i in range(n) if i not in set(jpeg)]
+    cpu = [i for i, p in enumerate(paths) if not p.lower().endswith(_JPEG)]
     if jpeg:
         try:
             data = [torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)) for i in jpeg]
             mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-            images = decode_jpeg(data, mode=mode, device=device, apply_exif_orientation=True)
+            with _NVJPEG_LOCK:  # prefetching threads share torchvision's one CUDA decoder
+                images = decode_jpeg(data, mode=mode, device=device, apply_exif_orientation=True)
             for i, im in zip(jpeg, images):
                 out[i] = to_size(im[None], size)[0]
                 status[i] = (shards.OK, None)
