@@ -46,11 +46,11 @@ def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, tau: float, impl: str, ct
         return nt_xent(z1, z2, tau, impl)
     B = z1.shape[0]  # local images
     Bg = B * ctx.world
-    n1, n2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # (B, D)
+    n1, n2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)  # (B, D), input dtype: bf16 reaches the kernel
     z_all = torch.cat([gather(n1, ctx), gather(n2, ctx)])  # (2Bg, D)
     lse1 = ntxent_lse_rows(n1, z_all, ctx.rank * B, tau, impl)  # (B,)
     lse2 = ntxent_lse_rows(n2, z_all, Bg + ctx.rank * B, tau, impl)  # (B,)
-    pos = (n1 * n2).sum(-1) / tau  # (B,) the positive of a view-1 row is its view-2 row and vice versa
+    pos = (n1.float() * n2.float()).sum(-1) / tau  # (B,) the positive of a view-1 row is its view-2 row and vice versa
     return ((lse1 - pos).sum() + (lse2 - pos).sum()) / (2 * Bg) * ctx.world
 
 
@@ -74,7 +74,7 @@ def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: Dis
         return terms
     marginal = instance = pull = push = 0.0
     for o in (o1, o2):
-        logits, z = gather(o.mixture_logits, ctx), gather(o.embedding, ctx)  # global batch
+        logits, z = gather(o.mixture_logits, ctx), gather(o.embedding.float(), ctx)  # global batch
         m = mixture_terms(logits, cfg.impl)
         marginal = marginal + m["marginal_entropy"]
         instance = instance + (m["instance_entropy"] if cfg.instance_term == "entropy" else m["pimax"])
