@@ -210,7 +210,11 @@ def embed(
     opts = replace(EmbedOptions(engine=engine.value, features=features.value), batch_size=batch_size,
                    shard_size=shard_size, workers=workers, decoder=decoder, device=device)
     rank, _, _ = dist_env()
-    summary = embed_folder(str(model), images, out, opts, RunLog(json_log, quiet=quiet or rank > 0))
+    try:
+        summary = embed_folder(str(model), images, out, opts, RunLog(json_log, quiet=quiet or rank > 0))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished shards are kept: run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(json.dumps(summary, indent=2))
 
 
