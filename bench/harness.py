@@ -8,7 +8,7 @@ A benchmark is a module `bench/<file>.py` that defines
 optionally
     check(case, candidates) -> dict | None      correctness first: raise (AssertionError) on a mismatch;
                                                 a returned dict (e.g. max errors) is recorded
-    work(case) -> {"flop": n, "bytes": n, "exp": n}   ideal work of one iteration, for rates and the floor
+    work(case) -> {"flop": n, "bytes": n, "exp": n, "images": n}   work of one iteration, for rates and the floor
     not_measured(device) -> list[str]           what this benchmark could not measure here, and why
 Every candidate runs in the same process on the same inputs as the baseline. A candidate that runs
 out of memory is recorded as "oom", any other exception as "error", and the next one runs.
@@ -185,6 +185,8 @@ def _rates(rec: dict, work: dict, ceilings: dict, case: dict) -> None:
         rec["gbps"] = work["bytes"] / s / 1e9
     if work.get("exp"):
         rec["gexp_per_s"] = work["exp"] / s / 1e9
+    if work.get("images"):
+        rec["images_per_s"] = work["images"] / s
     if ceilings:
         fp32 = case.get("dtype") in ("float32", "torch.float32")
         peak = ceilings["matmul_float32_tflops" if fp32 else "matmul_bfloat16_tflops"] * 1e12

@@ -1,0 +1,148 @@
+"""Benchmark: training images/s of mixem-fast's on-device augmentation loop vs a DataLoader + torchvision loop.
+
+Both candidates train the same model with the same optimiser and loss on the same real images
+(the embedded Fashion-MNIST split, replicated/resized to the model's input); one call = one step.
+  dataloader: the usual SimCLR recipe: PIL images, torchvision transforms in DataLoader workers
+              (two views per image), batches copied to the device;
+  on_device:  mixem-fast's loop: uint8 images resident on the device, kornia augmentation of the
+              whole batch there, per-sample random parameters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+NAME = "train_step"
+
+_MODELS = {
+    "cpu-preset": dict(preset="cpu"),
+    "resnet18-32px": dict(preset="paper"),
+}
+
+
+def cases(quick: bool) -> list[dict]:
+    if quick:
+        return [{"model": "cpu-preset", "batch": 32}]
+    if torch.cuda.is_available():
+        return [{"model": "resnet18-32px", "batch": 512}, {"model": "cpu-preset", "batch": 512}]
+    return [{"model": "cpu-preset", "batch": 256}, {"model": "resnet18-32px", "batch": 64}]
+
+
+def work(case) -> dict:
+    return {"images": case["batch"]}
+
+
+def not_measured(device) -> list[str]:
+    if device.type == "cuda":
+        return []
+    return ["GPU throughput (the >= 5x goal is for a GPU): this run had no CUDA device; the CPU figures "
+            "compare both loops on the same cores, where augmentation competes with training for them"]
+
+
+def _configs(case):
+    from mixem.config import preset, replace
+
+    model_cfg, train_cfg = preset(_MODELS[case["model"]]["preset"])
+    return model_cfg, replace(train_cfg, batch_size=case["batch"], impl="torch")
+
+
+def _images(model_cfg, n: int) -> torch.Tensor:
+    from mixem.data import load_images
+
+    return load_images(None, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
+                       max_images=n).images  # (n, C, S, S) uint8
+
+
+class _TwoViews(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, transform):
+        from PIL import Image
+
+        mode = "L" if images.shape[1] == 1 else "RGB"
+        arr = images.permute(0, 2, 3, 1).numpy()
+        self.pil = [Image.fromarray(a[..., 0] if mode == "L" else a, mode) for a in arr]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.pil)
+
+    def __getitem__(self, i):
+        img = self.pil[i]
+        return self.transform(img), self.transform(img)
+
+
+def _torchvision_transform(model_cfg, train_cfg):
+    from torchvision import transforms as T
+
+    S, s = model_cfg.image_size, train_cfg.color_jitter
+    ops = [T.RandomResizedCrop(S, scale=train_cfg.crop_scale), T.RandomHorizontalFlip()]
+    if model_cfg.in_channels == 3:
+        ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=train_cfg.jitter_p),
+                T.RandomGrayscale(p=train_cfg.grayscale_p)]
+    else:
+        ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s)], p=train_cfg.jitter_p)]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(model_cfg.mean, model_cfg.std)])
+
+
+def setup(case, device) -> dict:
+    from mixem.augment import build_augment
+    from mixem.model import MixEM
+    from mixem.objectives import objective
+    from mixem.train import _split, make_optimizer
+
+    model_cfg, train_cfg = _configs(case)
+    B = case["batch"]
+    images = _images(model_cfg, max(4 * B, 1024))
+    use_bf16 = device.type == "cuda"
+
+    def make_step():
+        torch.manual_seed(0)
+        model = MixEM(model_cfg).to(device).to(memory_format=torch.channels_last).train()
+        opt = make_optimizer(model, train_cfg)
+
+        def step(views: torch.Tensor):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(views.contiguous(memory_format=torch.channels_last))
+            loss = objective(*_split(out, views.shape[0] // 2), train_cfg)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return step
+
+    workers = min(8, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        _TwoViews(images, _torchvision_transform(model_cfg, train_cfg)), batch_size=B, shuffle=True,
+        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=True)
+    state = {"it": iter(loader)}
+    dl_step = make_step()
+
+    def dataloader():
+        try:
+            v1, v2 = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            v1, v2 = next(state["it"])
+        return dl_step(torch.cat([v1, v2]).to(device, non_blocking=True))
+
+    resident = images.to(device)
+    augment = build_augment(model_cfg, train_cfg).to(device)
+    od_step = make_step()
+    gen = torch.Generator().manual_seed(0)
+
+    def on_device():
+        idx = torch.randint(0, resident.shape[0], (B,), generator=gen).to(device)
+        x = resident[idx]
+        return od_step(torch.cat([augment(x), augment(x)]))
+
+    return {"dataloader": dataloader, "on_device": on_device}
+
+
+def check(case, candidates) -> dict:
+    """Both loops train: the loss is finite on both (they draw different augmentations, so not equal)."""
+    losses = {name: float(fn()) for name, fn in candidates.items()}
+    for name, v in losses.items():
+        assert v == v and abs(v) < 1e6, f"{name}: loss {v}"
+    return {"first_loss": losses}
