@@ -180,7 +180,9 @@ def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog,
     save_json(metrics, Path(out_dir) / "metrics.json")
     log.event("metrics", **metrics)
     log.print(format_table(rows + [base]))
-    line = (f"MIX'EM (k-means from mixture components)  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
+    name = ("ccp (k-means from the predicted centres)" if model.cfg.head == "centers"
+            else "MIX'EM (k-means from mixture components)")
+    line = (f"{name}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
             f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
             f"  ({len(ds.images):,} images, k={k})")
     print(line)
