@@ -21,7 +21,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:22px;margin:0 0 8px} h2{font-size:17px;margin:24px 0 6px}
 .meta{color:#555;font-size:13px;margin-bottom:16px} table{border-collapse:collapse;font-size:13px}
-td,th{padding:2px 10px;text-align:right} th{text-align:left;font-weight:600}
+td,th{padding:2px 10px;text-align:right} th{text-align:left;font-weight:600} td.b{text-align:left}
 .bar{background:#4a7bd0;height:10px;display:inline-block;vertical-align:middle}
 .grid{display:flex;flex-wrap:wrap;gap:4px} .grid img{width:96px;height:96px;object-fit:cover;border:1px solid #ddd;
 background:#fff} .sub{color:#666;font-size:12px}
@@ -80,7 +80,7 @@ def write_report(path: Path, rel: list[str], root: str, assign: np.ndarray, dist
             name = classes[majority[c][0]] if classes else str(majority[c][0])
             cell = f"<td>{esc(name)} ({majority[c][1]:.0%})</td>"
         parts.append(f"<tr><td><a href='#c{c}'>{c}</a></td><td>{sizes[c]:,}</td>"
-                     f"<td><span class='bar' style='width:{200 * sizes[c] // top}px'></span></td>{cell}</tr>")
+                     f"<td class='b'><span class='bar' style='width:{200 * sizes[c] // top}px'></span></td>{cell}</tr>")
     parts.append("</table>")
     for c in range(k):
         parts.append(f"<h2 id='c{c}'>cluster {c} <span class='sub'>{sizes[c]:,} images; "
