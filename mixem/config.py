@@ -128,10 +128,10 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"model": {}, "train": {}},
     "cpu": {
-        "model": dict(backbone="convnet", width=32, image_size=28, in_channels=1, head_hidden=128,
+        "model": dict(backbone="convnet", width=16, image_size=28, in_channels=1, head_hidden=128,
                       embed_dim=32, components=10, mean=(0.29,), std=(0.35,)),
-        "train": dict(epochs=15, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=1e-4,
-                      warmup_epochs=1.0, temperature=0.2, crop_scale=(0.35, 1.0), color_jitter=0.5,
+        "train": dict(epochs=12, batch_size=128, optimizer="adamw", lr=4e-3, weight_decay=1e-4,
+                      warmup_epochs=1.0, temperature=0.5, crop_scale=(0.35, 1.0), color_jitter=0.5,
                       jitter_p=0.8, grayscale_p=0.0, blur=False),
     },
 }

@@ -13,10 +13,11 @@ TINY = {"model": dict(backbone="convnet", width=8, head_hidden=16),
 
 
 def _one_error_line(result):
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    """Exit 1, no traceback anywhere, and stderr is exactly one line: 'error: <what and what to do>'."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
 
