@@ -191,7 +191,8 @@ def _outputs(engine, x, features: str, bad: np.ndarray):
     return vec.astype(np.float16), probs
 
 
-def _load_engine(model: str, opts: EmbedOptions, device: torch.device):
+def load_embed_engine(model: str, opts: EmbedOptions, device: torch.device):
+    """The engine an embedding run (or a search in it) uses: backbone features and batch size checked."""
     from mixem.export import load_engine
 
     extra = {"features": True} if opts.engine == "torch" and opts.features == "backbone" else {}
@@ -226,7 +227,7 @@ def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOpt
     rank, world, local = dist_env()
     device = torch.device(opts.device if opts.device != "auto" else
                           (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    engine = _load_engine(model, opts, device)  # before listing: a wrong model fails in a second
+    engine = load_embed_engine(model, opts, device)  # before listing: a wrong model fails in a second
     how = _resolve_decoder(opts.decoder, engine.device)
     settings = dict(model=str(model), engine=opts.engine, features=opts.features,
                     image_size=engine.image_size, in_channels=engine.in_channels)

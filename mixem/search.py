@@ -27,11 +27,11 @@ def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None
         raise ConfigError(f"-k must be >= 1, got {k}")
     if not (out / INDEX).is_file():
         raise DataError(f"{out}/{INDEX}: no index yet; run `mixem-fast cluster {out} --k K` first")
-    from mixem.embed import EmbedOptions, _load_engine
+    from mixem.embed import EmbedOptions, load_embed_engine
 
     opts = EmbedOptions(engine=m.engine, features=m.features, batch_size=1, device=device)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    engine = _load_engine(model or m.model, opts, dev)
+    engine = load_embed_engine(model or m.model, opts, dev)
     try:
         x = np.array(folders.decode(str(image), engine.image_size, "L" if engine.in_channels == 1 else "RGB")[None])
     except Exception as e:  # noqa: BLE001 (PIL raises many types for one meaning: not a readable image)
