@@ -1,0 +1,133 @@
+"""Quality comparison of the methods on one dataset: MIX'EM, ccp, plain SimCLR + k-means and raw-pixel
+k-means, side by side (ACC / NMI / ARI), under one preset, in one run.
+
+    python -m mixem.bench.methods [--preset cpu] [--epochs N] [--max-images N] [--methods mixem,ccp,simclr] [--jobs 3]
+
+Not a speed benchmark, so not on the timing harness: each method is trained once from the same seed on
+the same images with the preset's settings (`--method` is the only difference; ccp gets its centers
+head from mixem.session.build_configs), then scored by mixem.evaluate: k-means on the L2-normalised
+embedding started from the method's own components / predicted centres ("mixture") and from k-means++
+(best of 10), plus the argmax assignment itself. Training times are recorded as conditions only: the
+CPU may be shared. Writes bench/results/methods__<preset>__<date>.json atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as _dt
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mixem.bench.harness import RESULTS_DIR, _device_info, _git, _versions, _write_atomic
+from mixem.config import to_dict
+from mixem.errors import MixEMError
+from mixem.evaluate import evaluate, extract_features, format_table, raw_pixel_baseline
+from mixem.runlog import RunLog
+from mixem.session import build_configs, load_data
+from mixem.train import resolve_device, train
+
+METHODS = ("mixem", "ccp", "simclr")
+# The clustering each method prescribes: MIX'EM and ccp start k-means from their own components or
+# centres; plain SimCLR has none worth the name (its gate is not trained to cluster), so k-means++.
+HEADLINE_INIT = {"mixem": "mixture", "ccp": "mixture", "simclr": "kmeans++"}
+
+
+def run_method(method: str, preset: str, over: dict, images, labels, k: int, seed: int, out: Path,
+               threads: int = 0) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    model_cfg, train_cfg, _ = build_configs(preset, None, {}, {**over, "method": method, "out": str(out / method)})
+    t0 = time.perf_counter()
+    model, result = train(model_cfg, train_cfg, images, log=RunLog(quiet=True))
+    train_s = time.perf_counter() - t0
+    feats = extract_features(model, images, device=resolve_device(train_cfg.device))
+    rows = evaluate(feats, labels, k, seed=seed, inits=("mixture", "kmeans++"), feature_types=("embedding",))
+    head = next(r for r in rows if r["features"] == "embedding" and r["init"] == HEADLINE_INIT[method])
+    last = result.history[-1]
+    return {"headline": head, "rows": rows, "train_seconds": round(train_s, 1),
+            "first_epoch_terms": {k: v for k, v in result.history[0].items() if k not in ("epoch", "seconds", "lr")},
+            "last_epoch_terms": {k: v for k, v in last.items() if k not in ("epoch", "seconds", "lr")},
+            "model": to_dict(model_cfg), "train": to_dict(train_cfg)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mixem.bench.methods", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu", help="preset every method trains with (default cpu)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    p.add_argument("--max-images", type=int, default=None, help="first N images only; default: the preset's (all)")
+    p.add_argument("--data", default=None, help="dataset path; default: the embedded Fashion-MNIST split")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods trained at once, in separate one-thread processes (results do not depend on it)")
+    p.add_argument("--device", default=None, help="default: the preset's (auto)")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        print(f"error: --methods takes a comma-separated subset of {', '.join(METHODS)}, got {args.methods!r}", file=sys.stderr)
+        return 1
+    over = dict(epochs=args.epochs, max_images=args.max_images, data=args.data, seed=args.seed, device=args.device)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    try:
+        model_cfg, train_cfg, preset = build_configs(args.preset, None, {}, over)
+        log = RunLog(quiet=False)
+        ds = load_data(train_cfg, model_cfg, log)
+        if ds.labels is None:
+            raise MixEMError(f"{ds.source}: no labels, so there is nothing to score the methods against")
+        k = len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
+        print(f"training {', '.join(methods)} ({preset} preset, {train_cfg.epochs} epochs, {len(ds.images):,} images, "
+              f"{args.jobs} at a time) ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="mixem-methods-") as tmp:
+            job = (preset, over, ds.images, ds.labels, k, args.seed, Path(tmp))
+            if args.jobs > 1:
+                # Spawned processes: a fork would inherit torch's thread pools. One thread each, so
+                # `jobs` processes use `jobs` cores.
+                with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(methods)),
+                                                            mp_context=multiprocessing.get_context("spawn")) as pool:
+                    futures = {m: pool.submit(run_method, m, *job, threads=1) for m in methods}
+                    base = raw_pixel_baseline(ds.images, ds.labels, k, seed=args.seed)
+                    results = {m: f.result() for m, f in futures.items()}
+            else:
+                results = {m: run_method(m, *job) for m in methods}
+                base = raw_pixel_baseline(ds.images, ds.labels, k, seed=args.seed)
+        for m, r in results.items():
+            h = r["headline"]
+            print(f"  {m}: ACC {h['acc']:.4f}  NMI {h['nmi']:.4f}  ARI {h['ari']:.4f}  ({r['train_seconds']:.0f} s training)")
+    except MixEMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    table = [{"method": m, **{x: r["headline"][x] for x in ("features", "init", "acc", "nmi", "ari")}} for m, r in results.items()]
+    table.append({"method": "raw-pixel k-means", **{x: base[x] for x in ("features", "init", "acc", "nmi", "ari")}})
+    dev = resolve_device(train_cfg.device)
+    info, versions = _device_info(dev), _versions()
+    data = {
+        "bench": "methods", "preset": preset, "device": info, "versions": versions, "git": _git(),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
+        "jobs": args.jobs,
+        "conditions": (f"{preset} preset, {train_cfg.epochs} epochs x batch {train_cfg.batch_size}, seed {args.seed}, "
+                       f"{len(ds.images):,} images of {ds.source}, k={k}, one run per method, scored on the training "
+                       f"images; on {info['name']} ({info.get('cores')} cores, shared) with torch=={versions['torch']}"),
+        "data": {"source": ds.source, "images": len(ds.images), "k": k, "max_images": train_cfg.max_images},
+        "table": table, "methods": results, "raw_pixel_kmeans": base,
+        "not_measured": ["variance over seeds: one seed per method (rerun with --seed to get a spread)"],
+    }
+    path = Path(args.out) if args.out else RESULTS_DIR
+    fname = path / f"methods__{preset}__{started.date().isoformat()}.json"
+    _write_atomic(fname, data)
+    print(format_table([{**r, "features": f"{r['method']}: {r['features']}", "objective": None} for r in table]))
+    print(f"wrote {fname}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
