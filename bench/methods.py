@@ -42,6 +42,7 @@ def run_method(method: str, preset: str, over: dict, images, labels, k: int, see
                threads: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    images = torch.as_tensor(images)
     model_cfg, train_cfg, _ = build_configs(preset, None, {}, {**over, "method": method, "out": str(out / method)})
     t0 = time.perf_counter()
     model, result = train(model_cfg, train_cfg, images, log=RunLog(quiet=True))
@@ -85,19 +86,20 @@ def main(argv: list[str] | None = None) -> int:
         k = len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
         print(f"training {', '.join(methods)} ({preset} preset, {train_cfg.epochs} epochs, {len(ds.images):,} images, "
               f"{args.jobs} at a time) ...", flush=True)
+        base = raw_pixel_baseline(ds.images, ds.labels, k, seed=args.seed)
         with tempfile.TemporaryDirectory(prefix="mixem-methods-") as tmp:
-            job = (preset, over, ds.images, ds.labels, k, args.seed, Path(tmp))
             if args.jobs > 1:
-                # Spawned processes: a fork would inherit torch's thread pools. One thread each, so
-                # `jobs` processes use `jobs` cores.
+                # Spawned processes (a fork would inherit torch's thread pools), one thread each, so
+                # `jobs` processes use `jobs` cores. The images go as a numpy array: pickling a tensor
+                # moves its storage to shared memory in the pool's feeder thread, under any numpy
+                # view of it that this process holds (it crashed raw_pixel_baseline running alongside).
+                job = (preset, over, ds.images.numpy().copy(), ds.labels, k, args.seed, Path(tmp))
                 with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(methods)),
                                                             mp_context=multiprocessing.get_context("spawn")) as pool:
                     futures = {m: pool.submit(run_method, m, *job, threads=1) for m in methods}
-                    base = raw_pixel_baseline(ds.images, ds.labels, k, seed=args.seed)
                     results = {m: f.result() for m, f in futures.items()}
             else:
-                results = {m: run_method(m, *job) for m in methods}
-                base = raw_pixel_baseline(ds.images, ds.labels, k, seed=args.seed)
+                results = {m: run_method(m, preset, over, ds.images, ds.labels, k, args.seed, Path(tmp)) for m in methods}
         for m, r in results.items():
             h = r["headline"]
             print(f"  {m}: ACC {h['acc']:.4f}  NMI {h['nmi']:.4f}  ARI {h['ari']:.4f}  ({r['train_seconds']:.0f} s training)")
