@@ -105,9 +105,9 @@ def ccp_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistC
     consistency = losses.assignment_consistency_torch(a1, a2, cfg.sharpen)
     balance = (mixture_terms(a1, cfg.impl)["marginal_entropy"] + mixture_terms(a2, cfg.impl)["marginal_entropy"]) / 2
     centers = o1.components[0]  # (K, D): the predicted centres are the same for every row
-    # The soft means are targets (no gradient): gather the embeddings detached, in the same
-    # [all views 1; all views 2] order as the logits.
-    z = torch.cat([gather(o1.embedding.detach(), ctx), gather(o2.embedding.detach(), ctx)])  # (2Bg, D)
+    # The soft means are targets (no gradient): gather the embeddings detached, in fp32 like the
+    # logits (the embedding may arrive in bf16), in the same [all views 1; all views 2] order.
+    z = torch.cat([gather(o.embedding.detach().float(), ctx) for o in (o1, o2)])  # (2Bg, D)
     anchoring = losses.center_anchor_torch(centers, z, torch.softmax(torch.cat([a1, a2]).detach(), dim=1))
     separation = losses.center_separation_torch(centers, cfg.anchor_temperature)
     terms.update(cluster=consistency - cfg.w_balance * balance, consistency=consistency, balance=balance,
