@@ -214,6 +214,19 @@ def test_ccp_objective_terms_and_total():
         assert prm.grad is not None and prm.grad.abs().sum() > 0, name
 
 
+def test_ccp_objective_takes_a_bf16_embedding():
+    # Training hands the objective the embedding in its autocast dtype and the rest in fp32 (train._split).
+    model = MixEM(MixEMConfig(**TINY))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(8, 1, 28, 28))
+    o1, o2 = train_mod._split(out, 4)
+    assert o1.embedding.dtype == torch.bfloat16
+    terms = objective(o1, o2, TrainConfig(method="ccp", impl="torch"))
+    assert torch.isfinite(terms["loss"]) and terms["loss"].dtype == torch.float32
+    terms["loss"].backward()
+    assert torch.isfinite(model.head.seeds.grad).all()
+
+
 # --- a short run ------------------------------------------------------------------------------------
 
 # Sized for ~20 s of one CPU core: 16 px images (a third of the 28 px convolution work) and batch 64 (more
