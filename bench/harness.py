@@ -60,6 +60,17 @@ def _modules() -> dict[str, str]:
     return found
 
 
+def compile_for_shapes(fn, shapes: int = 64):
+    """torch.compile(fn) for a benchmark that feeds it many shapes: each shape recompiles, so Dynamo's
+    recompile limit (default 8) is raised above the shape count, or later shapes would silently run eager."""
+    import torch._dynamo.config as dcfg
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, knob):
+            setattr(dcfg, knob, max(getattr(dcfg, knob), shapes))
+    return torch.compile(fn, dynamic=False)
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -32,12 +32,9 @@ def cases(quick: bool) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled():
-    import torch._dynamo.config as dcfg
+    from mixem.bench.harness import compile_for_shapes
 
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dcfg, knob):
-            setattr(dcfg, knob, max(getattr(dcfg, knob), 64))
-    return torch.compile(mixture_terms_torch, dynamic=False)
+    return compile_for_shapes(mixture_terms_torch)
 
 
 def _objective(out: dict) -> torch.Tensor:

@@ -35,14 +35,9 @@ def cases(quick: bool) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled():
-    # One compiled object for all shapes: each shape is a recompile, so lift Dynamo's limit (default 8)
-    # above the number of shapes here, or later shapes would silently fall back to eager.
-    import torch._dynamo.config as dcfg
+    from mixem.bench.harness import compile_for_shapes
 
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dcfg, knob):
-            setattr(dcfg, knob, max(getattr(dcfg, knob), 64))
-    return torch.compile(ntxent_lse_torch, dynamic=False)
+    return compile_for_shapes(ntxent_lse_torch)
 
 
 def setup(case: dict, device: torch.device) -> dict:

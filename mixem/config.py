@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -191,12 +191,16 @@ def save_json(cfg_or_dict, path: str | os.PathLike):
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def load_json(cls, path: str | os.PathLike):
+def read_json(path: str | os.PathLike, what: str = "config file"):
+    """A JSON file's content, or a ConfigError naming the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_dict(cls, data, where=str(path))
+
+
+def load_json(cls, path: str | os.PathLike):
+    return from_dict(cls, read_json(path), where=str(path))

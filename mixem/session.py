@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem.config import MixEMConfig, TrainConfig, from_dict, preset, replace, save_json, to_dict
+from mixem.config import MixEMConfig, TrainConfig, from_dict, preset, read_json, replace, save_json, to_dict
 from mixem.errors import ConfigError
 from mixem.runlog import RunLog
 
@@ -23,12 +22,7 @@ def build_configs(preset_name: str, config_file: Path | None, model_over: dict, 
     model_cfg, train_cfg = preset(preset_name)
     if config_file is not None:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: file not found")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+        data = read_json(path, "--config file")
         if not isinstance(data, dict) or set(data) - {"model", "train"}:
             raise ConfigError(f"--config {path}: expected an object with keys 'model' and/or 'train'")
         model_cfg = from_dict(MixEMConfig, {**to_dict(model_cfg), **data.get("model", {})}, where=f"{path} model")
@@ -73,7 +67,7 @@ def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data:
 def train_command(preset_name: str, config_file, model_over: dict, train_over: dict, *, resume: bool,
                   evaluate: bool, quiet: bool, json_log) -> dict:
     from mixem.distributed import init_from_env, shutdown
-    from mixem.train import resolve_device, train
+    from mixem.train import resolve_device
 
     if resume:
         out = Path(train_over.get("out") or TrainConfig().out)
