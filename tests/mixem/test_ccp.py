@@ -159,8 +159,8 @@ def test_centers_head_output_contract(cfg):
     torch.testing.assert_close(emb, ref.embedding)
     torch.testing.assert_close(probs, torch.softmax(ref.mixture_logits, 1))
     feats = extract_features(model, x)
-    np.testing.assert_allclose(feats["top_component"], centers[torch.as_tensor(feats["probs"]).argmax(1)].detach().numpy(),
-                               rtol=1e-5, atol=1e-6)
+    top = centers[torch.as_tensor(feats["probs"]).argmax(1)].detach().numpy()  # the argmax centre of each image
+    np.testing.assert_allclose(feats["top_component"], top, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(feats["embedding"], emb.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
