@@ -13,7 +13,7 @@ import torch
 NAME = "embed_engines"
 
 _MODELS = {
-    # The CPU preset's model (mixem.config.PRESETS["cpu"]) and the paper's ResNet-18 at CIFAR size.
+    # A 28 px grayscale convnet (width 32; the cpu preset's is 16) and the paper's ResNet-18 at CIFAR size.
     "convnet32-28px": dict(backbone="convnet", width=32, image_size=28, in_channels=1, head_hidden=128,
                            mean=(0.29,), std=(0.35,)),
     "resnet18-32px": dict(backbone="resnet18", width=64, image_size=32, in_channels=3),
