@@ -88,8 +88,7 @@ def _torchvision_transform(model_cfg, train_cfg):
 def setup(case, device) -> dict:
     from mixem.augment import build_augment
     from mixem.model import MixEM
-    from mixem.objectives import objective
-    from mixem.train import _split, make_optimizer
+    from mixem.train import make_optimizer, step
 
     model_cfg, train_cfg = _configs(case)
     B = case["batch"]
@@ -101,16 +100,12 @@ def setup(case, device) -> dict:
         model = MixEM(model_cfg).to(device).to(memory_format=torch.channels_last).train()
         opt = make_optimizer(model, train_cfg)
 
-        def step(views: torch.Tensor):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(views.contiguous(memory_format=torch.channels_last))
-            loss = objective(*_split(out, views.shape[0] // 2), train_cfg)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss.detach()
+        def one_step(views: torch.Tensor):  # mixem.train.step: the training loop's own step
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+            views = views.contiguous(memory_format=torch.channels_last)
+            return step(model, views, opt, None, train_cfg, autocast=autocast)["loss"].detach()
 
-        return step
+        return one_step
 
     workers = min(8, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(

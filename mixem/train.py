@@ -66,6 +66,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def step(fwd_model, views: torch.Tensor, opt, sched, train_cfg: TrainConfig, ctx: DistContext = SINGLE,
+         autocast=None) -> dict[str, torch.Tensor]:
+    """One optimisation step on two views stacked [view 1; view 2] (2B, C, S, S); returns the loss terms.
+
+    A non-finite loss still steps: the caller stops the run, and what is on disk is the last good checkpoint.
+    """
+    with autocast or nullcontext():
+        out = fwd_model(views)
+    terms = objective(*_split(out, views.shape[0] // 2), train_cfg, ctx)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return terms
+
+
 def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, *, resume: bool = False,
           log: RunLog | None = None, on_epoch=None, ctx: DistContext = SINGLE,
           device: torch.device | None = None) -> tuple[MixEM, TrainResult]:
@@ -142,20 +159,13 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
             for s in range(steps_per_epoch):
                 x = images[perm[s * B:(s + 1) * B][mine]]
                 views = torch.cat([augment(x), augment(x)]).contiguous(memory_format=torch.channels_last)  # (2B, C, S, S)
-                with autocast:
-                    out = fwd_model(views)
-                terms = objective(*_split(out, x.shape[0]), train_cfg, ctx)
-                loss = terms["loss"]
+                terms = step(fwd_model, views, opt, sched, train_cfg, ctx, autocast)
                 vals = mean_over_ranks(detach_terms(terms), ctx)
                 if not math.isfinite(vals["loss"]):  # the averaged value: every rank stops together
                     last = run_dir / "checkpoints" / "latest"
                     keep = f"the last good checkpoint is {last.parent / last.read_text().strip()}" if last.exists() else "no checkpoint was written yet"
                     raise TrainingDiverged(f"loss became {vals['loss']} at epoch {epoch + 1}, step {s + 1}; {keep}; "
                                            "lower --lr or raise --temperature and resume")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.advance(B, **{k: v for k, v in vals.items() if k in ("loss", "ntxent", "marginal_entropy")})
