@@ -114,6 +114,9 @@ def eval_(
     max_images: Annotated[Optional[int], typer.Option("--max-images")] = None,
     device: Device = None,
     seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
+    features: Annotated[str, typer.Option(help="Comma list of backbone, embedding, top_component.")] = "backbone,embedding",
+    init: Annotated[str, typer.Option(help="Comma list of k-means starts: mixture, kmeans++, random.")] = "mixture,kmeans++",
+    normalize: Annotated[bool, typer.Option("--normalize/--raw", help="L2-normalise features before k-means.")] = True,
     quiet: Quiet = False,
     json_log: JsonLog = None,
 ):
@@ -121,7 +124,20 @@ def eval_(
     from mixem.session import eval_command
 
     eval_command(checkpoint, data, k=k, split=split, max_images=max_images, device=device, seed=seed,
-                 quiet=quiet, json_log=json_log)
+                 quiet=quiet, json_log=json_log, feature_types=_choices(features, "--features", FEATURES),
+                 inits=_choices(init, "--init", INITS), normalize=normalize)
+
+
+FEATURES = ("backbone", "embedding", "top_component")
+INITS = ("mixture", "kmeans++", "random")
+
+
+def _choices(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    picked = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in picked if t not in allowed]
+    if bad or not picked:
+        raise MixEMError(f"{option} {text!r}: choose from {', '.join(allowed)} (comma-separated)")
+    return picked
 
 
 @app.command()

@@ -123,7 +123,8 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
     return summary
 
 
-def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, quiet, json_log) -> dict:
+def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, quiet, json_log,
+                 feature_types=("backbone", "embedding"), inits=("mixture", "kmeans++"), normalize=True) -> dict:
     from mixem.train import resolve_device
 
     dev = resolve_device(device or "auto")
@@ -134,7 +135,8 @@ def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, q
     ds = load_data(train_cfg, model_cfg, log, data=data, split=split, max_images=max_images)
     k = k or _num_clusters(ds, model_cfg)
     out_dir = ckpt.resolve(checkpoint_path)
-    return _evaluate_and_report(model, ds, k, str(dev), seed, out_dir, log)
+    return _evaluate_and_report(model, ds, k, str(dev), seed, out_dir, log,
+                                choices=dict(feature_types=feature_types, inits=inits, normalize=normalize))
 
 
 def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
@@ -143,14 +145,14 @@ def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
     return model_cfg.components
 
 
-def _score(model, ds, k: int, device: str, seed: int, quick: bool = False) -> list[dict]:
+def _score(model, ds, k: int, device: str, seed: int, quick: bool = False, choices: dict | None = None) -> list[dict]:
     from mixem.evaluate import evaluate, extract_features
     from mixem.train import resolve_device
 
     feats = extract_features(model, ds.images, device=str(resolve_device(device)))
     if quick:
         return evaluate(feats, ds.labels, k, seed=seed, inits=("mixture",), feature_types=("embedding",))
-    return evaluate(feats, ds.labels, k, seed=seed)
+    return evaluate(feats, ds.labels, k, seed=seed, **(choices or {}))
 
 
 def _headline(rows: list[dict]) -> dict:
@@ -162,13 +164,14 @@ def _headline(rows: list[dict]) -> dict:
 
 
 def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog, minutes: float | None = None,
-                         curve: list | None = None, train_minutes: float | None = None) -> dict:
+                         curve: list | None = None, train_minutes: float | None = None,
+                         choices: dict | None = None) -> dict:
     from mixem.evaluate import format_table, raw_pixel_baseline
 
     if ds.labels is None:
         log.print("no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here")
         return {}
-    rows = _score(model, ds, k, device, seed)
+    rows = _score(model, ds, k, device, seed, choices=choices)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
     head = _headline(rows)
     metrics = {"k": k, "images": len(ds.images), "source": ds.source, "rows": rows, "raw_pixel_kmeans": base,
@@ -177,8 +180,12 @@ def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog,
     save_json(metrics, Path(out_dir) / "metrics.json")
     log.event("metrics", **metrics)
     log.print(format_table(rows + [base]))
-    name = ("ccp (k-means from the predicted centres)" if model.cfg.head == "centers"
-            else "MIX'EM (k-means from mixture components)")
+    method = "ccp" if model.cfg.head == "centers" else "MIX'EM"
+    if head.get("features") == "embedding" and head.get("init") == "mixture":
+        how = "k-means from the predicted centres" if method == "ccp" else "k-means from mixture components"
+    else:  # the prescribed row was deselected (eval --features/--init): name the row shown instead
+        how = f"{head.get('features')}, {head.get('init')}"
+    name = f"{method} ({how})"
     line = (f"{name}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
             f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
             f"  ({len(ds.images):,} images, k={k})")

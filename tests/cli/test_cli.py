@@ -35,6 +35,12 @@ def test_train_then_eval_prints_comparison(tmp_path):
     r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "raw-pixel k-means" in r.output.strip().splitlines()[-1]
+    r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet", "--features", "top_component",
+                            "--init", "random", "--raw"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].startswith("MIX'EM (top_component, random)")
+    rows = json.loads((out / "checkpoints" / "epoch_0001" / "metrics.json").read_text())["rows"]
+    assert {(r["features"], r["init"]) for r in rows} == {("top_component", "random"), ("mixture argmax", "-")}
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -45,6 +51,7 @@ def test_train_then_eval_prints_comparison(tmp_path):
     (["train", "--resume", "--out", "/no/such/run"], "/no/such/run"),
     (["eval", "/no/such/ckpt"], "checkpoint not found"),
     (["bench", "nope"], "unknown benchmark"),
+    (["eval", "/no/such/ckpt", "--features", "pixels"], "--features"),
 ])
 def test_bad_input_one_line(args, needle):
     assert needle in _one_error_line(runner.invoke(app, args))
