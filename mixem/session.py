@@ -81,6 +81,8 @@ def train_command(preset_name: str, config_file, model_over: dict, train_over: d
         name = "resumed"
     else:
         model_cfg, train_cfg, name = build_configs(preset_name, config_file, model_over, train_over)
+        if train_over.get("out") is None:  # no --out: never collide with an earlier run, take the next free name
+            train_cfg = replace(train_cfg, out=str(_fresh_run_dir(Path(train_cfg.out))))
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
         return _train_and_report(model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate,
@@ -121,6 +123,15 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
                                             minutes=(time.perf_counter() - t0) / 60, curve=curve,
                                             train_minutes=result.seconds / 60))
     return summary
+
+
+def _fresh_run_dir(out: Path) -> Path:
+    if not (out / "checkpoints" / "latest").exists():
+        return out
+    n = 2
+    while (out.with_name(f"{out.name}-{n}") / "checkpoints" / "latest").exists():
+        n += 1
+    return out.with_name(f"{out.name}-{n}")
 
 
 def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, quiet, json_log,

@@ -57,6 +57,18 @@ def test_bad_input_one_line(args, needle):
     assert needle in _one_error_line(runner.invoke(app, args))
 
 
+def test_default_out_never_collides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "tiny.json"
+    conf.write_text(json.dumps(TINY))
+    args = ["train", "--preset", "cpu", "--config", str(conf), "--max-images", "128", "--no-eval", "--quiet"]
+    for _ in range(2):
+        assert runner.invoke(app, args).exit_code == 0
+    assert (tmp_path / "runs/mixem/checkpoints/latest").exists() and (tmp_path / "runs/mixem-2/checkpoints/latest").exists()
+    # An explicit --out is the user's choice: an existing run there is refused, never overwritten.
+    assert "--resume" in _one_error_line(runner.invoke(app, args + ["--out", "runs/mixem"]))
+
+
 def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     line = _one_error_line(runner.invoke(app, ["train", str(tmp_path / "empty"), "--no-eval"]))
