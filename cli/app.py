@@ -10,33 +10,26 @@ from typing import Annotated, Optional
 
 import typer
 
+from mixem.config import (ENGINES, EMBED_FEATURES, EXPORT_FORMATS, FEATURE_TYPES, IMPLS, KMEANS_INITS, METHODS,
+                          PRESETS)
 from mixem.errors import MixEMError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench.")
 
 
-class Preset(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    paper = "paper"
+def _choice_enum(name: str, values) -> type[Enum]:
+    """A str Enum for Typer from one of the package's own choice lists (mixem.config): one source of truth."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Method(str, Enum):
-    mixem = "mixem"
-    simclr = "simclr"
-    ccp = "ccp"
-
-
-class Impl(str, Enum):
-    auto = "auto"
-    triton = "triton"
-    torch = "torch"
-
-
-class ExportFormat(str, Enum):
-    onnx = "onnx"
-    trt = "trt"
+Preset = _choice_enum("Preset", ("auto", *PRESETS))
+Method = _choice_enum("Method", METHODS)
+Impl = _choice_enum("Impl", IMPLS)
+ExportFormat = _choice_enum("ExportFormat", EXPORT_FORMATS)
+EmbedEngine = _choice_enum("EmbedEngine", ENGINES)
+EmbedFeatures = _choice_enum("EmbedFeatures", EMBED_FEATURES)
+ClusterInit = _choice_enum("ClusterInit", KMEANS_INITS)
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result.")]
@@ -124,12 +117,8 @@ def eval_(
     from mixem.session import eval_command
 
     eval_command(checkpoint, data, k=k, split=split, max_images=max_images, device=device, seed=seed,
-                 quiet=quiet, json_log=json_log, feature_types=_choices(features, "--features", FEATURES),
-                 inits=_choices(init, "--init", INITS), normalize=normalize)
-
-
-FEATURES = ("backbone", "embedding", "top_component")
-INITS = ("mixture", "kmeans++", "random")
+                 quiet=quiet, json_log=json_log, feature_types=_choices(features, "--features", FEATURE_TYPES),
+                 inits=_choices(init, "--init", KMEANS_INITS), normalize=normalize)
 
 
 def _choices(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -179,23 +168,6 @@ def bench(
         raise MixEMError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
     result = b.run(name, quick=quick, out_dir=str(out) if out else None, device=device)
     typer.echo(json.dumps(result, indent=2, default=str)[:4000])
-
-
-class EmbedEngine(str, Enum):
-    torch = "torch"
-    onnx = "onnx"
-    trt = "trt"
-
-
-class EmbedFeatures(str, Enum):
-    embedding = "embedding"
-    backbone = "backbone"
-
-
-class ClusterInit(str, Enum):
-    mixture = "mixture"
-    kmeanspp = "kmeans++"
-    random = "random"
 
 
 @app.command()

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from mixem.config import atomic_write_text
+from mixem.config import EXPORT_FORMATS, atomic_write_text
 from mixem.errors import ConfigError, MixEMError
 
 from .engines import Engine, load_engine
@@ -14,7 +14,6 @@ from .onnx import OPSET, export_onnx
 from .tensorrt import build_trt_engine
 
 __all__ = ["Engine", "load_engine", "export_onnx", "build_trt_engine", "export_checkpoint", "OPSET"]
-FORMATS = ("onnx", "trt")
 
 
 def export_checkpoint(ckpt: str | os.PathLike, fmt: str = "onnx", out_dir: str | os.PathLike = "export", *,
@@ -28,8 +27,8 @@ def export_checkpoint(ckpt: str | os.PathLike, fmt: str = "onnx", out_dir: str |
     Summary keys: format, path, precision, parity {min_cosine, max_prob_error, argmax_agreement, ...},
     seconds, and for trt: onnx, tensorrt, gpu, profile.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     if fmt == "onnx":
         return export_onnx(ckpt, out_dir, fp16=fp16, features=features, opset=opset)
     from .tensorrt import require_trt

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixem.config import ENGINES
 from mixem.errors import ConfigError, DataError, MissingDependencyError, require
 
-ENGINES = ("torch", "onnx", "trt")
 _ORT_GPU_INSTALL = "pip install onnxruntime-gpu  (replaces the CPU-only onnxruntime)"
 
 

@@ -15,12 +15,11 @@ import pyarrow.parquet as pq
 
 from mixem import manifest, shards
 from mixem.cluster import faiss_num_gpus, kmeans, l2_normalize, mixture_init_centroids
-from mixem.config import atomic_write_text
+from mixem.config import KMEANS_INITS, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
 from mixem.runlog import RunLog
 
-INITS = ("mixture", "kmeans++", "random")
 CLUSTERS, CENTROIDS, INDEX = "clusters.parquet", "centroids.npy", "index.faiss"
 METRICS, REPORT = "metrics.json", "report.html"
 
@@ -74,8 +73,8 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     """Cluster every embedded image of run `out` into k groups; writes the outputs beside the shards."""
     log = log or RunLog(quiet=True)
     out = Path(out)
-    if init not in INITS:
-        raise ConfigError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    if init not in KMEANS_INITS:
+        raise ConfigError(f"--init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
     m = load_run(out)
     t0 = time.perf_counter()
     x, cols = shards.read_ok(out, m.n_shards)

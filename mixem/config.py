@@ -11,10 +11,17 @@ from typing import Any
 
 from mixem.errors import ConfigError
 
+# Every choice list lives here (a light module), so the CLI offers them without importing torch.
 BACKBONES = ("convnet", "resnet18", "resnet34", "resnet50")
 METHODS = ("mixem", "simclr", "ccp")
 HEADS = ("mixture", "centers")  # "centers" belongs to method "ccp", "mixture" to mixem and simclr
 INSTANCE_TERMS = ("entropy", "pimax")
+IMPLS = ("auto", "triton", "torch")  # loss implementations (mixem.objectives.resolve_impl)
+EXPORT_FORMATS = ("onnx", "trt")  # mixem.export.export_checkpoint
+ENGINES = ("torch", "onnx", "trt")  # mixem.export.load_engine
+FEATURE_TYPES = ("backbone", "embedding", "top_component")  # released cluster_eval.py: rep, fc, fcmax
+EMBED_FEATURES = ("embedding", "backbone")  # what `embed` stores
+KMEANS_INITS = ("mixture", "kmeans++", "random")  # k-means starts of eval and cluster
 
 
 @dataclass
@@ -107,8 +114,8 @@ class TrainConfig:
             raise ConfigError(f"instance_term must be one of {', '.join(INSTANCE_TERMS)}, got {self.instance_term!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.impl not in ("auto", "triton", "torch"):
-            raise ConfigError(f"impl must be auto, triton or torch, got {self.impl!r}")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 2:

@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 
 from mixem import folders, manifest, shards
-from mixem.config import atomic_write_text
-from mixem.errors import ConfigError, DataError
+from mixem.config import EMBED_FEATURES, atomic_write_text
+from mixem.errors import ConfigError
 from mixem.runlog import RunLog
 
-FEATURES = ("embedding", "backbone")
 DECODERS = ("auto", "pil", "nvjpeg")
 _JPEG = (".jpg", ".jpeg")
 _NVJPEG_LOCK = threading.Lock()
@@ -41,8 +40,8 @@ class EmbedOptions:
     manifest_wait_s: float = 3600.0  # how long ranks > 0 wait for rank 0 to list the folder
 
     def __post_init__(self):
-        if self.features not in FEATURES:
-            raise ConfigError(f"--features must be one of {', '.join(FEATURES)}, got {self.features!r}")
+        if self.features not in EMBED_FEATURES:
+            raise ConfigError(f"--features must be one of {', '.join(EMBED_FEATURES)}, got {self.features!r}")
         if self.decoder not in DECODERS:
             raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.batch_size < 1 or self.prefetch < 0 or self.workers < 0:

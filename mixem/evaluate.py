@@ -8,12 +8,11 @@ import numpy as np
 import torch
 
 from mixem.cluster import kmeans, l2_normalize, mixture_init_centroids
+from mixem.config import KMEANS_INITS
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
 from mixem.model import MixEM
 
-FEATURE_TYPES = ("backbone", "embedding", "top_component")  # released cluster_eval.py: rep, fc, fcmax
-EVAL_INITS = ("mixture", "kmeans++", "random")
 
 
 def _as_uint8_nchw(images) -> torch.Tensor:
@@ -112,8 +111,8 @@ def evaluate(
         if ft not in features or ft == "probs":
             raise ConfigError(f"unknown feature type {ft!r}: choose from {choices}")
     for init in inits:
-        if init not in EVAL_INITS:
-            raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(EVAL_INITS)}")
+        if init not in KMEANS_INITS:
+            raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(KMEANS_INITS)}")
 
     rows = []
     for ft in feature_types:

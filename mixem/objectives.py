@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mixem import losses
-from mixem.config import TrainConfig
+from mixem.config import IMPLS, TrainConfig
 from mixem.distributed import SINGLE, DistContext, gather
 from mixem.errors import ConfigError
 from mixem.model import MixEMOutput
@@ -16,8 +16,8 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     """'auto' -> 'triton' on CUDA, 'torch' elsewhere; 'triton' off CUDA runs Triton's interpreter."""
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if impl not in ("triton", "torch"):
-        raise ConfigError(f"impl must be auto, triton or torch, got {impl!r}")
+    if impl not in IMPLS:
+        raise ConfigError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     return impl
 
 
