@@ -77,6 +77,10 @@ class MixEM(nn.Module):
             self.head = CenterHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
         else:
             self.head = MixtureHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
+        # uint8 pixels -> normalised input as one multiply-add; buffers follow .to(device) and are
+        # constants in an exported graph; non-persistent, so weights files hold only learned state.
+        self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(cfg.std).view(1, -1, 1, 1) * 255.0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> MixEMOutput:
         """x: (B, C, H, W) float, already normalised."""
@@ -92,9 +96,7 @@ class MixEM(nn.Module):
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) in [0, 255] -> float normalised with the config's mean/std."""
-        mean = torch.tensor(self.cfg.mean, device=x_uint8.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.cfg.std, device=x_uint8.device).view(1, -1, 1, 1)
-        return (x_uint8.float() / 255.0 - mean) / std
+        return (x_uint8.float() - self.pixel_mean) * self.pixel_inv_std
 
 
 class InferenceModel(nn.Module):
@@ -107,12 +109,9 @@ class InferenceModel(nn.Module):
     def __init__(self, model: MixEM, features: bool = False):
         super().__init__()
         self.model, self.features = model, features
-        cfg = model.cfg
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("inv_std", 1.0 / (torch.tensor(cfg.std).view(1, -1, 1, 1) * 255.0), persistent=False)
 
     def forward(self, x: torch.Tensor):
-        x = (x.float() - self.mean) * self.inv_std
+        x = self.model.normalize(x)
         out = self.model(x)
         emb = F.normalize(out.embedding.float(), dim=1)
         probs = torch.softmax(out.mixture_logits.float(), dim=1)
