@@ -13,11 +13,11 @@ from mixem.errors import ConfigError
 from mixem.runlog import RunLog
 
 
-def build_configs(preset_name: str, config_file: Path | None, model_over: dict, train_over: dict,
-                  device: str | None = None) -> tuple[MixEMConfig, TrainConfig, str]:
+def build_configs(preset_name: str, config_file: Path | None, model_over: dict,
+                  train_over: dict) -> tuple[MixEMConfig, TrainConfig, str]:
     """preset -> config file -> CLI overrides, each later one winning; returns the resolved preset name too."""
     if preset_name == "auto":
-        dev = device or train_over.get("device") or "auto"
+        dev = train_over.get("device") or "auto"
         preset_name = "paper" if (dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())) else "cpu"
     model_cfg, train_cfg = preset(preset_name)
     if config_file is not None:
@@ -27,7 +27,7 @@ def build_configs(preset_name: str, config_file: Path | None, model_over: dict, 
             raise ConfigError(f"--config {path}: expected an object with keys 'model' and/or 'train'")
         model_cfg = from_dict(MixEMConfig, {**to_dict(model_cfg), **data.get("model", {})}, where=f"{path} model")
         train_cfg = from_dict(TrainConfig, {**to_dict(train_cfg), **data.get("train", {})}, where=f"{path} train")
-    model_cfg = _replace_checked(model_cfg, model_over)
+    model_cfg = _apply_model_options(model_cfg, model_over)
     train_cfg = replace(train_cfg, **train_over)
     if train_cfg.method == "ccp" and model_cfg.head == "mixture":
         # The presets describe the trunk and the run; ccp needs its own head, so --method ccp alone suffices.
@@ -35,14 +35,12 @@ def build_configs(preset_name: str, config_file: Path | None, model_over: dict, 
     return model_cfg, train_cfg, preset_name
 
 
-def _replace_checked(cfg: MixEMConfig, over: dict) -> MixEMConfig:
-    over = {k: v for k, v in over.items() if v is not None}
-    if "in_channels" in over and "mean" not in over and over["in_channels"] != cfg.in_channels:
-        # Keep per-channel normalisation consistent with the new channel count.
-        over["mean"] = (sum(cfg.mean) / len(cfg.mean),) * over["in_channels"]
-        over["std"] = (sum(cfg.std) / len(cfg.std),) * over["in_channels"]
-    return from_dict(MixEMConfig, {**to_dict(cfg), **{k: list(v) if isinstance(v, tuple) else v for k, v in over.items()}},
-                     where="options")
+def _apply_model_options(cfg: MixEMConfig, over: dict) -> MixEMConfig:
+    """config.replace, plus: --channels alone also resizes the per-channel mean/std to the new count."""
+    ch = over.get("in_channels")
+    if ch is not None and ch != cfg.in_channels and over.get("mean") is None:
+        over = {**over, "mean": (sum(cfg.mean) / len(cfg.mean),) * ch, "std": (sum(cfg.std) / len(cfg.std),) * ch}
+    return replace(cfg, **over)
 
 
 def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data: str | None = None,
@@ -53,7 +51,7 @@ def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data:
     source = data if data is not None else train_cfg.data
     ds = load_images(source, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
                      split=split or train_cfg.split, max_images=max_images if max_images is not None else train_cfg.max_images)
-    n_cls = len(ds.class_names) if ds.class_names else (len(set(ds.labels.tolist())) if ds.labels is not None else 0)
+    n_cls = _n_classes(ds)
     log.print(f"data: {ds.source}: {len(ds.images):,} images {tuple(ds.images.shape[1:])}"
               + (f", {n_cls} classes" if n_cls else ", no labels")
               + (f", {len(ds.skipped)} unreadable files skipped" if ds.skipped else "")
@@ -150,10 +148,16 @@ def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, q
                                 choices=dict(feature_types=feature_types, inits=inits, normalize=normalize))
 
 
+def _n_classes(ds) -> int:
+    """Classes in the labels (0 without labels)."""
+    if ds.labels is None:
+        return 0
+    return len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
+
+
 def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
-    if ds.labels is not None:
-        return len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
-    return model_cfg.components
+    """k for scoring: the number of classes when labels exist, else K."""
+    return _n_classes(ds) or model_cfg.components
 
 
 def _score(model, ds, k: int, device: str, seed: int, quick: bool = False, choices: dict | None = None) -> list[dict]:
