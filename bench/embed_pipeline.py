@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import gzip
 import json
 import os
 import shutil
@@ -24,7 +23,6 @@ import numpy as np
 from PIL import Image
 
 NAME = "embed_pipeline"
-DATA = Path(__file__).resolve().parents[1] / "mixem" / "data_files"
 _MODELS = {
     # The CPU preset's model (what `mixem-fast train` makes on a CPU); and a convnet on 64 px RGB.
     "cpu-preset-28px-gray": "preset",
@@ -34,8 +32,9 @@ _FOLDERS: dict = {}
 
 
 def _fashion(n: int) -> np.ndarray:
-    raw = gzip.decompress((DATA / "t10k-images-idx3-ubyte.gz").read_bytes())
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    from mixem.data import load_images
+
+    return load_images(None, image_size=28, in_channels=1, max_images=n, labels=False).images[:, 0].numpy()
 
 
 def write_jpegs(root: Path, n: int, photo_share: float = 2 / 3, seed: int = 0) -> Path:

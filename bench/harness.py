@@ -163,7 +163,7 @@ def _peak(fn, dev: torch.device) -> dict:
         _sync(dev)
         peak = torch.cuda.max_memory_allocated(dev)
         return {"peak_bytes": peak, "peak_extra_bytes": peak - base}
-    fn()
+    # On CPU both figures are process-wide (ru_maxrss is a lifetime maximum): another call adds nothing.
     return {"rss_bytes": _rss_bytes(), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 

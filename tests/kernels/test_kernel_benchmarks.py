@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 import torch
 
 from mixem.bench import available, run
@@ -43,6 +44,7 @@ def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, devi
     assert oom["check"]["status"] == "ok"
     assert oom["candidates"]["boom"] == {"status": "oom"}
     assert oom["candidates"]["torch"]["status"] == oom["candidates"]["triton"]["status"] == "ok"
-    assert oom["candidates"]["triton"]["speedup_vs_torch"] > 0
+    t, k = oom["candidates"]["torch"], oom["candidates"]["triton"]
+    assert k["speedup_vs_torch"] == pytest.approx(t["median_ms"] / k["median_ms"])
     assert wrong["check"]["status"] == "failed" and wrong["candidates"] == {}
     assert list(tmp_path.glob(".*.tmp")) == [], "the atomic write leaves no temporary file"
