@@ -263,8 +263,11 @@ def mixture_init_centroids(
     given = means[filled].astype(np.float32)
     if len(given) == k:
         return given
-    # Seed the missing centres after the given ones, then put every centre back into its slot.
-    centres = kmeans_plus_plus(features, k, seed=seed, centers=given if len(given) else None)
+    # Seed the missing centres after the given ones (from the same sample kmeans() seeds from: k-means++
+    # over all N points is O(N k D), 36 s at 1M x 64), then put every centre back into its slot.
+    rng = np.random.default_rng(seed)
+    centres = kmeans_plus_plus(_seeding_sample(features, k, rng), k, seed=int(rng.integers(2**31)),
+                               centers=given if len(given) else None)
     if K != k:
         return centres
     out = np.empty_like(centres)

@@ -165,7 +165,4 @@ def center_separation_torch(centers: torch.Tensor, tau: float) -> torch.Tensor:
     anchoring alone allows (two equal centres have equal soft means and stay equal).
     Gradient: d/dc_k = (1/(K tau)) [sum_{l != k} (w_kl + w_lk) c_l], w_kl = softmax_{l != k}(c_k . c_l / tau).
     """
-    K, D = centers.shape
-    s = centers @ centers.T / tau  # (K, K)
-    s = s.masked_fill(torch.eye(K, dtype=torch.bool, device=centers.device), float("-inf"))
-    return torch.logsumexp(s, dim=1).mean()
+    return ntxent_lse_torch(centers, tau).mean()  # the same masked log-sum-exp NT-Xent uses, over K rows

@@ -56,8 +56,6 @@ def test_assignment_consistency_sharpening_and_stop_gradient():
     # The targets carry no gradient: d/da1 = (p1 - q2) / (2B), d/da2 = (p2 - q1) / (2B).
     torch.testing.assert_close(a1.grad, g * (p1 - q2) / (2 * B))
     torch.testing.assert_close(a2.grad, g * (p2 - q1) / (2 * B))
-    # Sharpening: each target is more confident than the softmax of the same logits.
-    assert (q1.max(1).values > p1.max(1).values).all() and (q2.max(1).values > p2.max(1).values).all()
 
 
 def test_soft_cluster_means_and_anchor_hand_case():
@@ -96,7 +94,6 @@ def test_center_separation_hand_cases(tau):
     tri = torch.stack([ang.cos(), ang.sin()], 1)
     expected = math.log(2) - 0.5 / tau
     assert losses.center_separation_torch(tri, tau).item() == pytest.approx(expected, rel=1e-12)
-    assert expected == pytest.approx(math.log(3 - 1) - 1 / ((3 - 1) * tau))
     # All centres equal (collapse) is the worst case: log(K - 1) + 1 / tau.
     same = torch.tensor([[0.0, 1.0]] * 3, **f64)
     assert losses.center_separation_torch(same, tau).item() == pytest.approx(math.log(2) + 1 / tau, rel=1e-12)
