@@ -62,8 +62,9 @@ class Engine:
 
 
 def _device(device: str | torch.device) -> torch.device:
+    """The one 'auto' rule of every engine: this process's GPU (LOCAL_RANK under torchrun), else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     d = torch.device(device)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r}: this machine has no CUDA GPU visible to PyTorch; use --device cpu")
@@ -120,8 +121,8 @@ class OnnxEngine(Engine):
         if not p.is_file():
             raise DataError(f"{p}: no ONNX model here; run `mixem-fast export CKPT --format onnx --out DIR` first")
         has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
-        if str(device) == "auto":
-            device = "cuda" if has_cuda_ep and torch.cuda.is_available() else "cpu"
+        if str(device) == "auto" and not has_cuda_ep:
+            device = "cpu"  # a GPU without onnxruntime's CUDA provider: onnxruntime runs on the CPU
         self.device = _device(device)
         if self.device.type == "cuda" and not has_cuda_ep:
             raise MissingDependencyError(f"the onnx engine on {self.device} needs onnxruntime's CUDA provider, "

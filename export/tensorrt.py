@@ -139,7 +139,7 @@ class TrtEngine(Engine):
             raise DataError(f"{p}: a TensorRT plan needs {p.name} and {side_file.name}; "
                             f"build them with `mixem-fast export CKPT --format trt --out DIR`")
         side = json.loads(side_file.read_text())
-        self.device = _device(device if str(device) != "auto" else "cuda")
+        self.device = _device(device)
         if self.device.type != "cuda":
             raise ConfigError(f"the trt engine runs on CUDA devices only, not {self.device}")
         with torch.cuda.device(self.device):

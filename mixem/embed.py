@@ -190,7 +190,7 @@ def _outputs(engine, x, features: str, bad: np.ndarray):
     return vec.astype(np.float16), probs
 
 
-def load_embed_engine(model: str, opts: EmbedOptions, device: torch.device):
+def load_embed_engine(model: str, opts: EmbedOptions, device: str | torch.device):
     """The engine an embedding run (or a search in it) uses: backbone features and batch size checked."""
     from mixem.export import load_engine
 
@@ -223,10 +223,8 @@ def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOpt
     opts = opts or EmbedOptions()
     log = log or RunLog(quiet=True)
     out = Path(out)
-    rank, world, local = dist_env()
-    device = torch.device(opts.device if opts.device != "auto" else
-                          (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    engine = load_embed_engine(model, opts, device)  # before listing: a wrong model fails in a second
+    rank, world, _ = dist_env()
+    engine = load_embed_engine(model, opts, opts.device)  # "auto" is resolved by the engine, once  # before listing: a wrong model fails in a second
     how = _resolve_decoder(opts.decoder, engine.device)
     settings = dict(model=str(model), engine=opts.engine, features=opts.features,
                     image_size=engine.image_size, in_channels=engine.in_channels)

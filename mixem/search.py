@@ -30,8 +30,7 @@ def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None
     from mixem.embed import EmbedOptions, load_embed_engine
 
     opts = EmbedOptions(engine=m.engine, features=m.features, batch_size=1, device=device)
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    engine = load_embed_engine(model or m.model, opts, dev)
+    engine = load_embed_engine(model or m.model, opts, device)
     try:
         x = np.array(folders.decode(str(image), engine.image_size, "L" if engine.in_channels == 1 else "RGB")[None])
     except Exception as e:  # noqa: BLE001 (PIL raises many types for one meaning: not a readable image)
