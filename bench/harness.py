@@ -32,7 +32,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -253,16 +252,9 @@ def _free(dev: torch.device) -> None:
 
 
 def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from mixem.config import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def run(name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto", select: dict | None = None) -> dict:

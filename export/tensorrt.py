@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mixem.config import atomic_write_text
+from mixem.config import atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError, MixEMError, require
 
 from .engines import Engine, _device
@@ -103,8 +103,9 @@ def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise MixEMError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    _write_bytes(plan_path, memoryview(plan))
-    _write_bytes(cache_file, memoryview(config.get_timing_cache().serialize()))
+    atomic_write(plan_path, lambda t: t.write_bytes(memoryview(plan)))
+    cache = memoryview(config.get_timing_cache().serialize())
+    atomic_write(cache_file, lambda t: t.write_bytes(cache))
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
     side = {**current_platform(trt.__version__),
             "precision": "fp16" if fp16 else "fp32",
@@ -116,13 +117,6 @@ def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
             "image_size": int(H), "in_channels": int(C), "build_seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(sidecar_path(plan_path), json.dumps(side, indent=2) + "\n")
     return side
-
-
-def _write_bytes(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class TrtEngine(Engine):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pyarrow.parquet as pq
 
 from mixem import manifest, shards
 from mixem.cluster import faiss_num_gpus, kmeans, l2_normalize, mixture_init_centroids
-from mixem.config import KMEANS_INITS, atomic_write_text
+from mixem.config import KMEANS_INITS, atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
 from mixem.runlog import RunLog
@@ -102,12 +101,12 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     table = pa.table({"image_path": pa.array(paths, pa.string()), "id": pa.array(ids, pa.int64()),
                       "cluster": pa.array(res.assign.astype(np.int32)),
                       "distance": pa.array(res.distances.astype(np.float32))})
-    _atomic(out / CLUSTERS, lambda p: pq.write_table(table, p))
-    _atomic(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
+    atomic_write(out / CLUSTERS, lambda p: pq.write_table(table, p))
+    atomic_write(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
     # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
     index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids.astype(np.int64))
-    _atomic(out / INDEX, lambda p: faiss.write_index(index, str(p)))
+    atomic_write(out / INDEX, lambda p: faiss.write_index(index, str(p)))
     sizes = np.bincount(res.assign, minlength=k)
     rel = _rel(paths, m.root)
     y, label_source, classes = find_labels(rel, labels_file)
@@ -139,7 +138,3 @@ def _save_npy(path: Path, a: np.ndarray):
         np.save(f, a)
 
 
-def _atomic(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)

@@ -181,16 +181,28 @@ def to_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def atomic_write_text(path: str | os.PathLike, text: str):
-    """Write a file so that a reader sees either the old or the new content, never half of it."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write a file so that a reader sees either the old or the new content, never half of it.
+
+    write(tmp_path) writes the content; it is flushed to disk before the rename (so a crash cannot
+    leave a complete-looking empty file), and the temporary file is removed if writing fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def save_json(cfg_or_dict, path: str | os.PathLike):

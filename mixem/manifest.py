@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixem.config import atomic_write_text
+from mixem.config import atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.folders import IMAGE_EXTENSIONS, list_images
 
@@ -61,10 +60,8 @@ def rank_shards(n_shards: int, rank: int, world: int) -> list[int]:
 
 
 def _write_files(out: Path, rel: list[str], shard_size: int):
-    tmp = out / f".{FILES}.tmp{os.getpid()}"
     table = pa.table({"id": pa.array(range(len(rel)), pa.int64()), "path": pa.array(rel, pa.string())})
-    pq.write_table(table, tmp, row_group_size=shard_size)
-    os.replace(tmp, out / FILES)
+    atomic_write(out / FILES, lambda tmp: pq.write_table(table, tmp, row_group_size=shard_size))
 
 
 def create(root: Path, out: Path, settings: dict, shard_size: int) -> Manifest:

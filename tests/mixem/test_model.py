@@ -77,3 +77,19 @@ def test_config_strict_and_presets():
     assert m.small_stem  # 32 px -> CIFAR stem
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("fast")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from mixem.config import atomic_write, atomic_write_text
+
+    target = tmp_path / "sub" / "f.json"
+    atomic_write_text(target, "old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["f.json"]  # no temporary file left behind
