@@ -30,13 +30,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from mixem.errors import MixEMError
-from mixem.losses import positive_logits_torch
+from mixem.losses import nt_xent_torch
 
 MAX_D = 256  # larger D no longer fits the BM x D register tile of the backward on a GPU
 _LOG2E = 1.4426950408889634
@@ -325,5 +324,4 @@ def ntxent_lse_rows_triton(z_rows: torch.Tensor, z_all: torch.Tensor, row_offset
 
 def nt_xent_triton(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """SimCLR NT-Xent (cosine) over the 2B views of B images with the fused LSE; matches `nt_xent_torch`."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)  # (N, D)
-    return (ntxent_lse_triton(z, tau) - positive_logits_torch(z, tau)).mean()
+    return nt_xent_torch(z1, z2, tau, lse=ntxent_lse_triton)

@@ -61,10 +61,14 @@ def positive_logits_torch(z: torch.Tensor, tau: float) -> torch.Tensor:
     return (z.to(acc) * partner.to(acc)).sum(-1) / tau  # (N,)
 
 
-def nt_xent_torch(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
-    """SimCLR NT-Xent with cosine similarity over the 2B views of B images; mean over all 2B rows."""
+def nt_xent_torch(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.5, lse=None) -> torch.Tensor:
+    """SimCLR NT-Xent with cosine similarity over the 2B views of B images; mean over all 2B rows.
+
+    lse: the LSE op (default ntxent_lse_torch); the fused kernel's wrapper passes its own, so both
+    paths share this one assembly of the loss.
+    """
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # (N, D)
-    return (ntxent_lse_torch(z, tau) - positive_logits_torch(z, tau)).mean()
+    return ((lse or ntxent_lse_torch)(z, tau) - positive_logits_torch(z, tau)).mean()
 
 
 def mixture_terms_torch(logits: torch.Tensor) -> dict[str, torch.Tensor]:
