@@ -64,7 +64,7 @@ def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data:
 
 def train_command(preset_name: str, config_file, model_over: dict, train_over: dict, *, resume: bool,
                   evaluate: bool, quiet: bool, json_log) -> dict:
-    from mixem.distributed import init_from_env, shutdown
+    from mixem.distributed import barrier, init_from_env, shutdown
     from mixem.train import resolve_device
 
     if resume:
@@ -83,8 +83,10 @@ def train_command(preset_name: str, config_file, model_over: dict, train_over: d
             train_cfg = replace(train_cfg, out=str(_fresh_run_dir(Path(train_cfg.out))))
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
-        return _train_and_report(model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate,
-                                 quiet=quiet, json_log=json_log)
+        summary = _train_and_report(model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate,
+                                    quiet=quiet, json_log=json_log)
+        barrier(ctx)  # ranks wait for rank 0's evaluation; none tears the group down under another
+        return summary
     finally:
         shutdown()
 
