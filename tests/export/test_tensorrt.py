@@ -62,6 +62,7 @@ def test_build_and_run_plan(small_ckpt, tmp_path, fp16):
         (e, p), (re, rp) = trt_e(x), torch_e(x)
         assert e.dtype == torch.float32 and e.shape == (batch, 32) and p.shape == (batch, 10)
         assert torch.nn.functional.cosine_similarity(e, re).min() >= (0.999 if fp16 else 0.9999)
+        torch.testing.assert_close(p, rp, atol=1e-2 if fp16 else 1e-4, rtol=0)  # the mixture probabilities too
     with pytest.raises(MixEMError, match="exceeds this engine's max batch 64"):
         trt_e(torch.zeros(65, 1, 28, 28, dtype=torch.uint8, device="cuda"))
     # A sidecar from another TensorRT version is refused at load time.
