@@ -12,7 +12,7 @@ import scipy.sparse
 
 from mixem.errors import ConfigError, DataError
 
-INITS = ("kmeans++", "random")
+INITS = ("kmeans++", "random")  # seedings; kmeans() also takes "mixture" (with mixture_probs) or centroids
 SEED_POINTS_PER_CENTROID = 1024  # k-means++ seeds from at most k * this many points (see _seeding_sample)
 
 
@@ -134,6 +134,7 @@ def kmeans(
     k: int,
     *,
     init: str | np.ndarray = "kmeans++",
+    mixture_probs: np.ndarray | None = None,
     spherical: bool = False,
     niter: int = 25,
     nredo: int = 1,
@@ -143,8 +144,10 @@ def kmeans(
 ) -> KMeansResult:
     """Lloyd k-means with faiss (`faiss.Kmeans`), keeping the best of `nredo` seedings by objective.
 
-    x: (N, D) float32. init: "kmeans++", "random", or (k, D) initial centroids (then one run: every
-    redo would start from the same centres). spherical: unit-norm centroids and inner-product
+    x: (N, D) float32. init: "kmeans++", "random", "mixture" (MIX'EM's start: the means of the argmax
+    groups of `mixture_probs`, (N, K) row-aligned with x; see mixture_init_centroids), or (k, D) initial
+    centroids. "mixture" and given centroids make one run: every redo would start from the same centres.
+    spherical: unit-norm centroids and inner-product
     assignment (for L2-normalised x this is the same partition as L2). max_points_per_centroid:
     None trains on every point; faiss's own default of 256 silently subsamples to 256·k points.
     gpu: "auto" uses faiss's GPUs when it has any; the result says where it ran.
@@ -159,12 +162,16 @@ def kmeans(
         raise ConfigError(f"niter must be >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
     if not _all_finite(x):
         raise DataError("k-means input holds NaN or infinite values: check the embeddings that produced it")
+    if isinstance(init, str) and init == "mixture":
+        if mixture_probs is None:
+            raise ConfigError("init='mixture' needs the mixture probabilities (mixture_probs)")
+        init = mixture_init_centroids(x, mixture_probs, k, seed=seed)
     if isinstance(init, np.ndarray):
         if init.shape != (k, D):
             raise ConfigError(f"initial centroids must have shape ({k}, {D}), got {tuple(init.shape)}")
         nredo = 1
     elif init not in INITS:
-        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(INITS)} or pass centroids")
+        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(INITS)}, mixture, or pass centroids")
     mppc = math.ceil(N / k) if max_points_per_centroid is None else int(max_points_per_centroid)
     if mppc < 1:
         raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixem import manifest, shards
-from mixem.cluster import faiss_num_gpus, kmeans, l2_normalize, mixture_init_centroids
+from mixem.cluster import faiss_num_gpus, kmeans, l2_normalize
 from mixem.config import KMEANS_INITS, atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
@@ -85,14 +85,9 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     where = f"faiss on {ngpu} GPU(s)" if ngpu else "faiss on the CPU (faiss-cpu or no GPU visible to faiss)"
     log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({time.perf_counter() - t0:.1f} s); "
               f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}")
-    if init == "mixture":
-        # MIX'EM: start from the mean of each argmax-pi group (empty ones seeded by k-means++).
-        c0 = mixture_init_centroids(x, cols["mixture_probs"], k, seed=seed)
-        res = kmeans(x, k, init=c0, spherical=spherical, niter=niter, seed=seed,
-                     max_points_per_centroid=max_points_per_centroid, gpu=gpu)
-    else:
-        res = kmeans(x, k, init=init, spherical=spherical, niter=niter, seed=seed,
-                     max_points_per_centroid=max_points_per_centroid, gpu=gpu)
+    # MIX'EM starts from the mean of each argmax-pi group (empty ones seeded by k-means++).
+    res = kmeans(x, k, init=init, mixture_probs=cols["mixture_probs"], spherical=spherical, niter=niter, seed=seed,
+                 max_points_per_centroid=max_points_per_centroid, gpu=gpu)
     t_km = time.perf_counter() - t0
     if res.sampled:
         log.print(f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "

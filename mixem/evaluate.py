@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mixem.cluster import kmeans, l2_normalize, mixture_init_centroids
+from mixem.cluster import kmeans, l2_normalize
 from mixem.config import KMEANS_INITS
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
@@ -118,11 +118,7 @@ def evaluate(
     for ft in feature_types:
         x = l2_normalize(features[ft]) if normalize else np.ascontiguousarray(features[ft], dtype=np.float32)
         for init in inits:
-            if init == "mixture":
-                c0 = mixture_init_centroids(x, probs, k, seed=seed)
-                res = kmeans(x, k, init=c0, niter=niter, seed=seed, gpu=gpu)
-            else:
-                res = kmeans(x, k, init=init, niter=niter, nredo=nredo, seed=seed, gpu=gpu)
+            res = kmeans(x, k, init=init, mixture_probs=probs, niter=niter, nredo=nredo, seed=seed, gpu=gpu)
             rows.append(_row(ft, init, labels, res.assign, res.objective))
     rows.append(_row("mixture argmax", "-", labels, probs.argmax(1), None))
     return rows

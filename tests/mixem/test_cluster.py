@@ -122,6 +122,12 @@ def test_mixture_init_means_and_empty_component():
     np.testing.assert_allclose(c[3], feats[40:].mean(0), rtol=1e-5)
     assert (feats == c[2]).all(1).any()  # the empty slot got a k-means++-drawn data point
     np.testing.assert_array_equal(c, mixture_init_centroids(feats, probs, 4, seed=0))
+    # kmeans(init="mixture") is that start, one run, whatever nredo asks: the same as passing c.
+    a = kmeans(feats, 4, init="mixture", mixture_probs=probs, niter=3, nredo=5, seed=0)
+    b = kmeans(feats, 4, init=c, niter=3, seed=0)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    with pytest.raises(ConfigError, match="mixture_probs"):
+        kmeans(feats, 4, init="mixture")
 
 
 def test_mixture_init_frequency_based_when_k_differs():
