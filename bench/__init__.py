@@ -1,5 +1,13 @@
 """mixem.bench: one module per benchmark, run through the shared harness (see bench/harness.py)."""
 
-from mixem.bench.harness import available, run
-
 __all__ = ["available", "run"]
+
+
+def __getattr__(name):
+    # Lazy: the harness imports torch, and `python -m mixem.bench` must be able to set the OpenMP policy
+    # (mixem.config.passive_openmp) before that happens.
+    if name in __all__:
+        from mixem.bench import harness
+
+        return getattr(harness, name)
+    raise AttributeError(f"module 'mixem.bench' has no attribute {name!r}")

@@ -10,6 +10,8 @@ optionally
                                                 a returned dict (e.g. max errors) is recorded
     work(case) -> {"flop": n, "bytes": n, "exp": n, "images": n}   work of one iteration, for rates and the floor
     not_measured(device) -> list[str]           what this benchmark could not measure here, and why
+    summarize(case, records) -> dict            figures derived from the timed records (e.g. a bound
+                                                that several candidates' rates define), stored as "summary"
 Every candidate runs in the same process on the same inputs as the baseline. A candidate that runs
 out of memory is recorded as "oom", any other exception as "error", and the next one runs.
 Timing: CUDA `triton.testing.do_bench` (L2 flushed, 20/50/80 % quantiles); CPU the median of repeated
@@ -243,6 +245,8 @@ def _run_case(mod, case: dict, dev: torch.device, quick: bool, ceilings: dict) -
     for name, rec in out["candidates"].items():
         if rec["status"] == "ok" and base.get("status") == "ok":
             rec["speedup_vs_" + base_name] = base["median_ms"] / rec["median_ms"]
+    if hasattr(mod, "summarize"):
+        out["summary"] = mod.summarize(case, out["candidates"])
     return out
 
 

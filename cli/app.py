@@ -158,6 +158,10 @@ def bench(
     device: Annotated[str, typer.Option("--device")] = "auto",
 ):
     """Run a benchmark against its baseline in the same process and write JSON results."""
+    from mixem.config import PASSIVE_OPENMP_BENCHES, passive_openmp
+
+    if name in PASSIVE_OPENMP_BENCHES:
+        passive_openmp()  # as the commands they time run (before mixem.bench imports torch)
     import mixem.bench as b
 
     names = b.available()
@@ -190,7 +194,9 @@ def embed(
     json_log: JsonLog = None,
 ):
     """Embed every image of a folder into resumable shards; rerun the same command to resume, torchrun to split."""
-    from mixem.config import replace
+    from mixem.config import passive_openmp, replace
+
+    passive_openmp()  # before torch loads: the decode threads need the cores between engine calls
     from mixem.embed import EmbedOptions, dist_env, embed_folder
     from mixem.runlog import RunLog
 
@@ -225,11 +231,9 @@ def cluster(
     json_log: JsonLog = None,
 ):
     """Cluster an embedding run with FAISS k-means; write clusters.parquet, centroids, index, metrics, report."""
-    import os
+    from mixem.config import passive_openmp
 
-    # Read when OpenMP loads (with faiss, below): spinning OpenMP threads made faiss k-means ~9x slower on a
-    # shared, busy CPU (bench/cluster_faiss.py); sleeping ones cost nothing measurable at these sizes.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    passive_openmp()  # before faiss loads OpenMP
     from mixem.clustering import cluster_run
     from mixem.runlog import RunLog
 

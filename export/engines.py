@@ -29,9 +29,19 @@ class Engine:
     provider: str
     outputs: tuple[str, ...] = ("embedding", "mixture_probs")
     max_batch: int | None = None  # None = any batch size
+    min_batch: int = 1  # a smaller batch (a shard's last, a one-image search) is padded with zeros
 
     def __call__(self, images) -> tuple[torch.Tensor, ...]:
-        return self._run(self._check(images))
+        x = self._check(images)
+        B = x.shape[0]
+        if B >= self.min_batch:
+            return self._run(x)
+        pad = (B, self.min_batch - B)  # rows are independent (eval-mode BN), so zero rows change nothing
+        if isinstance(x, np.ndarray):
+            x = np.concatenate([x, np.zeros((pad[1], *x.shape[1:]), x.dtype)])
+        else:
+            x = torch.cat([x, x.new_zeros((pad[1], *x.shape[1:]))])
+        return tuple(o[:B] for o in self._run(x))
 
     def _run(self, x):
         raise NotImplementedError

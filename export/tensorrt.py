@@ -154,9 +154,6 @@ class TrtEngine(Engine):
         self.sidecar = side
 
     def _run(self, x):
-        B = x.shape[0]
-        if B < self.min_batch:
-            raise DataError(f"trt engine: batch {B} is below this engine's min batch {self.min_batch}")
         x = (torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x).to(self.device).contiguous()
         x = x.to(self._dtypes[self.input_name])
         ctx = self.context

@@ -21,6 +21,7 @@ from mixem.runlog import RunLog
 
 CLUSTERS, CENTROIDS, INDEX = "clusters.parquet", "centroids.npy", "index.faiss"
 METRICS, REPORT = "metrics.json", "report.html"
+CLUSTERS_ROW_GROUP = 65536
 
 
 def load_run(out: Path) -> manifest.Manifest:
@@ -96,7 +97,8 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     table = pa.table({"image_path": pa.array(paths, pa.string()), "id": pa.array(ids, pa.int64()),
                       "cluster": pa.array(res.assign.astype(np.int32)),
                       "distance": pa.array(res.distances.astype(np.float32))})
-    atomic_write(out / CLUSTERS, lambda p: pq.write_table(table, p))
+    # Row groups of 64k rows: `search` reads only the groups holding its hits.
+    atomic_write(out / CLUSTERS, lambda p: pq.write_table(table, p, row_group_size=CLUSTERS_ROW_GROUP))
     atomic_write(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
     # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(D))

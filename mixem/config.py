@@ -223,3 +223,18 @@ def read_json(path: str | os.PathLike, what: str = "config file"):
 
 def load_json(cls, path: str | os.PathLike):
     return from_dict(cls, read_json(path), where=str(path))
+
+
+# The benchmarks that time those commands run under the same setting.
+PASSIVE_OPENMP_BENCHES = ("embed_pipeline", "cluster_faiss")
+
+
+def passive_openmp() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose a policy; call it before torch or faiss is imported.
+
+    OpenMP reads it once, when the library loads. For commands whose OpenMP work (torch on the CPU, faiss)
+    shares the cores with other threads (embed's decoders) or processes: spinning OpenMP threads took the
+    decoders' cores (embed pipeline on 2 cores: 0.70-0.80 of its shared-core bound, 0.93-0.97 with PASSIVE)
+    and made faiss k-means ~9x slower on a busy machine (bench/cluster_faiss.py).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

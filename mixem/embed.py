@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mixem import folders, manifest, shards
 from mixem.config import EMBED_FEATURES, atomic_write_text
@@ -57,30 +56,9 @@ def dist_env() -> tuple[int, int, int]:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
 
 
-def _status(e: BaseException) -> str:
-    if isinstance(e, Image.DecompressionBombError):
-        return "too_large"
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return "unreadable"
-    return "corrupt"
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
-
-
 def decode_into(paths: list[str], out: np.ndarray, size: int, mode: str) -> list[tuple[str, str | None]]:
-    """PIL-decode paths into out[i] ((C, S, S) uint8); a failure zeroes the row and is returned, never raised."""
-    res = []
-    for i, p in enumerate(paths):
-        try:
-            out[i] = folders.decode(p, size, mode)
-            res.append((shards.OK, None))
-        except Exception as e:  # noqa: BLE001 (any decoder failure is that file's status, not the run's end)
-            out[i] = 0
-            res.append((_status(e), _reason(e)))
-    return res
+    """folders.decode_into with a (status, error) pair for every file: (OK, None) when it decoded."""
+    return [r or (shards.OK, None) for r in folders.decode_into(paths, out, size, mode)]
 
 
 def decode_nvjpeg(paths: list[str], size: int, channels: int, device: torch.device):

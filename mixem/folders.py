@@ -74,16 +74,31 @@ def decode(path: str, size: int, mode: str) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _decode_chunk(paths: list[str], out: np.ndarray, size: int, mode: str) -> list[str | None]:
-    """Decode into out[i]; returns None per success or the reason the file was skipped."""
-    reasons: list[str | None] = []
+def failure(e: BaseException) -> tuple[str, str]:
+    """(status, one-line reason) of a file that could not be decoded; status is "too_large" (decompression-bomb
+    limit), "unreadable" (missing, no permission, not a file) or "corrupt" (the decoder refused it)."""
+    if isinstance(e, Image.DecompressionBombError):
+        status = "too_large"
+    elif isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        status = "unreadable"
+    else:
+        status = "corrupt"
+    text = str(e).splitlines()[0] if str(e) else ""
+    return status, (f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__)
+
+
+def decode_into(paths: list[str], out: np.ndarray, size: int, mode: str) -> list[tuple[str, str] | None]:
+    """Decode paths into out[i] ((C, size, size) uint8): None per success; a failure zeroes its row and is
+    returned as failure()'s (status, reason), never raised: one bad file never stops a run."""
+    res: list[tuple[str, str] | None] = []
     for i, p in enumerate(paths):
         try:
             out[i] = decode(p, size, mode)
-            reasons.append(None)
-        except Exception as e:  # any decoder failure means "skip this file", never "stop the run"
-            reasons.append(f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__)
-    return reasons
+            res.append(None)
+        except Exception as e:  # noqa: BLE001 (any decoder failure is that file's status, not the run's end)
+            out[i] = 0
+            res.append(failure(e))
+    return res
 
 
 def default_threads() -> int:
@@ -114,8 +129,8 @@ def decode_files(paths: list[str], size: int, channels: int, *, limit: int = 0, 
             for j in range(0, len(batch), step):
                 idx = batch[j: j + step]
                 out = buf[filled + j: filled + j + len(idx)]
-                futures[pool.submit(_decode_chunk, [paths[i] for i in idx], out, size, mode)] = j
-            reasons: list[str | None] = [None] * len(batch)
+                futures[pool.submit(decode_into, [paths[i] for i in idx], out, size, mode)] = j
+            reasons: list = [None] * len(batch)
             done = 0
             for fut in as_completed(futures):
                 r = fut.result()
@@ -124,7 +139,7 @@ def decode_files(paths: list[str], size: int, channels: int, *, limit: int = 0, 
                 if progress is not None:
                     progress(filled + done, target)
             good = [j for j, r in enumerate(reasons) if r is None]
-            skipped += [(paths[batch[j]], r) for j, r in enumerate(reasons) if r is not None]
+            skipped += [(paths[batch[j]], r[1]) for j, r in enumerate(reasons) if r is not None]
             if len(good) < len(batch):
                 buf[filled: filled + len(good)] = buf[filled + np.asarray(good, dtype=np.int64)]
             kept += [batch[j] for j in good]

@@ -71,14 +71,15 @@ def write_report(path: Path, rel: list[str], root: str, assign: np.ndarray, dist
              + ("<th>majority label</th>" if labels is not None else "")
              + "</tr>"]
     top = max(int(sizes.max()), 1) if k else 1
-    majority = {}
+    if labels is not None:  # (k, L) cluster-by-label counts in one pass over the N rows
+        n_lab = int(labels.max()) + 1
+        table = np.bincount(assign.astype(np.int64) * n_lab + labels, minlength=k * n_lab).reshape(k, n_lab)
     for c in range(k):
         cell = ""
         if labels is not None and sizes[c]:
-            counts = np.bincount(labels[assign == c])
-            majority[c] = (int(counts.argmax()), counts.max() / sizes[c])
-            name = classes[majority[c][0]] if classes else str(majority[c][0])
-            cell = f"<td>{esc(name)} ({majority[c][1]:.0%})</td>"
+            best = int(table[c].argmax())
+            name = classes[best] if classes else str(best)
+            cell = f"<td>{esc(name)} ({table[c, best] / sizes[c]:.0%})</td>"
         parts.append(f"<tr><td><a href='#c{c}'>{c}</a></td><td>{sizes[c]:,}</td>"
                      f"<td class='b'><span class='bar' style='width:{200 * sizes[c] // top}px'></span></td>{cell}</tr>")
     parts.append("</table>")

@@ -40,13 +40,15 @@ def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None
     q = torch.nn.functional.normalize(q.float(), dim=1).cpu().numpy()
     index = faiss.read_index(str(out / INDEX))
     scores, ids = index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, index.ntotal))
-    table = pq.read_table(out / CLUSTERS, columns=["id", "image_path", "cluster"])
-    row_of = {int(i): r for r, i in enumerate(table.column("id").to_numpy())}
-    paths, clusters = table.column("image_path").to_pylist(), table.column("cluster").to_numpy()
+    hit = [(rank, i, s) for rank, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist()), 1) if i >= 0]
+    # Only the hits' rows: clusters.parquet is written in row groups, so the id filter skips most of the file.
+    table = pq.read_table(out / CLUSTERS, columns=["id", "image_path", "cluster"],
+                          filters=[("id", "in", [i for _, i, _ in hit])]) if hit else None
+    row = {} if table is None else {
+        int(i): (p, int(c)) for i, p, c in zip(table.column("id").to_numpy(), table.column("image_path").to_pylist(),
+                                              table.column("cluster").to_numpy())}
     hits = []
-    for rank, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist()), 1):
-        if i < 0:
-            continue
-        r = row_of[i]
-        hits.append({"rank": rank, "image_path": paths[r], "score": round(float(s), 6), "cluster": int(clusters[r])})
+    for rank, i, s in hit:
+        path, cluster = row[i]
+        hits.append({"rank": rank, "image_path": path, "score": round(float(s), 6), "cluster": cluster})
     return hits

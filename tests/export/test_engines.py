@@ -27,6 +27,23 @@ def test_torch_and_onnx_return_the_same_numbers(engines):
     torch.testing.assert_close(te.norm(dim=1), torch.ones(57))
 
 
+def test_batches_below_min_batch_are_padded(small_ckpt, onnx_fp32):
+    """A TensorRT plan built with --min-batch 16 still takes a shard's 3-image tail or a 1-image search query:
+    the engine pads with zero images and returns only the real rows, the same numbers as unpadded."""
+    x = real_images(64, 28, 1)[-3:]
+    for name, path in (("torch", small_ckpt), ("onnx", onnx_fp32[0])):
+        plain, padded = load_engine(path, name, "cpu"), load_engine(path, name, "cpu")
+        padded.min_batch = 16
+        seen = []
+        run = padded._run
+        padded._run = lambda b: seen.append(b.shape[0]) or run(b)
+        for a, b in zip(plain(x), padded(torch.from_numpy(x))):
+            assert b.shape[0] == 3
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        padded(x)  # numpy input pads too
+        assert seen == [16, 16]
+
+
 def test_engine_metadata(engines, onnx_fp32):
     t, o = engines
     assert isinstance(t, Engine) and isinstance(o, Engine)

@@ -121,6 +121,16 @@ def test_report_is_self_contained_and_lists_every_cluster(run):
     assert len(srcs) == 7 * 12
     for c in range(7):
         assert f"id='c{c}'" in page and f"href='#c{c}'" in page
+    # Majority label per cluster (sub-folder names), recomputed from clusters.parquet.
+    t = pq.read_table(out / "clusters.parquet", columns=["image_path", "cluster"]).to_pydict()
+    label = np.array([p.rsplit("/", 2)[-2] for p in t["image_path"]])
+    cluster = np.array(t["cluster"])
+    rows = re.findall(r"<tr><td><a href='#c(\d+)'>.*?<td>(class\d) \((\d+)%\)</td></tr>", page)
+    assert len(rows) == 7
+    for c, name, pct in rows:
+        names, counts = np.unique(label[cluster == int(c)], return_counts=True)
+        assert counts[names == name][0] == counts.max()
+        assert int(pct) == round(100 * counts.max() / counts.sum())
 
 
 def test_search_finds_the_query_image_first(run, labelled):
@@ -131,6 +141,9 @@ def test_search_finds_the_query_image_first(run, labelled):
     hits = search(out, query, 5)
     assert len(hits) == 5 and hits[0]["image_path"] == str(query) and hits[0]["score"] > 0.999
     assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5] and hits[0]["score"] >= hits[-1]["score"]
+    t = pq.read_table(out / "clusters.parquet", columns=["image_path", "cluster"]).to_pydict()
+    where = dict(zip(t["image_path"], t["cluster"]))
+    assert all(h["cluster"] == where[h["image_path"]] for h in hits)
 
 
 def test_unfinished_run_is_refused(run, tmp_path):
