@@ -72,16 +72,7 @@ def compile_for_shapes(fn, shapes: int = 64):
     return torch.compile(fn, dynamic=False)
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
-    return dev
-
-
-def _device_info(dev: torch.device) -> dict:
+def device_info(dev: torch.device) -> dict:
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         props = torch.cuda.get_device_properties(dev)
@@ -105,7 +96,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _versions() -> dict:
+def version_info() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for mod in ("triton", "numpy"):
         try:
@@ -115,7 +106,7 @@ def _versions() -> dict:
     return out
 
 
-def _git() -> dict:
+def git_info() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
 
@@ -178,12 +169,12 @@ def measure_ceilings(dev: torch.device) -> dict:
         a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
         ms = do_bench(lambda: a @ b, warmup=25, rep=100, quantiles=[0.5])[0]
         out[f"matmul_{str(dtype).split('.')[1]}_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
-        del a, b
+    a = b = None  # free before the copy's 2 GiB
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100, quantiles=[0.5])[0]
     out["copy_gbps"] = 2 * x.numel() / (ms * 1e-3) / 1e9  # read + write
-    del x, y
+    x = y = None
     torch.cuda.empty_cache()
     out["how"] = f"median of triton.testing.do_bench: {n}x{n} @ {n}x{n} matmul (fp32 with tf32 off); 1 GiB copy_ (read + write)"
     return out
@@ -255,7 +246,7 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _write_atomic(path: Path, data: dict) -> None:
+def write_result(path: Path, data: dict) -> None:
     from mixem.config import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
@@ -270,7 +261,9 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
     modules = _modules()
     if name not in modules:
         raise KeyError(f"no benchmark named {name!r}; available: {', '.join(sorted(modules)) or 'none'}")
-    dev = _resolve_device(device)
+    from mixem.train import resolve_device
+
+    dev = resolve_device(device)
     if dev.type == "cpu" and "triton" not in sys.modules:
         # Triton picks compiled or interpreted kernels when a kernel is defined, i.e. at import.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -290,9 +283,9 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
     started = _dt.datetime.now(_dt.timezone.utc)
     chosen = [c for c in mod.cases(quick) if all(str(c.get(k)) == str(v) for k, v in (select or {}).items())]
     results = [_run_case(mod, case, dev, quick, ceilings) for case in chosen]
-    info, versions = _device_info(dev), _versions()
+    info, versions = device_info(dev), version_info()
     data = {
-        "bench": name, "quick": quick, "select": select or {}, "device": info, "versions": versions, "git": _git(),
+        "bench": name, "quick": quick, "select": select or {}, "device": info, "versions": versions, "git": git_info(),
         "started_utc": started.isoformat(timespec="seconds"),
         "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
@@ -303,6 +296,6 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
     torch_v = versions["torch"].split("+")[0]
     fname = f"{name}__{info['slug']}__pt{torch_v}__{started.date().isoformat()}.json"
     path = Path(out_dir) if out_dir else RESULTS_DIR
-    _write_atomic(path / fname, data)
+    write_result(path / fname, data)
     data["path"] = str(path / fname)
     return data

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mixem.bench.harness import RESULTS_DIR, _device_info, _git, _versions, _write_atomic
+from mixem.bench.harness import RESULTS_DIR, device_info, git_info, version_info, write_result
 from mixem.config import to_dict
 from mixem.errors import MixEMError
 from mixem.evaluate import evaluate, extract_features, raw_pixel_baseline
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     over = dict(epochs=args.epochs, max_images=args.max_images, data=args.data, device=args.device)
     started = _dt.datetime.now(_dt.timezone.utc)
-    git = _git()  # the code that runs, not whatever is checked out when the run ends
+    git = git_info()  # the code that runs, not whatever is checked out when the run ends
     try:
         model_cfg, train_cfg, preset = build_configs(args.preset, None, {}, over)
         log = RunLog(quiet=False)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     table = [{"method": m, **_summary([runs[(m, s)]["headline"] for s in seeds])} for m in methods]
     table.append({"method": "raw-pixel k-means", **_summary([bases[s] for s in seeds])})
     dev = resolve_device(train_cfg.device)
-    info, versions = _device_info(dev), _versions()
+    info, versions = device_info(dev), version_info()
     data = {
         "bench": "methods", "preset": preset, "seeds": seeds, "device": info, "versions": versions, "git": git,
         "started_utc": started.isoformat(timespec="seconds"),
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = Path(args.out) if args.out else RESULTS_DIR
     fname = path / f"methods__{preset}__{started.date().isoformat()}.json"
-    _write_atomic(fname, data)
+    write_result(fname, data)
     print(f"{'method':<18} {'clustering':<20} {'ACC':>15} {'NMI':>15} {'ARI':>15}")
     for r in table:
         print(f"{r['method']:<18} {r['features'] + ' / ' + r['init']:<20} "
