@@ -1,4 +1,8 @@
-"""Benchmark: k-means seconds, FAISS (mixem.cluster.kmeans) vs scikit-learn KMeans, same points, init and iterations."""
+"""Benchmark: k-means seconds, FAISS (mixem.cluster.kmeans) vs scikit-learn KMeans, same points, init and iterations.
+
+On a CUDA machine also the GPU k-means `cluster` runs there: faiss-gpu when installed, and the torch Lloyd
+loop (backend "torch"), which is what runs with pip's faiss-cpu.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def not_measured(device) -> list[str]:
            "the comparison is seconds for the same Lloyd work, not time to convergence"]
     if faiss_num_gpus() == 0:
         out.append("faiss GPU k-means: faiss-cpu is installed (no faiss-gpu) or no CUDA GPU is visible")
+    if not torch.cuda.is_available():
+        out.append("torch GPU k-means (backend torch): no CUDA GPU")
     return out
 
 
@@ -65,12 +71,14 @@ def setup(case: dict, device) -> dict:
         return km.inertia_, km.n_iter_
 
     def fa():
-        r = kmeans(x, k, init=init, niter=niter, gpu=False)
+        r = kmeans(x, k, init=init, niter=niter, gpu=False, backend="faiss")
         return r.objective, niter
 
     cands = {"sklearn": sk, "faiss_cpu": fa}
     if faiss_num_gpus() > 0:
-        cands["faiss_gpu"] = lambda: (kmeans(x, k, init=init, niter=niter, gpu=True).objective, niter)
+        cands["faiss_gpu"] = lambda: (kmeans(x, k, init=init, niter=niter, gpu=True, backend="faiss").objective, niter)
+    if torch.cuda.is_available():
+        cands["torch_gpu"] = lambda: (kmeans(x, k, init=init, niter=niter, gpu=True, backend="torch").objective, niter)
     return cands
 
 
@@ -79,10 +87,14 @@ def check(case: dict, candidates: dict) -> dict:
     sk_obj, sk_iter = candidates["sklearn"]()
     fa_obj, _ = candidates["faiss_cpu"]()
     assert abs(fa_obj - sk_obj) <= 0.01 * sk_obj, f"faiss objective {fa_obj:.6g} vs sklearn {sk_obj:.6g}"
+    gpu_obj = {name: candidates[name]()[0] for name in ("faiss_gpu", "torch_gpu") if name in candidates}
+    for name, obj in gpu_obj.items():
+        assert abs(obj - sk_obj) <= 0.01 * sk_obj, f"{name} objective {obj:.6g} vs sklearn {sk_obj:.6g}"
     assert sk_iter == case["niter"], f"sklearn converged after {sk_iter} of {case['niter']} iterations: unequal work"
     # OMP_WAIT_POLICY matters on a shared CPU: with spinning OpenMP threads (the default) faiss ran ~9x
     # slower than with PASSIVE on our loaded 2-core machine (20k x 128, k=50: 1.67 s vs 0.19 s).
     return {"sklearn_objective": sk_obj, "faiss_objective": fa_obj, "sklearn_iterations": int(sk_iter),
+            **{f"{name}_objective": obj for name, obj in gpu_obj.items()},
             "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average": os.getloadavg()}
 

@@ -9,11 +9,12 @@
 #   bash bench/gpu_session.sh check      # the kernel, embed and training tests compiled on the GPU
 #   bash bench/gpu_session.sh kernels    # NT-Xent kernel benchmark, D=128, bf16 and fp32, every M
 #   bash bench/gpu_session.sh kernels32  # the same at D=32, and the mixture-entropy kernel (bf16)
-#   bash bench/gpu_session.sh train      # train_step (loop vs DataLoader), embed_pipeline (nvJPEG), engines
+#   bash bench/gpu_session.sh train      # train_step (loop vs DataLoader), embed_pipeline (nvJPEG decode)
+#   bash bench/gpu_session.sh engines    # embed_engines (torch vs onnxruntime on the GPU), cluster_faiss (GPU k-means)
 #   bash bench/gpu_session.sh fmnist [MIN]   # paper preset on the 70k Fashion-MNIST for MIN minutes (8)
 # Results: copy $OUT's JSON into bench/results/ (the harness names them by device) and commit them.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh wheels|data|check|kernels|kernels32|train|fmnist [minutes]}
+stage=${1:?usage: bash bench/gpu_session.sh wheels|data|check|kernels|kernels32|train|engines|fmnist [minutes]}
 OUT=${OUT:-/tmp/mixem_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -65,7 +66,7 @@ case $stage in
     # peak-memory assertions included; then the GPU paths of embed (nvJPEG), clustering and training.
     step tests_kernels timeout 420 python3 -m pytest -q -rs -x tests/kernels --junitxml="$OUT/tests_kernels.xml"
     step tests_gpu_paths timeout 150 python3 -m pytest -q -rs tests/mixem/test_embed.py tests/mixem/test_train.py \
-      tests/export/test_engines.py -m "not trt" ;;
+      tests/mixem/test_cluster.py tests/export/test_engines.py -m "not trt" ;;
   kernels|kernels32)
     # One slice per (D, dtype): the harness writes its JSON when a slice ends, so a slice cut by its
     # timeout loses only itself. Unknown before the first GPU run: how long torch.compile takes per shape.
@@ -80,9 +81,12 @@ case $stage in
       --where dtype=bfloat16 --out "$OUT" ;;
   train)
     setup_device
-    step train_step timeout 200 python3 -m mixem.bench train_step --out "$OUT"
-    step embed_pipeline timeout 200 python3 -m mixem.bench embed_pipeline --out "$OUT"
-    step embed_engines timeout 150 python3 -m mixem.bench embed_engines --out "$OUT" ;;
+    step train_step timeout 250 python3 -m mixem.bench train_step --out "$OUT"
+    step embed_pipeline timeout 250 python3 -m mixem.bench embed_pipeline --out "$OUT" ;;
+  engines)
+    setup_device
+    step embed_engines timeout 250 python3 -m mixem.bench embed_engines --out "$OUT"
+    step cluster_faiss timeout 250 python3 -m mixem.bench cluster_faiss --out "$OUT" ;;
   fmnist)
     setup_device
     minutes=${2:-8}

@@ -22,9 +22,18 @@ class KMeansResult:
     assign: np.ndarray  # (N,) int64 cluster of every input point
     distances: np.ndarray  # (N,) float32 squared L2 distance of each point to its centroid
     objective: float  # sum of `distances` over all N points (inertia); the best redo's
-    device: str  # "cpu" or "gpu": where faiss ran
+    device: str  # "cpu" or "gpu": where the iterations ran
     sampled: bool  # True when faiss trained on a random subset (max_points_per_centroid * k < N)
     n_points_used: int  # points faiss trained on; assign/distances/objective always cover all N
+    backend: str = "faiss"  # "faiss", or "torch" (Lloyd on a CUDA GPU that faiss cannot use: faiss-cpu)
+
+    @property
+    def where(self) -> str:
+        """For logs and metrics: 'faiss on the CPU', 'faiss on the GPU' or 'torch on the GPU'."""
+        return f"{self.backend} on the {self.device.upper()}"
+
+
+BACKENDS = ("auto", "faiss", "torch")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -41,17 +50,31 @@ def faiss_num_gpus() -> int:
     return int(get()) if get is not None else 0
 
 
-def _resolve_gpu(gpu) -> int:
-    n = faiss_num_gpus()
-    if gpu == "auto":
-        return n
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend(gpu="auto", backend: str = "auto") -> tuple[str, str]:
+    """(backend, device) k-means runs on: faiss on its GPUs when it has any; else, for gpu "auto"/True,
+    Lloyd's iterations in torch on a CUDA GPU (pip's faiss-cpu has no GPU code; faiss-gpu is rarely
+    installable); else faiss on the CPU. backend forces "faiss" or "torch" (torch: cuda when there is one,
+    else the CPU; used to check it against faiss). device is "gpu" or "cpu"."""
+    if gpu not in ("auto", True, False):
+        raise ConfigError(f"gpu must be 'auto', True or False, got {gpu!r}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"k-means backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    want_gpu = gpu in ("auto", True)
+    if backend == "torch":
+        return "torch", "gpu" if want_gpu and _torch_cuda() else "cpu"
+    if want_gpu and faiss_num_gpus() > 0:
+        return "faiss", "gpu"
+    if backend == "auto" and want_gpu and _torch_cuda():
+        return "torch", "gpu"
     if gpu is True:
-        if n == 0:
-            warnings.warn("faiss sees no GPU (faiss-cpu, or no CUDA device): k-means runs on the CPU", stacklevel=3)
-        return n
-    if gpu is False:
-        return 0
-    raise ConfigError(f"gpu must be 'auto', True or False, got {gpu!r}")
+        warnings.warn("no GPU for k-means (faiss-cpu and no CUDA device): it runs on the CPU", stacklevel=3)
+    return "faiss", "cpu"
 
 
 def _row_sq(x: np.ndarray) -> np.ndarray:
@@ -141,6 +164,7 @@ def kmeans(
     seed: int = 0,
     max_points_per_centroid: int | None = None,
     gpu: str | bool = "auto",
+    backend: str = "auto",
 ) -> KMeansResult:
     """Lloyd k-means with faiss (`faiss.Kmeans`), keeping the best of `nredo` seedings by objective.
 
@@ -150,7 +174,8 @@ def kmeans(
     spherical: unit-norm centroids and inner-product
     assignment (for L2-normalised x this is the same partition as L2). max_points_per_centroid:
     None trains on every point; faiss's own default of 256 silently subsamples to 256·k points.
-    gpu: "auto" uses faiss's GPUs when it has any; the result says where it ran.
+    gpu: "auto" uses a GPU when there is one (faiss's, else torch's: resolve_backend); the result says
+    where it ran. backend: "auto", or "faiss" / "torch" to force one.
     """
     if x.ndim != 2:
         raise DataError(f"k-means needs a 2-D (points, dims) array, got shape {tuple(x.shape)}")
@@ -175,7 +200,7 @@ def kmeans(
     mppc = math.ceil(N / k) if max_points_per_centroid is None else int(max_points_per_centroid)
     if mppc < 1:
         raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")
-    ngpu = _resolve_gpu(gpu)
+    how, dev = resolve_backend(gpu, backend)
     x_sq = _row_sq(x) if spherical else None
 
     # Independent streams per redo, so calls with seeds 0 and 1 do not share nredo - 1 of their runs.
@@ -185,40 +210,130 @@ def kmeans(
         c0 = _initial_centroids(x, k, init, int(redo_seeds[r]))
         if spherical:
             c0 = l2_normalize(c0)
-        km = faiss.Kmeans(
-            D,
-            k,
-            niter=niter,
-            nredo=1,  # faiss's later redos would restart from the previous result, not a new seeding
-            spherical=spherical,
-            seed=int(redo_seeds[r]),  # faiss uses it for subsampling and for splitting empty clusters
-            max_points_per_centroid=mppc,
-            min_points_per_centroid=1,  # N >= k is checked above; the 39-per-centroid hint is only a print
-            gpu=ngpu if ngpu else False,
-        )
-        km.train(x, init_centroids=c0)
-        index = km.index
-        index.reset()
-        index.add(km.centroids)
-        score, assign = index.search(x, 1)
-        assign, score = assign[:, 0].astype(np.int64), score[:, 0]
-        if spherical:  # the index returns inner products; report squared L2 like the Euclidean case
-            c_sq = (km.centroids * km.centroids).sum(1)
-            dist = np.maximum(x_sq + c_sq[assign] - 2.0 * score, 0.0).astype(np.float32)
+        if how == "torch":
+            centroids, assign, dist = _lloyd_torch(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev)
         else:
-            dist = np.maximum(score, 0.0)
+            centroids, assign, dist = _lloyd_faiss(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev, x_sq)
         obj = float(dist.sum(dtype=np.float64))
         if best is None or obj < best.objective:
             best = KMeansResult(
-                centroids=np.ascontiguousarray(km.centroids, dtype=np.float32),
+                centroids=np.ascontiguousarray(centroids, dtype=np.float32),
                 assign=assign,
                 distances=dist,
                 objective=obj,
-                device="gpu" if ngpu else "cpu",
+                device=dev,
                 sampled=N > k * mppc,
                 n_points_used=min(N, k * mppc),
+                backend=how,
             )
     return best
+
+
+def _lloyd_faiss(x, c0, niter, spherical, mppc, seed, dev, x_sq):
+    """faiss.Kmeans from c0, then every point assigned to the final centroids: (centroids, assign, sq. dist)."""
+    k, D = c0.shape
+    km = faiss.Kmeans(
+        D,
+        k,
+        niter=niter,
+        nredo=1,  # faiss's later redos would restart from the previous result, not a new seeding
+        spherical=spherical,
+        seed=seed,  # faiss uses it for subsampling and for splitting empty clusters
+        max_points_per_centroid=mppc,
+        min_points_per_centroid=1,  # N >= k is checked above; the 39-per-centroid hint is only a print
+        gpu=faiss_num_gpus() if dev == "gpu" else False,
+    )
+    km.train(x, init_centroids=c0)
+    index = km.index
+    index.reset()
+    index.add(km.centroids)
+    score, assign = index.search(x, 1)
+    assign, score = assign[:, 0].astype(np.int64), score[:, 0]
+    if spherical:  # the index returns inner products; report squared L2 like the Euclidean case
+        c_sq = (km.centroids * km.centroids).sum(1)
+        dist = np.maximum(x_sq + c_sq[assign] - 2.0 * score, 0.0).astype(np.float32)
+    else:
+        dist = np.maximum(score, 0.0)
+    return km.centroids, assign, dist
+
+
+SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation when it splits a cluster to refill an empty one
+TORCH_BLOCK = 65536  # rows per distance block: (block, k) floats at a time
+
+
+def _lloyd_torch(x: np.ndarray, c0: np.ndarray, niter: int, spherical: bool, mppc: int, seed: int, dev: str):
+    """Lloyd's iterations in torch, faiss's algorithm: assign every training point to its nearest centroid
+    (inner product when spherical), centroid = mean of its points, an empty cluster takes half of a
+    random large one (chosen with probability ~ its size, both copies nudged by +-SPLIT_EPS, as faiss
+    does), unit-norm centroids when spherical; then every point assigned to the final centroids.
+
+    On a GPU, x stays in host memory and moves block by block when it would take more than half of the
+    free GPU memory. Sums are float64; on CUDA index_add_ uses atomics, so the last bits can vary.
+    """
+    import torch
+
+    device = torch.device("cuda" if dev == "gpu" else "cpu")
+    N, D = x.shape
+    k = c0.shape[0]
+    rng = np.random.default_rng(seed)
+    train = x if N <= k * mppc else x[np.sort(rng.choice(N, k * mppc, replace=False))]
+    resident = device.type == "cpu" or train.nbytes < torch.cuda.mem_get_info(device)[0] // 2
+
+    def blocks(a: np.ndarray):
+        t = torch.from_numpy(a)
+        if resident:
+            t = t.to(device)
+        for s in range(0, len(a), TORCH_BLOCK):
+            yield s, t[s: s + TORCH_BLOCK].to(device, non_blocking=True)
+
+    def nearest(xb, c, c_sq):  # (B,) cluster and (B,) its score: -(squared distance) or inner product
+        ip = xb @ c.T
+        sc = ip if spherical else 2.0 * ip - c_sq[None, :]  # - |x - c|^2 + |x|^2: the same argmax
+        best, a = sc.max(1)
+        return a, best
+
+    c = torch.from_numpy(np.ascontiguousarray(c0, dtype=np.float32)).to(device)
+    for _ in range(niter):
+        c_sq = (c * c).sum(1)
+        sums = torch.zeros((k, D), dtype=torch.float64, device=device)
+        counts = torch.zeros(k, dtype=torch.int64, device=device)
+        for _, xb in blocks(train):
+            a, _ = nearest(xb, c, c_sq)
+            sums.index_add_(0, a, xb.double())
+            counts += torch.bincount(a, minlength=k)
+        n_of = counts.cpu().numpy()
+        new = (sums / counts.clamp(min=1)[:, None].double()).float().cpu().numpy()
+        _split_empty(new, n_of, len(train), rng)
+        if spherical:
+            new = l2_normalize(new)
+        c = torch.from_numpy(new).to(device)
+    c_sq = (c * c).sum(1)
+    assign = np.empty(N, np.int64)
+    dist = np.empty(N, np.float32)
+    for s, xb in blocks(x):
+        a, best = nearest(xb, c, c_sq)
+        x_sq = (xb * xb).sum(1)
+        d = x_sq - 2.0 * best + c_sq[a] if spherical else x_sq - best
+        assign[s: s + len(xb)] = a.cpu().numpy()
+        dist[s: s + len(xb)] = d.clamp(min=0).cpu().numpy()
+    return c.cpu().numpy(), assign, dist
+
+
+def _split_empty(c: np.ndarray, counts: np.ndarray, n: int, rng: np.random.Generator) -> None:
+    """faiss's rule for empty clusters, in place: each takes a copy of a cluster drawn with probability
+    ~ (its size - 1) / (n - k), the two copies pushed apart by +-SPLIT_EPS per coordinate."""
+    k = len(c)
+    signs = np.where(np.arange(c.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    for ci in np.flatnonzero(counts == 0):
+        cj = 0
+        while True:  # faiss's loop: walk the clusters until one is drawn
+            if rng.random() < (counts[cj] - 1.0) / max(n - k, 1):
+                break
+            cj = (cj + 1) % k
+        c[ci] = c[cj] * (1 + signs * SPLIT_EPS)
+        c[cj] = c[cj] * (1 - signs * SPLIT_EPS)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
 
 
 def mixture_init_centroids(

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixem import manifest, shards
-from mixem.cluster import faiss_num_gpus, kmeans, l2_normalize
+from mixem.cluster import kmeans, l2_normalize, resolve_backend
 from mixem.config import KMEANS_INITS, atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
@@ -82,8 +82,8 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     N, D = x.shape
     if not 1 <= k <= N:
         raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
-    ngpu = faiss_num_gpus() if gpu in ("auto", True) else 0
-    where = f"faiss on {ngpu} GPU(s)" if ngpu else "faiss on the CPU (faiss-cpu or no GPU visible to faiss)"
+    how, dev = resolve_backend(gpu)
+    where = f"{how} on the {dev.upper()}" + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
     log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({time.perf_counter() - t0:.1f} s); "
               f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}")
     # MIX'EM starts from the mean of each argmax-pi group (empty ones seeded by k-means++).
@@ -108,7 +108,7 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     rel = _rel(paths, m.root)
     y, label_source, classes = find_labels(rel, labels_file)
     metrics = {"k": k, "init": init, "spherical": spherical, "niter": niter, "seed": seed, "points": N, "dim": D,
-               "features": m.features, "objective": res.objective, "device": res.device, "faiss": where,
+               "features": m.features, "objective": res.objective, "device": res.device, "kmeans": res.where,
                "sampled": res.sampled, "points_used_for_training": res.n_points_used,
                "cluster_sizes": sizes.tolist(), "empty_clusters": int((sizes == 0).sum()),
                "seconds_kmeans": round(t_km, 3)}
@@ -121,7 +121,7 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
 
         write_report(out / REPORT, rel, m.root, res.assign, res.distances, k, metrics, y, classes,
                      per_cluster=per_cluster)
-    summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "faiss", "sampled", "empty_clusters")}
+    summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "kmeans", "sampled", "empty_clusters")}
     for key in ("acc", "nmi", "ari", "labels"):
         if key in metrics:
             summary[key] = metrics[key]

@@ -65,7 +65,7 @@ def write_report(path: Path, rel: list[str], root: str, assign: np.ndarray, dist
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{k} clusters of {len(assign):,} images</h1>",
              f"<div class='meta'>init {esc(str(metrics.get('init')))}; features {esc(str(metrics.get('features')))}; "
-             f"{esc(str(metrics.get('faiss')))}; objective {metrics.get('objective', 0):.6g}"
+             f"k-means {esc(str(metrics.get('kmeans')))}; objective {metrics.get('objective', 0):.6g}"
              + (f"; vs {esc(str(metrics.get('labels')))}: {head}" if head else "") + "</div>",
              "<table><tr><th>cluster</th><th>images</th><th></th>"
              + ("<th>majority label</th>" if labels is not None else "")

@@ -7,7 +7,10 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
-from mixem.cluster import faiss_num_gpus, kmeans, kmeans_plus_plus, l2_normalize, mixture_init_centroids
+import torch
+
+from mixem.cluster import (SPLIT_EPS, _split_empty, faiss_num_gpus, kmeans, kmeans_plus_plus, l2_normalize,
+                           mixture_init_centroids, resolve_backend)
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import cluster_accuracy
 
@@ -36,7 +39,7 @@ def test_objective_matches_sklearn_on_digits(digits):
     assert res.objective < sk.inertia_ * 1.1
     assert res.objective == pytest.approx(_inertia(x, res.centroids, res.assign), rel=1e-4)
     assert cluster_accuracy(y, res.assign) > 0.75  # observed 0.790; DATA.md: raw-pixel k-means on digits 0.790-0.793
-    assert (res.n_points_used, res.sampled, res.device) == (len(x), False, "gpu" if faiss_num_gpus() else "cpu")
+    assert (res.n_points_used, res.sampled, res.device) == (len(x), False, resolve_backend()[1])
     assert res.centroids.shape == (10, 64) and res.assign.shape == res.distances.shape == (len(x),)
 
 
@@ -153,11 +156,62 @@ def test_bad_inputs_are_named():
         kmeans(x, 2)
 
 
-@pytest.mark.skipif(faiss_num_gpus() > 0, reason="checks the CPU fallback; faiss has GPUs here")
+@pytest.mark.skipif(faiss_num_gpus() > 0 or torch.cuda.is_available(), reason="checks the CPU fallback; a GPU is here")
 def test_gpu_request_without_gpu_falls_back_to_cpu(digits):
     with pytest.warns(UserWarning, match="runs on the CPU"):
         res = kmeans(digits[0], 4, niter=2, gpu=True)
-    assert res.device == "cpu"
+    assert (res.device, res.backend, res.where) == ("cpu", "faiss", "faiss on the CPU")
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_torch_backend_matches_faiss(digits, spherical):
+    """The torch Lloyd loop (what runs on a CUDA GPU when faiss is faiss-cpu) is faiss's algorithm: from the
+    same start, the same centroids, assignments and objective (here both on the CPU)."""
+    x = l2_normalize(digits[0]) if spherical else digits[0]
+    init = x[np.random.default_rng(3).choice(len(x), 10, replace=False)]
+    f = kmeans(x, 10, init=init, niter=20, spherical=spherical, backend="faiss", gpu=False)
+    t = kmeans(x, 10, init=init, niter=20, spherical=spherical, backend="torch", gpu=False)
+    assert (t.backend, t.device, f.backend) == ("torch", "cpu", "faiss")
+    assert (np.bincount(f.assign, minlength=10) > 0).all()  # no split happened, so no RNG is involved
+    np.testing.assert_allclose(t.centroids, f.centroids, atol=2e-5)
+    assert (t.assign == f.assign).mean() > 0.999
+    assert t.objective == pytest.approx(f.objective, rel=1e-5)
+    np.testing.assert_allclose(t.distances, f.distances, atol=1e-4)
+    if spherical:
+        np.testing.assert_allclose(np.linalg.norm(t.centroids, axis=1), 1.0, rtol=1e-5)
+
+
+def test_torch_backend_refills_empty_clusters_and_samples(digits):
+    x, _ = digits
+    init = x[:6].copy()
+    init[5] = 1e3  # far from every digit: empty after the first assignment, so it takes half of a cluster
+    for backend in ("faiss", "torch"):
+        res = kmeans(x, 6, init=init, niter=10, backend=backend, gpu=False)
+        assert (np.bincount(res.assign, minlength=6) > 0).all(), backend
+        assert np.abs(res.centroids).max() < 2.0, backend
+    sub = kmeans(x, 10, max_points_per_centroid=50, niter=5, backend="torch", gpu=False)
+    assert sub.sampled and sub.n_points_used == 500 and sub.assign.shape == (len(x),)
+
+
+def test_split_empty_follows_faiss():
+    c = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]], np.float32)
+    counts = np.array([5, 0, 1])
+    _split_empty(c, counts, 6, np.random.default_rng(0))  # only cluster 0 can be drawn: (1 - 1) / 3 = 0
+    e = SPLIT_EPS
+    np.testing.assert_allclose(c[1], [1 + e, 2 * (1 - e), 3 * (1 + e)], rtol=1e-6)
+    np.testing.assert_allclose(c[0], [1 - e, 2 * (1 + e), 3 * (1 - e)], rtol=1e-6)
+    assert counts.tolist() == [3, 2, 1]
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda_matches_cpu(digits):
+    x, _ = digits
+    init = x[:10].copy()
+    g = kmeans(x, 10, init=init, niter=20, backend="torch", gpu=True)
+    c = kmeans(x, 10, init=init, niter=20, backend="torch", gpu=False)
+    assert (g.device, c.device) == ("gpu", "cpu")
+    np.testing.assert_allclose(g.centroids, c.centroids, atol=1e-4)
+    assert g.objective == pytest.approx(c.objective, rel=1e-5)
 
 
 @pytest.mark.faiss_gpu

@@ -71,7 +71,7 @@ def test_mixture_init_clusters_beat_raw_pixel_kmeans(run, labelled):
 def test_outputs_are_complete_and_consistent(run):
     out, _ = run
     s = cluster_run(out, 10, init="kmeans++", spherical=True, report=False)
-    assert s["faiss"].startswith("faiss on the CPU") and not s["sampled"]
+    assert s["kmeans"] == "faiss on the CPU" and not s["sampled"]
     table = pq.read_table(out / "clusters.parquet")
     assert table.num_rows == N and table.column("id").to_pylist() == list(range(N))
     assign = table.column("cluster").to_numpy()
