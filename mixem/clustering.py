@@ -82,9 +82,10 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     N, D = x.shape
     if not 1 <= k <= N:
         raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
-    how, dev = resolve_backend(gpu)
+    t_read = time.perf_counter() - t0
+    how, dev = resolve_backend(gpu)  # may import torch (~1 s): after the read is timed
     where = f"{how} on the {dev.upper()}" + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
-    log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({time.perf_counter() - t0:.1f} s); "
+    log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({t_read:.1f} s); "
               f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}")
     # MIX'EM starts from the mean of each argmax-pi group (empty ones seeded by k-means++).
     res = kmeans(x, k, init=init, mixture_probs=cols["mixture_probs"], spherical=spherical, niter=niter, seed=seed,
