@@ -170,36 +170,33 @@ def _config(RA: int, RB: int, D: int, dtype: torch.dtype, backward: bool, interp
     return dict(BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=3 if BD <= 128 and not backward else 2)
 
 
+def _launch(kernel, a: torch.Tensor, b: torch.Tensor, backward: bool, *args, **meta) -> None:
+    """One program per BM rows of a (against every row of b), with the tile config for this shape."""
+    RA, D = a.shape
+    cfg = _config(RA, b.shape[0], D, a.dtype, backward, _interpreting(kernel))
+    acc = tl.float64 if a.dtype == torch.float64 else tl.float32
+    with _on(a):
+        kernel[(triton.cdiv(RA, cfg["BM"]),)](*args, ACC=acc, **meta, **cfg)
+
+
 def _launch_fwd(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, tau: float) -> torch.Tensor:
     _check(rows, cols)
     rows, cols = rows.contiguous(), cols.contiguous()
     RA, D = rows.shape
-    RB = cols.shape[0]
     lse = torch.empty(RA, dtype=_lse_dtype(rows.dtype), device=rows.device)  # (RA,)
-    if RA == 0:
-        return lse
-    cfg = _config(RA, RB, D, rows.dtype, False, _interpreting(_ntxent_lse_fwd_kernel))
-    acc = tl.float64 if rows.dtype == torch.float64 else tl.float32
-    with _on(rows):
-        _ntxent_lse_fwd_kernel[(triton.cdiv(RA, cfg["BM"]),)](
-            rows, cols, lse, RA, RB, D, row_offset, 0, rows.stride(0), cols.stride(0), _LOG2E / tau, ACC=acc, **cfg
-        )
+    if RA:
+        _launch(_ntxent_lse_fwd_kernel, rows, cols, False,
+                rows, cols, lse, RA, cols.shape[0], D, row_offset, 0, rows.stride(0), cols.stride(0), _LOG2E / tau)
     return lse
 
 
 def _launch_bwd(a, b, lse_a, dlse_a, lse_b, dlse_b, dscale, a_off, b_off, tau, row_term, col_term) -> torch.Tensor:
     RA, D = a.shape
-    RB = b.shape[0]
     da = torch.empty_like(a)  # (RA, D)
-    if RA == 0:
-        return da
-    cfg = _config(RA, RB, D, a.dtype, True, _interpreting(_ntxent_lse_bwd_kernel))
-    acc = tl.float64 if a.dtype == torch.float64 else tl.float32
-    with _on(a):
-        _ntxent_lse_bwd_kernel[(triton.cdiv(RA, cfg["BM"]),)](
-            a, b, da, lse_a, dlse_a, lse_b, dlse_b, RA, RB, D, a_off, b_off, a.stride(0), b.stride(0), da.stride(0),
-            dscale, _LOG2E / tau, 1.0 / tau, ROW_TERM=row_term, COL_TERM=col_term, ACC=acc, **cfg
-        )
+    if RA:
+        _launch(_ntxent_lse_bwd_kernel, a, b, True,
+                a, b, da, lse_a, dlse_a, lse_b, dlse_b, RA, b.shape[0], D, a_off, b_off, a.stride(0), b.stride(0),
+                da.stride(0), dscale, _LOG2E / tau, 1.0 / tau, ROW_TERM=row_term, COL_TERM=col_term)
     return da
 
 
