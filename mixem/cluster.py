@@ -279,12 +279,14 @@ def _lloyd_torch(x: np.ndarray, c0: np.ndarray, niter: int, spherical: bool, mpp
     train = x if N <= k * mppc else x[np.sort(rng.choice(N, k * mppc, replace=False))]
     resident = device.type == "cpu" or train.nbytes < torch.cuda.mem_get_info(device)[0] // 2
 
-    def blocks(a: np.ndarray):
-        t = torch.from_numpy(a)
-        if resident:
-            t = t.to(device)
-        for s in range(0, len(a), TORCH_BLOCK):
-            yield s, t[s: s + TORCH_BLOCK].to(device, non_blocking=True)
+    def held(a: np.ndarray) -> torch.Tensor:  # on the device once, or in host memory (then moved per block)
+        return torch.from_numpy(a).to(device) if resident else torch.from_numpy(a)
+
+    def blocks(t: torch.Tensor):
+        for s in range(0, len(t), TORCH_BLOCK):
+            yield s, t[s: s + TORCH_BLOCK].to(device)
+
+    train_t = held(train)
 
     def nearest(xb, c, c_sq):  # (B,) cluster and (B,) its score: -(squared distance) or inner product
         ip = xb @ c.T
@@ -297,7 +299,7 @@ def _lloyd_torch(x: np.ndarray, c0: np.ndarray, niter: int, spherical: bool, mpp
         c_sq = (c * c).sum(1)
         sums = torch.zeros((k, D), dtype=torch.float64, device=device)
         counts = torch.zeros(k, dtype=torch.int64, device=device)
-        for _, xb in blocks(train):
+        for _, xb in blocks(train_t):
             a, _ = nearest(xb, c, c_sq)
             sums.index_add_(0, a, xb.double())
             counts += torch.bincount(a, minlength=k)
@@ -310,7 +312,8 @@ def _lloyd_torch(x: np.ndarray, c0: np.ndarray, niter: int, spherical: bool, mpp
     c_sq = (c * c).sum(1)
     assign = np.empty(N, np.int64)
     dist = np.empty(N, np.float32)
-    for s, xb in blocks(x):
+    x_t = train_t if train is x else held(x)
+    for s, xb in blocks(x_t):
         a, best = nearest(xb, c, c_sq)
         x_sq = (xb * xb).sum(1)
         d = x_sq - 2.0 * best + c_sq[a] if spherical else x_sq - best
