@@ -32,7 +32,8 @@ setup_device() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed: run 'bash bench/gpu_session.sh wheels' here and carry .whl"; exit 1; }
   export PYTHONPATH=/tmp/site
-  python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . >/dev/null || exit 1
+  python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . >/dev/null \
+    || python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir . >/dev/null || exit 1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 }
 
