@@ -111,6 +111,7 @@ def summarize(case: dict, records: dict) -> dict:
 def setup(case: dict, device) -> dict:
     import torch
 
+    from mixem import shards
     from mixem.checkpoint import save_checkpoint
     from mixem.config import PRESETS, MixEMConfig
     from mixem.embed import EmbedOptions, decode_nvjpeg, embed_folder
@@ -159,7 +160,7 @@ def setup(case: dict, device) -> dict:
             for s in range(0, len(paths), case["batch"]):
                 _, status = decode_nvjpeg(paths[s: s + case["batch"]], cfg.image_size, cfg.in_channels,
                                           torch.device(device))
-                bad += sum(st != "ok" for st, _ in status)
+                bad += sum(st != shards.OK for st, _ in status)
             return len(paths) - bad, bad
         cands["decode_nvjpeg"] = nvjpeg
     for eng, path in models.items():

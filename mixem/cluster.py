@@ -29,8 +29,12 @@ class KMeansResult:
 
     @property
     def where(self) -> str:
-        """For logs and metrics: 'faiss on the CPU', 'faiss on the GPU' or 'torch on the GPU'."""
-        return f"{self.backend} on the {self.device.upper()}"
+        return describe_backend(self.backend, self.device)
+
+
+def describe_backend(backend: str, device: str) -> str:
+    """For logs and metrics: 'faiss on the CPU', 'faiss on the GPU' or 'torch on the GPU'."""
+    return f"{backend} on the {device.upper()}"
 
 
 BACKENDS = ("auto", "faiss", "torch")

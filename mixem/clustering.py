@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixem import manifest, shards
-from mixem.cluster import kmeans, l2_normalize, resolve_backend
+from mixem.cluster import describe_backend, kmeans, l2_normalize, resolve_backend
 from mixem.config import KMEANS_INITS, atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
@@ -84,10 +84,10 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
         raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
     t_read = time.perf_counter() - t0
     how, dev = resolve_backend(gpu)  # may import torch (~1 s): after the read is timed
-    where = f"{how} on the {dev.upper()}" + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
+    where = describe_backend(how, dev) + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
     log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({t_read:.1f} s); "
               f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}")
-    # MIX'EM starts from the mean of each argmax-pi group (empty ones seeded by k-means++).
+    # init "mixture" (the default) is MIX'EM's start: the mean of each argmax-pi group (empty ones by k-means++).
     res = kmeans(x, k, init=init, mixture_probs=cols["mixture_probs"], spherical=spherical, niter=niter, seed=seed,
                  max_points_per_centroid=max_points_per_centroid, gpu=gpu)
     t_km = time.perf_counter() - t0

@@ -234,7 +234,8 @@ def passive_openmp() -> None:
 
     OpenMP reads it once, when the library loads. For commands whose OpenMP work (torch on the CPU, faiss)
     shares the cores with other threads (embed's decoders) or processes: spinning OpenMP threads took the
-    decoders' cores (embed pipeline on 2 cores: 0.70-0.80 of its shared-core bound, 0.93-0.97 with PASSIVE)
-    and made faiss k-means ~9x slower on a busy machine (bench/cluster_faiss.py).
+    decoders' cores (the torch embed pipeline on 2 cores: 2,119 vs 3,030 img/s with OMP_WAIT_POLICY=ACTIVE,
+    bench/results/embed_pipeline_omp-active__*) and made faiss k-means ~9x slower on a busy machine
+    (bench/cluster_faiss.py).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
