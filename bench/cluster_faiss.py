@@ -1,4 +1,4 @@
-"""Benchmark: k-means seconds, FAISS (mixem.cluster.kmeans) vs scikit-learn KMeans, same points, init and iterations.
+"""Benchmark: k-means seconds, FAISS (mixem.kmeans.kmeans) vs scikit-learn KMeans, same points, init and iterations.
 
 On a CUDA machine also the GPU k-means `cluster` runs there: faiss-gpu when installed, and the torch Lloyd
 loop (backend "torch"), which is what runs with pip's faiss-cpu.
@@ -46,7 +46,7 @@ def _data(case) -> tuple[np.ndarray, np.ndarray]:
 
 
 def not_measured(device) -> list[str]:
-    from mixem.cluster import faiss_num_gpus
+    from mixem.kmeans import faiss_num_gpus
 
     out = ["scikit-learn KMeans is capped at the same iterations as FAISS (max_iter=niter, tol=0): "
            "the comparison is seconds for the same Lloyd work, not time to convergence"]
@@ -60,7 +60,7 @@ def not_measured(device) -> list[str]:
 def setup(case: dict, device) -> dict:
     from sklearn.cluster import KMeans
 
-    from mixem.cluster import faiss_num_gpus, kmeans
+    from mixem.kmeans import faiss_num_gpus, kmeans
 
     x, init = _data(case)
     k, niter = case["k"], case["niter"]

@@ -234,7 +234,7 @@ def cluster(
     from mixem.config import passive_openmp
 
     passive_openmp()  # before faiss loads OpenMP
-    from mixem.clustering import cluster_run
+    from mixem.cluster import cluster_run
     from mixem.runlog import RunLog
 
     summary = cluster_run(run, k, init=init.value, spherical=spherical, niter=niter, seed=seed,

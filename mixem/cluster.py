@@ -1,405 +1,138 @@
-"""FAISS k-means over every point (CPU or GPU), with k-means++ and MIX'EM mixture-mean initialisation."""
+"""The cluster command: FAISS k-means over an embedding run's shards, its outputs, metrics and report."""
 
 from __future__ import annotations
 
-import math
-import warnings
-from dataclasses import dataclass
+import csv
+import json
+import time
+from pathlib import Path
 
 import faiss
 import numpy as np
-import scipy.sparse
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from mixem import manifest, shards
+from mixem.kmeans import describe_backend, kmeans, l2_normalize, resolve_backend
+from mixem.config import KMEANS_INITS, atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
+from mixem.metrics import clustering_metrics
+from mixem.runlog import RunLog
 
-INITS = ("kmeans++", "random")  # seedings; kmeans() also takes "mixture" (with mixture_probs) or centroids
-SEED_POINTS_PER_CENTROID = 1024  # k-means++ seeds from at most k * this many points (see _seeding_sample)
-
-
-@dataclass
-class KMeansResult:
-    centroids: np.ndarray  # (k, D) float32; unit rows when spherical
-    assign: np.ndarray  # (N,) int64 cluster of every input point
-    distances: np.ndarray  # (N,) float32 squared L2 distance of each point to its centroid
-    objective: float  # sum of `distances` over all N points (inertia); the best redo's
-    device: str  # "cpu" or "gpu": where the iterations ran
-    sampled: bool  # True when faiss trained on a random subset (max_points_per_centroid * k < N)
-    n_points_used: int  # points faiss trained on; assign/distances/objective always cover all N
-    backend: str = "faiss"  # "faiss", or "torch" (Lloyd on a CUDA GPU that faiss cannot use: faiss-cpu)
-
-    @property
-    def where(self) -> str:
-        return describe_backend(self.backend, self.device)
+CLUSTERS, CENTROIDS, INDEX = "clusters.parquet", "centroids.npy", "index.faiss"
+METRICS, REPORT = "metrics.json", "report.html"
+CLUSTERS_ROW_GROUP = 65536
 
 
-def describe_backend(backend: str, device: str) -> str:
-    """For logs and metrics: 'faiss on the CPU', 'faiss on the GPU' or 'torch on the GPU'."""
-    return f"{backend} on the {device.upper()}"
+def load_run(out: Path) -> manifest.Manifest:
+    """The manifest of a finished embedding run, or a one-line error saying what is missing."""
+    m = manifest.load(out)
+    if m is None:
+        raise DataError(f"{out}: no {manifest.MANIFEST}; run `mixem-fast embed MODEL IMAGES --out {out}` first")
+    done = shards.done_shards(out, m.n_shards)
+    if len(done) < m.n_shards:
+        raise DataError(f"{out}: {len(done)} of {m.n_shards} shards are done; rerun the embed command to finish it")
+    return m
 
 
-BACKENDS = ("auto", "faiss", "torch")
+def _rel(paths: np.ndarray, root: str) -> list[str]:
+    cut = len(root) + 1
+    return [p[cut:] if p.startswith(root + "/") else p for p in paths]
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Float32 copy with unit-norm rows; all-zero rows stay zero instead of becoming NaN."""
-    x = np.array(x, dtype=np.float32, copy=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x /= np.maximum(norms, np.finfo(np.float32).tiny)
-    return x
-
-
-def faiss_num_gpus() -> int:
-    """GPUs faiss can use: 0 with faiss-cpu (which has no get_num_gpus in old builds) or no CUDA device."""
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
-
-
-def _torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_backend(gpu="auto", backend: str = "auto") -> tuple[str, str]:
-    """(backend, device) k-means runs on: faiss on its GPUs when it has any; else, for gpu "auto"/True,
-    Lloyd's iterations in torch on a CUDA GPU (pip's faiss-cpu has no GPU code; faiss-gpu is rarely
-    installable); else faiss on the CPU. backend forces "faiss" or "torch" (torch: cuda when there is one,
-    else the CPU; used to check it against faiss). device is "gpu" or "cpu"."""
-    if gpu not in ("auto", True, False):
-        raise ConfigError(f"gpu must be 'auto', True or False, got {gpu!r}")
-    if backend not in BACKENDS:
-        raise ConfigError(f"k-means backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    want_gpu = gpu in ("auto", True)
-    if backend == "torch":
-        return "torch", "gpu" if want_gpu and _torch_cuda() else "cpu"
-    if want_gpu and faiss_num_gpus() > 0:
-        return "faiss", "gpu"
-    if backend == "auto" and want_gpu and _torch_cuda():
-        return "torch", "gpu"
-    if gpu is True:
-        warnings.warn("no GPU for k-means (faiss-cpu and no CUDA device): it runs on the CPU", stacklevel=3)
-    return "faiss", "cpu"
-
-
-def _row_sq(x: np.ndarray) -> np.ndarray:
-    return np.einsum("nd,nd->n", x, x)  # (N,) without materialising x * x (N, D)
-
-
-def _all_finite(x: np.ndarray, rows: int = 65536) -> bool:
-    return all(np.isfinite(x[s : s + rows]).all() for s in range(0, len(x), rows))  # bounded temporaries
-
-
-def _sqdist(x: np.ndarray, c: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
-    """(N, m) squared L2 distances, clipped at 0 (the expansion can go slightly negative in float32)."""
-    d = x_sq[:, None] + (c * c).sum(1)[None, :] - 2.0 * (x @ c.T)
-    return np.maximum(d, 0.0, out=d)
-
-
-def kmeans_plus_plus(
-    x: np.ndarray, k: int, *, seed: int = 0, centers: np.ndarray | None = None, n_local_trials: int | None = None
-) -> np.ndarray:
-    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; scikit-learn's variant: at each step
-    draw 2 + ln k candidates by D² sampling and keep the one that lowers the potential most).
-
-    Written here because faiss before 1.14 has only random initialisation, and because MIX'EM's
-    mixture init needs seeding *conditioned on given centres* (empty components): `centers` (m, D)
-    are kept as the first m rows and only k - m new ones are drawn. Returns (k, D) float32.
-    """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    N, D = x.shape
-    rng = np.random.default_rng(seed)
-    trials = n_local_trials if n_local_trials is not None else 2 + int(math.log(k))
-    chosen = np.empty((k, D), dtype=np.float32)
-    m = 0 if centers is None else len(centers)
-    if m > k:
-        raise ConfigError(f"kmeans_plus_plus got {m} given centres for k={k}")
-    x_sq = _row_sq(x)
-    if m:
-        chosen[:m] = centers
-        closest = faiss.knn(x, chosen[:m], 1)[0][:, 0].astype(np.float64)  # (N,) blockwise in faiss
-        closest = np.maximum(closest, 0.0)
+def find_labels(rel: list[str], labels_file: Path | None):
+    """Labels per row: from a CSV of (path relative to the image folder, label) when given, else from
+    first-level sub-folder names when every image lies in one. (labels, where from, class names) or Nones."""
+    if labels_file is not None:
+        if not Path(labels_file).is_file():
+            raise DataError(f"{labels_file}: labels file not found")
+        with open(labels_file, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+        if rows and rows[0][:2] == ["path", "label"]:
+            rows = rows[1:]
+        table = {r[0]: r[1] for r in rows if len(r) >= 2}
+        missing = [p for p in rel if p not in table]
+        if missing:
+            raise DataError(f"{labels_file}: no label for {len(missing)} of {len(rel)} images (first: {missing[0]}); "
+                            "give one 'relative/path,label' line per image")
+        names = [table[p] for p in rel]
+        source = str(labels_file)
+    elif rel and all("/" in p for p in rel):
+        names = [p.split("/", 1)[0] for p in rel]
+        source = "sub-folder names"
     else:
-        chosen[0] = x[rng.integers(N)]
-        m = 1
-        closest = _sqdist(x, chosen[:1], x_sq)[:, 0].astype(np.float64)
-    for i in range(m, k):
-        potential = closest.sum()
-        if potential <= 0.0:  # every point already sits on a centre: any point is as good as another
-            cand = rng.integers(N, size=1)
-        else:
-            cum = np.cumsum(closest)
-            cand = np.searchsorted(cum, rng.random(trials) * cum[-1], side="right")
-            cand = np.minimum(cand, N - 1)
-        d = np.minimum(closest[:, None], _sqdist(x, x[cand], x_sq))  # (N, trials)
-        best = int(np.argmin(d.sum(0)))
-        closest = d[:, best]
-        chosen[i] = x[cand[best]]
-    return chosen
+        return None, None, None
+    classes, y = np.unique(np.asarray(names), return_inverse=True)
+    return y.astype(np.int64), source, classes.tolist()
 
 
-def _seeding_sample(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    # k-means++ is sequential in k and costs O(N k D); drawing the seeds from k * 1024 random points
-    # makes it O(k² D) at millions of points, while a cluster holding 1/k of the data still has ~1024
-    # points in the sample. Only the seeding is sampled: Lloyd's iterations use all N points.
-    n_max = k * SEED_POINTS_PER_CENTROID
-    if len(x) <= n_max:
-        return x
-    return x[np.sort(rng.choice(len(x), n_max, replace=False))]
-
-
-def _initial_centroids(x: np.ndarray, k: int, init, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if isinstance(init, np.ndarray):
-        return np.ascontiguousarray(init, dtype=np.float32)
-    if init == "random":
-        return x[rng.choice(len(x), k, replace=False)].copy()
-    return kmeans_plus_plus(_seeding_sample(x, k, rng), k, seed=int(rng.integers(2**31)))
-
-
-def kmeans(
-    x: np.ndarray,
-    k: int,
-    *,
-    init: str | np.ndarray = "kmeans++",
-    mixture_probs: np.ndarray | None = None,
-    spherical: bool = False,
-    niter: int = 25,
-    nredo: int = 1,
-    seed: int = 0,
-    max_points_per_centroid: int | None = None,
-    gpu: str | bool = "auto",
-    backend: str = "auto",
-) -> KMeansResult:
-    """Lloyd k-means with faiss (`faiss.Kmeans`), keeping the best of `nredo` seedings by objective.
-
-    x: (N, D) float32. init: "kmeans++", "random", "mixture" (MIX'EM's start: the means of the argmax
-    groups of `mixture_probs`, (N, K) row-aligned with x; see mixture_init_centroids), or (k, D) initial
-    centroids. "mixture" and given centroids make one run: every redo would start from the same centres.
-    spherical: unit-norm centroids and inner-product
-    assignment (for L2-normalised x this is the same partition as L2). max_points_per_centroid:
-    None trains on every point; faiss's own default of 256 silently subsamples to 256·k points.
-    gpu: "auto" uses a GPU when there is one (faiss's, else torch's: resolve_backend); the result says
-    where it ran. backend: "auto", or "faiss" / "torch" to force one.
-    """
-    if x.ndim != 2:
-        raise DataError(f"k-means needs a 2-D (points, dims) array, got shape {tuple(x.shape)}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bool = False, niter: int = 25,
+                seed: int = 0, max_points_per_centroid: int | None = None, labels_file: Path | None = None,
+                gpu: str | bool = "auto", report: bool = True, per_cluster: int = 24,
+                log: RunLog | None = None) -> dict:
+    """Cluster every embedded image of run `out` into k groups; writes the outputs beside the shards."""
+    log = log or RunLog(quiet=True)
+    out = Path(out)
+    if init not in KMEANS_INITS:
+        raise ConfigError(f"--init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
+    m = load_run(out)
+    t0 = time.perf_counter()
+    x, cols = shards.read_ok(out, m.n_shards)
+    x = l2_normalize(x) if spherical else x  # stored rows are unit already; fp16 rounding moves them ~1e-3
     N, D = x.shape
     if not 1 <= k <= N:
-        raise ConfigError(f"k must be between 1 and the number of points ({N}), got {k}")
-    if niter < 0 or nredo < 1:
-        raise ConfigError(f"niter must be >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
-    if not _all_finite(x):
-        raise DataError("k-means input holds NaN or infinite values: check the embeddings that produced it")
-    if isinstance(init, str) and init == "mixture":
-        if mixture_probs is None:
-            raise ConfigError("init='mixture' needs the mixture probabilities (mixture_probs)")
-        init = mixture_init_centroids(x, mixture_probs, k, seed=seed)
-    if isinstance(init, np.ndarray):
-        if init.shape != (k, D):
-            raise ConfigError(f"initial centroids must have shape ({k}, {D}), got {tuple(init.shape)}")
-        nredo = 1
-    elif init not in INITS:
-        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(INITS)}, mixture, or pass centroids")
-    mppc = math.ceil(N / k) if max_points_per_centroid is None else int(max_points_per_centroid)
-    if mppc < 1:
-        raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")
-    how, dev = resolve_backend(gpu, backend)
-    x_sq = _row_sq(x) if spherical else None
+        raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
+    t_read = time.perf_counter() - t0
+    how, dev = resolve_backend(gpu)  # may import torch (~1 s): after the read is timed
+    where = describe_backend(how, dev) + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
+    log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({t_read:.1f} s); "
+              f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}")
+    # init "mixture" (the default) is MIX'EM's start: the mean of each argmax-pi group (empty ones by k-means++).
+    res = kmeans(x, k, init=init, mixture_probs=cols["mixture_probs"], spherical=spherical, niter=niter, seed=seed,
+                 max_points_per_centroid=max_points_per_centroid, gpu=gpu)
+    t_km = time.perf_counter() - t0
+    if res.sampled:
+        log.print(f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "
+                  "every point is still assigned")
+    ids, paths = cols["id"], cols["image_path"]
+    table = pa.table({"image_path": pa.array(paths, pa.string()), "id": pa.array(ids, pa.int64()),
+                      "cluster": pa.array(res.assign.astype(np.int32)),
+                      "distance": pa.array(res.distances.astype(np.float32))})
+    # Row groups of 64k rows: `search` reads only the groups holding its hits.
+    atomic_write(out / CLUSTERS, lambda p: pq.write_table(table, p, row_group_size=CLUSTERS_ROW_GROUP))
+    atomic_write(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
+    # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
+    index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids.astype(np.int64))
+    atomic_write(out / INDEX, lambda p: faiss.write_index(index, str(p)))
+    sizes = np.bincount(res.assign, minlength=k)
+    rel = _rel(paths, m.root)
+    y, label_source, classes = find_labels(rel, labels_file)
+    metrics = {"k": k, "init": init, "spherical": spherical, "niter": niter, "seed": seed, "points": N, "dim": D,
+               "features": m.features, "objective": res.objective, "device": res.device, "kmeans": res.where,
+               "sampled": res.sampled, "points_used_for_training": res.n_points_used,
+               "cluster_sizes": sizes.tolist(), "empty_clusters": int((sizes == 0).sum()),
+               "seconds_kmeans": round(t_km, 3)}
+    if y is not None:
+        metrics.update({"labels": label_source, "classes": int(y.max()) + 1, **clustering_metrics(y, res.assign),
+                        "mixture_argmax": clustering_metrics(y, cols["mixture_probs"].argmax(1))})
+    atomic_write_text(out / METRICS, json.dumps(metrics, indent=2) + "\n")
+    if report:
+        from mixem.report import write_report
 
-    # Independent streams per redo, so calls with seeds 0 and 1 do not share nredo - 1 of their runs.
-    redo_seeds = np.random.default_rng(seed).integers(2**31 - 1, size=nredo)
-    best = None
-    for r in range(nredo):
-        c0 = _initial_centroids(x, k, init, int(redo_seeds[r]))
-        if spherical:
-            c0 = l2_normalize(c0)
-        if how == "torch":
-            centroids, assign, dist = _lloyd_torch(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev)
-        else:
-            centroids, assign, dist = _lloyd_faiss(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev, x_sq)
-        obj = float(dist.sum(dtype=np.float64))
-        if best is None or obj < best.objective:
-            best = KMeansResult(
-                centroids=np.ascontiguousarray(centroids, dtype=np.float32),
-                assign=assign,
-                distances=dist,
-                objective=obj,
-                device=dev,
-                sampled=N > k * mppc,
-                n_points_used=min(N, k * mppc),
-                backend=how,
-            )
-    return best
-
-
-def _lloyd_faiss(x, c0, niter, spherical, mppc, seed, dev, x_sq):
-    """faiss.Kmeans from c0, then every point assigned to the final centroids: (centroids, assign, sq. dist)."""
-    k, D = c0.shape
-    km = faiss.Kmeans(
-        D,
-        k,
-        niter=niter,
-        nredo=1,  # faiss's later redos would restart from the previous result, not a new seeding
-        spherical=spherical,
-        seed=seed,  # faiss uses it for subsampling and for splitting empty clusters
-        max_points_per_centroid=mppc,
-        min_points_per_centroid=1,  # N >= k is checked above; the 39-per-centroid hint is only a print
-        gpu=faiss_num_gpus() if dev == "gpu" else False,
-    )
-    km.train(x, init_centroids=c0)
-    index = km.index
-    index.reset()
-    index.add(km.centroids)
-    score, assign = index.search(x, 1)
-    assign, score = assign[:, 0].astype(np.int64), score[:, 0]
-    if spherical:  # the index returns inner products; report squared L2 like the Euclidean case
-        c_sq = (km.centroids * km.centroids).sum(1)
-        dist = np.maximum(x_sq + c_sq[assign] - 2.0 * score, 0.0).astype(np.float32)
-    else:
-        dist = np.maximum(score, 0.0)
-    return km.centroids, assign, dist
+        write_report(out / REPORT, rel, m.root, res.assign, res.distances, k, metrics, y, classes,
+                     per_cluster=per_cluster)
+    summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "kmeans", "sampled", "empty_clusters")}
+    for key in ("acc", "nmi", "ari", "labels"):
+        if key in metrics:
+            summary[key] = metrics[key]
+    summary["outputs"] = [str(out / f) for f in (CLUSTERS, CENTROIDS, INDEX, METRICS) + ((REPORT,) if report else ())]
+    log.event("cluster", **summary)
+    return summary
 
 
-SPLIT_EPS = 1.0 / 1024  # faiss's relative perturbation when it splits a cluster to refill an empty one
-TORCH_BLOCK = 65536  # rows per distance block: (block, k) floats at a time
+def _save_npy(path: Path, a: np.ndarray):
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+        np.save(f, a)
 
 
-def _lloyd_torch(x: np.ndarray, c0: np.ndarray, niter: int, spherical: bool, mppc: int, seed: int, dev: str):
-    """Lloyd's iterations in torch, faiss's algorithm: assign every training point to its nearest centroid
-    (inner product when spherical), centroid = mean of its points, an empty cluster takes half of a
-    random large one (chosen with probability ~ its size, both copies nudged by +-SPLIT_EPS, as faiss
-    does), unit-norm centroids when spherical; then every point assigned to the final centroids.
-
-    On a GPU, x stays in host memory and moves block by block when it would take more than half of the
-    free GPU memory. Sums are float64; on CUDA index_add_ uses atomics, so the last bits can vary.
-    """
-    import torch
-
-    device = torch.device("cuda" if dev == "gpu" else "cpu")
-    N, D = x.shape
-    k = c0.shape[0]
-    rng = np.random.default_rng(seed)
-    train = x if N <= k * mppc else x[np.sort(rng.choice(N, k * mppc, replace=False))]
-    resident = device.type == "cpu" or train.nbytes < torch.cuda.mem_get_info(device)[0] // 2
-
-    def held(a: np.ndarray) -> torch.Tensor:  # on the device once, or in host memory (then moved per block)
-        return torch.from_numpy(a).to(device) if resident else torch.from_numpy(a)
-
-    def blocks(t: torch.Tensor):
-        for s in range(0, len(t), TORCH_BLOCK):
-            yield s, t[s: s + TORCH_BLOCK].to(device)
-
-    train_t = held(train)
-
-    def nearest(xb, c, c_sq):  # (B,) cluster and (B,) its score: -(squared distance) or inner product
-        ip = xb @ c.T
-        sc = ip if spherical else 2.0 * ip - c_sq[None, :]  # - |x - c|^2 + |x|^2: the same argmax
-        best, a = sc.max(1)
-        return a, best
-
-    c = torch.from_numpy(np.ascontiguousarray(c0, dtype=np.float32)).to(device)
-    for _ in range(niter):
-        c_sq = (c * c).sum(1)
-        sums = torch.zeros((k, D), dtype=torch.float64, device=device)
-        counts = torch.zeros(k, dtype=torch.int64, device=device)
-        for _, xb in blocks(train_t):
-            a, _ = nearest(xb, c, c_sq)
-            sums.index_add_(0, a, xb.double())
-            counts += torch.bincount(a, minlength=k)
-        n_of = counts.cpu().numpy()
-        new = (sums / counts.clamp(min=1)[:, None].double()).float().cpu().numpy()
-        _split_empty(new, n_of, len(train), rng)
-        if spherical:
-            new = l2_normalize(new)
-        c = torch.from_numpy(new).to(device)
-    c_sq = (c * c).sum(1)
-    assign = np.empty(N, np.int64)
-    dist = np.empty(N, np.float32)
-    x_t = train_t if train is x else held(x)
-    for s, xb in blocks(x_t):
-        a, best = nearest(xb, c, c_sq)
-        x_sq = (xb * xb).sum(1)
-        d = x_sq - 2.0 * best + c_sq[a] if spherical else x_sq - best
-        assign[s: s + len(xb)] = a.cpu().numpy()
-        dist[s: s + len(xb)] = d.clamp(min=0).cpu().numpy()
-    return c.cpu().numpy(), assign, dist
-
-
-def _split_empty(c: np.ndarray, counts: np.ndarray, n: int, rng: np.random.Generator) -> None:
-    """faiss's rule for empty clusters, in place: each takes a copy of a cluster drawn with probability
-    ~ (its size - 1) / (n - k), the two copies pushed apart by +-SPLIT_EPS per coordinate."""
-    k = len(c)
-    signs = np.where(np.arange(c.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
-    for ci in np.flatnonzero(counts == 0):
-        cj = 0
-        while True:  # faiss's loop: walk the clusters until one is drawn
-            if rng.random() < (counts[cj] - 1.0) / max(n - k, 1):
-                break
-            cj = (cj + 1) % k
-        c[ci] = c[cj] * (1 + signs * SPLIT_EPS)
-        c[cj] = c[cj] * (1 - signs * SPLIT_EPS)
-        counts[ci] = counts[cj] // 2
-        counts[cj] -= counts[ci]
-
-
-def mixture_init_centroids(
-    features: np.ndarray, probs_or_assign: np.ndarray, k: int, *, seed: int = 0, n_components: int | None = None
-) -> np.ndarray:
-    """MIX'EM's "mean component init": (k, F) float32 initial centres from the mixture assignment.
-
-    Each point goes to its argmax-π component; a component's centre is the mean of its points'
-    features. K == k: centre i is component i. K != k: the k most frequent components (the released
-    "FRQBASED" rule). Empty components, and the k - K missing centres when K < k, are drawn by
-    k-means++ conditioned on the non-empty means: unlike the released code's uniform random vector
-    in the feature range, such a point lies on the data and far from the existing centres, so it
-    neither starts empty nor duplicates a centre.
-
-    probs_or_assign: (N, K) mixture probabilities, or (N,) component indices (then K is
-    n_components, or the largest index + 1).
-    """
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    pa = np.asarray(probs_or_assign)
-    N = features.shape[0]
-    if pa.shape[0] != N:
-        raise DataError(f"{N} feature rows but {pa.shape[0]} mixture assignments: they must be row-aligned")
-    if pa.ndim == 2:
-        K, comp = pa.shape[1], pa.argmax(1)
-    elif pa.ndim == 1 and np.issubdtype(pa.dtype, np.integer):
-        comp = pa.astype(np.int64)
-        if comp.min() < 0:
-            raise DataError("component indices must be >= 0")
-        K = n_components if n_components is not None else int(comp.max()) + 1
-        if comp.max() >= K:
-            raise DataError(f"component index {int(comp.max())} out of range for n_components={K}")
-    else:
-        raise DataError("probs_or_assign must be (N, K) probabilities or (N,) integer component indices")
-    if not 1 <= k <= N:
-        raise ConfigError(f"k must be between 1 and the number of points ({N}), got {k}")
-
-    counts = np.bincount(comp, minlength=K)
-    sums = np.zeros((K, features.shape[1]), dtype=np.float64)
-    for s in range(0, N, 65536):  # float64 sums, in blocks so no (N, F) float64 copy is made
-        block = features[s : s + 65536].astype(np.float64)
-        n = len(block)
-        sums += scipy.sparse.csr_matrix((np.ones(n), (comp[s : s + n], np.arange(n))), shape=(K, n)) @ block
-    means = sums / np.maximum(counts, 1)[:, None]  # (K, F)
-    if K == k:
-        slots = np.arange(K)
-    else:
-        slots = np.argsort(-counts, kind="stable")[: min(k, K)]  # most frequent first
-    filled = slots[counts[slots] > 0]
-    given = means[filled].astype(np.float32)
-    if len(given) == k:
-        return given
-    # Seed the missing centres after the given ones (from the same sample kmeans() seeds from: k-means++
-    # over all N points is O(N k D), 36 s at 1M x 64), then put every centre back into its slot.
-    rng = np.random.default_rng(seed)
-    centres = kmeans_plus_plus(_seeding_sample(features, k, rng), k, seed=int(rng.integers(2**31)),
-                               centers=given if len(given) else None)
-    if K != k:
-        return centres
-    out = np.empty_like(centres)
-    out[filled] = centres[: len(filled)]
-    out[np.setdiff1d(np.arange(k), filled)] = centres[len(filled) :]
-    return out

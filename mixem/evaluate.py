@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mixem.cluster import kmeans, l2_normalize
+from mixem.kmeans import kmeans, l2_normalize
 from mixem.config import KMEANS_INITS
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics

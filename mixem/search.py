@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mixem import folders
-from mixem.clustering import CLUSTERS, INDEX, load_run
+from mixem.cluster import CLUSTERS, INDEX, load_run
 from mixem.errors import ConfigError, DataError
 
 
