@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mixem.config import PASSIVE_OPENMP_BENCHES, passive_openmp
+    from mixem.runtime import PASSIVE_OPENMP_BENCHES, passive_openmp
 
     words = sys.argv[1:] if argv is None else argv
     if words and words[0] in PASSIVE_OPENMP_BENCHES:

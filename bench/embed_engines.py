@@ -64,7 +64,9 @@ def _ort_cuda() -> bool:
 def setup(case: dict, device) -> dict:
     """Candidates over one random-init checkpoint (speed does not depend on the weights); torch first."""
     from mixem.checkpoint import save_checkpoint
-    from mixem.export import build_trt_engine, export_onnx, load_engine
+    from mixem.engines import load_engine
+    from mixem.export import export_onnx
+    from mixem.export.tensorrt import build_trt_engine
     from mixem.model import MixEM
 
     device = torch.device(device)

@@ -115,7 +115,8 @@ def setup(case: dict, device) -> dict:
     from mixem.checkpoint import save_checkpoint
     from mixem.config import PRESETS, MixEMConfig
     from mixem.embed import EmbedOptions, decode_nvjpeg, embed_folder
-    from mixem.export import export_checkpoint, load_engine
+    from mixem.engines import load_engine
+    from mixem.export import export_checkpoint
     from mixem.folders import decode_files, list_images
     from mixem.model import MixEM
 

@@ -247,7 +247,7 @@ def _free(dev: torch.device) -> None:
 
 
 def write_result(path: Path, data: dict) -> None:
-    from mixem.config import atomic_write_text
+    from mixem.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
@@ -261,7 +261,7 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
     modules = _modules()
     if name not in modules:
         raise KeyError(f"no benchmark named {name!r}; available: {', '.join(sorted(modules)) or 'none'}")
-    from mixem.train import resolve_device
+    from mixem.runtime import resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cpu" and "triton" not in sys.modules:

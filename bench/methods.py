@@ -32,7 +32,8 @@ from mixem.errors import MixEMError
 from mixem.evaluate import evaluate, extract_features, raw_pixel_baseline
 from mixem.runlog import RunLog
 from mixem.session import build_configs, load_data
-from mixem.train import resolve_device, train
+from mixem.runtime import resolve_device
+from mixem.train import train
 
 METHODS = ("mixem", "ccp", "simclr")
 # The clustering each method prescribes: MIX'EM and ccp start k-means from their own components or

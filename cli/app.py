@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mixem.config import (ENGINES, EMBED_FEATURES, EXPORT_FORMATS, FEATURE_TYPES, IMPLS, KMEANS_INITS, METHODS,
-                          PRESETS)
+from mixem.config import (ENGINES, EMBED_FEATURES, EVAL_FEATURES, EVAL_INITS, EXPORT_FORMATS, FEATURE_TYPES, IMPLS,
+                          KMEANS_INITS, METHODS, PRESETS, TRT_PROFILE)
 from mixem.errors import MixEMError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -107,8 +107,8 @@ def eval_(
     max_images: Annotated[Optional[int], typer.Option("--max-images")] = None,
     device: Device = None,
     seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
-    features: Annotated[str, typer.Option(help="Comma list of backbone, embedding, top_component.")] = "backbone,embedding",
-    init: Annotated[str, typer.Option(help="Comma list of k-means starts: mixture, kmeans++, random.")] = "mixture,kmeans++",
+    features: Annotated[str, typer.Option(help="Comma list of backbone, embedding, top_component.")] = ",".join(EVAL_FEATURES),
+    init: Annotated[str, typer.Option(help="Comma list of k-means starts: mixture, kmeans++, random.")] = ",".join(EVAL_INITS),
     normalize: Annotated[bool, typer.Option("--normalize/--raw", help="L2-normalise features before k-means.")] = True,
     quiet: Quiet = False,
     json_log: JsonLog = None,
@@ -137,15 +137,18 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("export"),
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision model.")] = False,
     features: Annotated[bool, typer.Option("--features", help="Also output backbone features.")] = False,
-    min_batch: Annotated[int, typer.Option("--min-batch", help="TensorRT profile: smallest batch.")] = 1,
-    opt_batch: Annotated[int, typer.Option("--opt-batch", help="TensorRT profile: batch tuned for.")] = 256,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="TensorRT profile: largest batch.")] = 1024,
+    min_batch: Annotated[Optional[int], typer.Option("--min-batch", help=f"TensorRT profile: smallest batch "
+                                                      f"(default {TRT_PROFILE[0]}).")] = None,
+    opt_batch: Annotated[Optional[int], typer.Option("--opt-batch", help=f"TensorRT profile: batch tuned for "
+                                                      f"(default {TRT_PROFILE[1]}).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help=f"TensorRT profile: largest batch "
+                                                      f"(default {TRT_PROFILE[2]}).")] = None,
 ):
     """Export a checkpoint to ONNX (parity-checked against PyTorch) or a TensorRT engine."""
     from mixem.export import export_checkpoint
 
-    summary = export_checkpoint(checkpoint, fmt=format.value, out_dir=out, fp16=fp16, features=features,
-                                min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch)
+    profile = {k: v for k, v in dict(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch).items() if v is not None}
+    summary = export_checkpoint(checkpoint, fmt=format.value, out_dir=out, fp16=fp16, features=features, **profile)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -158,7 +161,7 @@ def bench(
     device: Annotated[str, typer.Option("--device")] = "auto",
 ):
     """Run a benchmark against its baseline in the same process and write JSON results."""
-    from mixem.config import PASSIVE_OPENMP_BENCHES, passive_openmp
+    from mixem.runtime import PASSIVE_OPENMP_BENCHES, passive_openmp
 
     if name in PASSIVE_OPENMP_BENCHES:
         passive_openmp()  # as the commands they time run (before mixem.bench imports torch)
@@ -194,15 +197,16 @@ def embed(
     json_log: JsonLog = None,
 ):
     """Embed every image of a folder into resumable shards; rerun the same command to resume, torchrun to split."""
-    from mixem.config import passive_openmp, replace
+    from mixem.config import replace
+    from mixem.runtime import passive_openmp, torchrun_env
 
     passive_openmp()  # before torch loads: the decode threads need the cores between engine calls
-    from mixem.embed import EmbedOptions, dist_env, embed_folder
+    from mixem.embed import EmbedOptions, embed_folder
     from mixem.runlog import RunLog
 
     opts = replace(EmbedOptions(engine=engine.value, features=features.value), batch_size=batch_size,
                    shard_size=shard_size, workers=workers, decoder=decoder, device=device)
-    rank, _, _ = dist_env()
+    rank, _, _ = torchrun_env()
     try:
         summary = embed_folder(str(model), images, out, opts, RunLog(json_log, quiet=quiet or rank > 0))
     except KeyboardInterrupt:
@@ -231,7 +235,7 @@ def cluster(
     json_log: JsonLog = None,
 ):
     """Cluster an embedding run with FAISS k-means; write clusters.parquet, centroids, index, metrics, report."""
-    from mixem.config import passive_openmp
+    from mixem.runtime import passive_openmp
 
     passive_openmp()  # before faiss loads OpenMP
     from mixem.cluster import cluster_run

@@ -21,19 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixem.config import atomic_write_text, save_json
+from mixem.engines.onnx_engine import INPUT, MODEL, ONNX_INSTALL, OUTPUTS
 from mixem.errors import MixEMError, require
-
-from . import parity
+from mixem.export import parity
+from mixem.files import atomic_write_text, save_json
 
 # Opset 18: the torch.export-based exporter's native opset (no version conversion pass), read by
 # onnxruntime >= 1.14 and by TensorRT 10/11's ONNX parser.
 OPSET = 18
-INPUT = "images"
-OUTPUTS = ("embedding", "mixture_probs", "features")
-MODEL, PARITY, EXPORT, CONFIG = "model.onnx", "parity.json", "export.json", "config.json"
+PARITY, EXPORT, CONFIG = "parity.json", "export.json", "config.json"
 PARITY_IMAGES = 256
-_ONNX_INSTALL = "pip install 'mixem-fast[onnx]'  (onnx, onnxruntime, onnxscript)"
 
 
 def export_graph(model: torch.nn.Module, *, features: bool = False, opset: int = OPSET):
@@ -42,7 +39,7 @@ def export_graph(model: torch.nn.Module, *, features: bool = False, opset: int =
     dynamo=True (torch.export): TorchScript export is deprecated, and `dynamic_shapes` states the
     batch axis on the input; the outputs' batch axes follow from the graph.
     """
-    require("onnxscript", "ONNX export", _ONNX_INSTALL)
+    require("onnxscript", "ONNX export", ONNX_INSTALL)
     from torch.export import Dim
 
     from mixem.model import InferenceModel
@@ -88,7 +85,7 @@ def onnx_reference(model: torch.nn.Module, features: bool = False):
 
 def ort_runner(path: str | os.PathLike, threads: int | None = None):
     """onnxruntime CPU session over a file: uint8 ndarray -> list of outputs."""
-    ort = require("onnxruntime", "ONNX parity check", _ONNX_INSTALL)
+    ort = require("onnxruntime", "ONNX parity check", ONNX_INSTALL)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.log_severity_level = 3  # errors only: fp16 graphs log a cast-insertion warning per node on CPU
@@ -107,7 +104,7 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bo
     """
     from mixem.checkpoint import load_model, resolve
 
-    onnx = require("onnx", "ONNX export", _ONNX_INSTALL)
+    onnx = require("onnx", "ONNX export", ONNX_INSTALL)
     t0 = time.perf_counter()
     model, cfg = load_model(ckpt, "cpu")
     out = Path(out_dir)

@@ -1,11 +1,7 @@
-"""TensorRT: build a serialized engine from model.onnx (dynamic batch profile, timing cache) and run it.
+"""TensorRT export: build a serialized plan from model.onnx (dynamic batch profile, timing cache), parity-gated.
 
-Written against NVIDIA's documented Python API (TensorRT 10.x and 11.x); tensorrt is imported lazily
-so everything else works without it. Files beside the plan:
-    model.plan        the serialized engine: specific to the GPU architecture and TensorRT version
-    model.plan.json   sidecar: TensorRT version, GPU name, compute capability, profile shapes,
-                      precision, I/O; loading refuses a plan whose version or architecture differs
-    timing.cache      layer timings reused by the next build on the same GPU and TensorRT version
+Files beside the plan: model.plan and model.plan.json (see mixem.engines.trt_engine, which runs them) and
+timing.cache, the layer timings reused by the next build on the same GPU and TensorRT version.
 """
 
 from __future__ import annotations
@@ -15,64 +11,58 @@ import os
 import time
 from pathlib import Path
 
-import torch
+from mixem.config import TRT_PROFILE
+from mixem.engines.onnx_engine import MODEL
+from mixem.engines.trt_engine import PLAN, TrtEngine, current_platform, require_trt, sidecar_path
+from mixem.errors import ConfigError, MixEMError
+from mixem.export import parity
+from mixem.export.onnx import OPSET, PARITY_IMAGES, export_onnx, onnx_reference
+from mixem.files import atomic_write, atomic_write_text
 
-from mixem.config import atomic_write, atomic_write_text
-from mixem.errors import ConfigError, DataError, MixEMError, require
-
-from .engines import Engine, _device
-
-PLAN, TIMING_CACHE = "model.plan", "timing.cache"
-TRT_INSTALL = ("pip install 'mixem-fast[trt]' (TensorRT wheels come from NVIDIA's index: "
-               "pip install --extra-index-url https://pypi.nvidia.com tensorrt)")
-
-
-def require_trt(feature: str = "TensorRT export"):
-    """The tensorrt module, or MissingDependencyError with the install line; also needs a CUDA GPU."""
-    trt = require("tensorrt", feature, TRT_INSTALL)
-    if not torch.cuda.is_available():
-        raise ConfigError(f"{feature} needs a CUDA GPU; none is visible to PyTorch on this machine")
-    return trt
-
-
-def sidecar_path(plan: str | os.PathLike) -> Path:
-    return Path(str(plan) + ".json")
-
-
-def current_platform(trt_version: str) -> dict:
-    major, minor = torch.cuda.get_device_capability()
-    return {"tensorrt": trt_version, "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
-
-
-def check_compatible(sidecar: dict, here: dict, plan: str | os.PathLike = PLAN) -> None:
-    """Refuse a plan built by another TensorRT version or for another GPU architecture.
-
-    TensorRT deserialises plans only under the exact version that built them and picks kernels per
-    compute capability; GPUs of one architecture (e.g. H100 PCIe vs SXM) share plans, so the GPU
-    name is reported but not compared.
-    """
-    for key, what in (("tensorrt", "TensorRT version"), ("compute_capability", "GPU compute capability")):
-        if str(sidecar.get(key)) != str(here[key]):
-            raise MixEMError(
-                f"{plan}: built for {what} {sidecar.get(key)} ({sidecar.get('gpu')}, TensorRT {sidecar.get('tensorrt')}), "
-                f"this machine has {here[key]} ({here['gpu']}, TensorRT {here['tensorrt']}); "
-                f"rebuild it here with `mixem-fast export CKPT --format trt`")
+TIMING_CACHE = "timing.cache"
 
 
 def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, fp16: bool = False,
-                     min_batch: int = 1, opt_batch: int = 64, max_batch: int = 256, workspace_gib: float = 4.0,
-                     timing_cache: str | os.PathLike | None = None) -> dict:
+                     min_batch: int = TRT_PROFILE[0], opt_batch: int = TRT_PROFILE[1], max_batch: int = TRT_PROFILE[2],
+                     workspace_gib: float = 4.0, timing_cache: str | os.PathLike | None = None, gate=None) -> dict:
     """Build plan_path from onnx_path with one optimisation profile over the batch axis; returns the sidecar.
 
     fp16: on TensorRT 10 the fp32 ONNX plus BuilderFlag.FP16 (TensorRT picks fp16 kernels where it
     helps); TensorRT 11 removed that flag and builds strongly typed networks, so there onnx_path must
     already be the fp16 ONNX (export_onnx(fp16=True)), whose types TensorRT then follows.
+    gate(engine) -> report runs on the built plan before its sidecar is written, and raises to refuse it:
+    a refused plan is removed, so no plan without a passed check is ever left to load.
     """
     trt = require_trt()
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ConfigError(f"batch sizes must satisfy 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max ({max_batch})")
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     t0 = time.perf_counter()
+    cache_file = Path(timing_cache) if timing_cache else plan_path.parent / TIMING_CACHE
+    plan, network, fp16_mode = _build(trt, onnx_path, fp16, (min_batch, opt_batch, max_batch), workspace_gib, cache_file)
+    atomic_write(plan_path, lambda t: t.write_bytes(memoryview(plan)))
+    inp = network.get_input(0)
+    _, C, H, W = tuple(inp.shape)
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
+    side = {**current_platform(trt.__version__),
+            "precision": "fp16" if fp16 else "fp32", "fp16_mode": fp16_mode,
+            "onnx": str(onnx_path), "timing_cache": str(cache_file),
+            "profile": {"min": [min_batch, C, H, W], "opt": [opt_batch, C, H, W], "max": [max_batch, C, H, W]},
+            "input": {"name": inp.name, "dtype": str(inp.dtype)},
+            "outputs": [{"name": o.name, "dtype": str(o.dtype), "shape": [int(d) for d in o.shape]} for o in outputs],
+            "image_size": int(H), "in_channels": int(C), "build_seconds": round(time.perf_counter() - t0, 2)}
+    if gate is not None:
+        try:
+            side["parity"] = gate(TrtEngine(plan_path, sidecar=side))
+        except BaseException:
+            plan_path.unlink(missing_ok=True)
+            raise
+    atomic_write_text(sidecar_path(plan_path), json.dumps(side, indent=2) + "\n")
+    return side
+
+
+def _build(trt, onnx_path: Path, fp16: bool, batches: tuple[int, int, int], workspace_gib: float, cache_file: Path):
+    """(serialized plan, parsed network, fp16 mode) for one profile over the batch axis; updates the timing cache."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     weak_fp16 = fp16 and hasattr(trt.BuilderFlag, "FP16")
@@ -92,9 +82,8 @@ def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
     if weak_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, (min_batch, C, H, W), (opt_batch, C, H, W), (max_batch, C, H, W))
+    profile.set_shape(inp.name, *((b, C, H, W) for b in batches))
     config.add_optimization_profile(profile)
-    cache_file = Path(timing_cache) if timing_cache else plan_path.parent / TIMING_CACHE
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused (False), and this
     # build starts from an empty cache that then replaces the stale file.
@@ -103,80 +92,48 @@ def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise MixEMError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    atomic_write(plan_path, lambda t: t.write_bytes(memoryview(plan)))
-    cache = memoryview(config.get_timing_cache().serialize())
-    atomic_write(cache_file, lambda t: t.write_bytes(cache))
-    outputs = [network.get_output(i) for i in range(network.num_outputs)]
-    side = {**current_platform(trt.__version__),
-            "precision": "fp16" if fp16 else "fp32",
-            "fp16_mode": ("BuilderFlag.FP16" if weak_fp16 else "strongly typed fp16 ONNX") if fp16 else None,
-            "onnx": str(onnx_path), "timing_cache": str(cache_file),
-            "profile": {"min": [min_batch, C, H, W], "opt": [opt_batch, C, H, W], "max": [max_batch, C, H, W]},
-            "input": {"name": inp.name, "dtype": str(inp.dtype)},
-            "outputs": [{"name": o.name, "dtype": str(o.dtype), "shape": [int(d) for d in o.shape]} for o in outputs],
-            "image_size": int(H), "in_channels": int(C), "build_seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_text(sidecar_path(plan_path), json.dumps(side, indent=2) + "\n")
-    return side
+    serialized = memoryview(config.get_timing_cache().serialize())
+    atomic_write(cache_file, lambda t: t.write_bytes(serialized))
+    fp16_mode = ("BuilderFlag.FP16" if weak_fp16 else "strongly typed fp16 ONNX") if fp16 else None
+    return plan, network, fp16_mode
 
 
-class TrtEngine(Engine):
-    """A deserialized plan run with execute_async_v3 on the current torch stream, torch tensors as I/O."""
+def export_trt(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = False, features: bool = False,
+               min_batch: int = TRT_PROFILE[0], opt_batch: int = TRT_PROFILE[1], max_batch: int = TRT_PROFILE[2],
+               opset: int = OPSET) -> dict:
+    """out_dir/model.onnx (parity-gated), then out_dir/model.plan + model.plan.json built for this GPU, whose
+    outputs are parity-gated against PyTorch on real images like the ONNX (a failing plan is removed)."""
+    trt = require_trt()  # before the ONNX export, so a missing TensorRT fails in a second, not after it
+    # TensorRT 11 has no fp16 builder flag: it builds what the (fp16) ONNX says.
+    onnx_fp16 = fp16 and not hasattr(trt.BuilderFlag, "FP16")
+    onnx_summary = export_onnx(ckpt, out_dir, fp16=onnx_fp16, features=features, opset=opset)
+    plan = Path(out_dir) / PLAN
+    precision = "fp16" if fp16 else "fp32"
 
-    name = "trt"
+    def gate(engine) -> dict:
+        report = _parity(ckpt, engine, features, precision, min_batch, max_batch)
+        if not report["passed"]:
+            raise MixEMError(f"{plan}: " + parity.failure_line(report, "TensorRT " + precision))
+        return report
 
-    def __init__(self, path, device="auto"):
-        trt = require_trt("the trt engine")
-        p = Path(path)
-        p = p / PLAN if p.is_dir() else p
-        side_file = sidecar_path(p)
-        if not p.is_file() or not side_file.is_file():
-            raise DataError(f"{p}: a TensorRT plan needs {p.name} and {side_file.name}; "
-                            f"build them with `mixem-fast export CKPT --format trt --out DIR`")
-        side = json.loads(side_file.read_text())
-        self.device = _device(device)
-        if self.device.type != "cuda":
-            raise ConfigError(f"the trt engine runs on CUDA devices only, not {self.device}")
-        with torch.cuda.device(self.device):
-            check_compatible(side, current_platform(trt.__version__), p)
-            self._logger = trt.Logger(trt.Logger.WARNING)
-            self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(p.read_bytes())
-            if self.engine is None:
-                raise MixEMError(f"{p}: TensorRT could not deserialize this plan (see the TensorRT log above)")
-            self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        ins = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.input_name = ins[0]
-        self.outputs = tuple(n for n in names if n not in ins)
-        self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.image_size, self.in_channels = int(side["image_size"]), int(side["in_channels"])
-        self.min_batch, self.max_batch = side["profile"]["min"][0], side["profile"]["max"][0]
-        self.provider = f"TensorRT {trt.__version__} {side['precision']}"
-        self.sidecar = side
-
-    def _run(self, x):
-        x = (torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x).to(self.device).contiguous()
-        x = x.to(self._dtypes[self.input_name])
-        ctx = self.context
-        ctx.set_input_shape(self.input_name, tuple(x.shape))
-        ctx.set_tensor_address(self.input_name, x.data_ptr())
-        outs = []
-        for name in self.outputs:
-            o = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtypes[name], device=self.device)
-            ctx.set_tensor_address(name, o.data_ptr())
-            outs.append(o)
-        stream = torch.cuda.current_stream(self.device)
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise MixEMError("trt engine: execute_async_v3 failed (see the TensorRT log above)")
-        # No sync: x and the outputs belong to this stream, so the caching allocator cannot hand their
-        # memory to later work before this run is done, and consumers on the stream are ordered after it.
-        return tuple(o.float() for o in outs)
+    side = build_trt_engine(Path(out_dir) / MODEL, plan, fp16=fp16, min_batch=min_batch, opt_batch=opt_batch,
+                            max_batch=max_batch, gate=gate)
+    keys = ("images", "min_cosine", "max_prob_error", "argmax_agreement", "passed")
+    return {"format": "trt", "path": str(plan), "precision": side["precision"], "onnx": onnx_summary["path"],
+            "tensorrt": side["tensorrt"], "gpu": side["gpu"], "compute_capability": side["compute_capability"],
+            "profile": side["profile"], "parity": {k: side["parity"][k] for k in keys},
+            "seconds": round(onnx_summary["seconds"] + side["build_seconds"], 2)}
 
 
-def _torch_dtype(trt, dt) -> torch.dtype:
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.UINT8: torch.uint8,
-             trt.DataType.INT32: torch.int32}
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    if dt not in table:
-        raise MixEMError(f"trt engine: unsupported I/O tensor type {dt}")
-    return table[dt]
+def _parity(ckpt, engine, features: bool, precision: str, min_batch: int, max_batch: int) -> dict:
+    from mixem.checkpoint import load_model
+
+    model, cfg = load_model(ckpt, "cpu")
+    batches = tuple(min(max(b, min_batch), max_batch) for b in parity.PARITY_BATCHES)
+    # Every chunk must fit the profile, the last one included: use a whole number of cycles.
+    n = max(1, PARITY_IMAGES // sum(batches)) * sum(batches)
+    images = parity.real_images(n, cfg.image_size, cfg.in_channels)
+    report = parity.compare(onnx_reference(model, features), engine, images, batches)
+    report = parity.gate(report, precision)
+    report["runtime"] = f"{engine.provider} vs PyTorch fp32 CPU"
+    return report

@@ -69,7 +69,3 @@ def build_backbone(cfg: MixEMConfig) -> tuple[nn.Module, int]:
         return _convnet(cfg.in_channels, cfg.width)
     return _resnet(cfg)
 
-
-@torch.no_grad()
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

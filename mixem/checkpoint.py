@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mixem.config import MixEMConfig, TrainConfig, atomic_write_text, load_json, save_json
+from mixem.config import MixEMConfig, TrainConfig, load_json
+from mixem.files import atomic_write_text, save_json
 from mixem.errors import CheckpointError
 
 WEIGHTS, CONFIG, TRAIN_CONFIG, STATE, TRAINER = "model.safetensors", "config.json", "train_config.json", "state.json", "trainer.pt"

@@ -12,27 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixem import manifest, shards
+from mixem import shards
 from mixem.kmeans import describe_backend, kmeans, l2_normalize, resolve_backend
-from mixem.config import KMEANS_INITS, atomic_write, atomic_write_text
+from mixem.config import KMEANS_INITS
+from mixem.files import atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
+from mixem.rundir import CENTROIDS, CLUSTERS, INDEX, METRICS, REPORT, load_complete
 from mixem.runlog import RunLog
 
-CLUSTERS, CENTROIDS, INDEX = "clusters.parquet", "centroids.npy", "index.faiss"
-METRICS, REPORT = "metrics.json", "report.html"
-CLUSTERS_ROW_GROUP = 65536
-
-
-def load_run(out: Path) -> manifest.Manifest:
-    """The manifest of a finished embedding run, or a one-line error saying what is missing."""
-    m = manifest.load(out)
-    if m is None:
-        raise DataError(f"{out}: no {manifest.MANIFEST}; run `mixem-fast embed MODEL IMAGES --out {out}` first")
-    done = shards.done_shards(out, m.n_shards)
-    if len(done) < m.n_shards:
-        raise DataError(f"{out}: {len(done)} of {m.n_shards} shards are done; rerun the embed command to finish it")
-    return m
+CLUSTERS_ROW_GROUP = 65536  # rows per parquet row group: `search` reads only the groups holding its hits
 
 
 def _rel(paths: np.ndarray, root: str) -> list[str]:
@@ -75,7 +64,7 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     out = Path(out)
     if init not in KMEANS_INITS:
         raise ConfigError(f"--init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
-    m = load_run(out)
+    m = load_complete(out)
     t0 = time.perf_counter()
     x, cols = shards.read_ok(out, m.n_shards)
     x = l2_normalize(x) if spherical else x  # stored rows are unit already; fp16 rounding moves them ~1e-3
@@ -98,7 +87,6 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     table = pa.table({"image_path": pa.array(paths, pa.string()), "id": pa.array(ids, pa.int64()),
                       "cluster": pa.array(res.assign.astype(np.int32)),
                       "distance": pa.array(res.distances.astype(np.float32))})
-    # Row groups of 64k rows: `search` reads only the groups holding its hits.
     atomic_write(out / CLUSTERS, lambda p: pq.write_table(table, p, row_group_size=CLUSTERS_ROW_GROUP))
     atomic_write(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
     # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.

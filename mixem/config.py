@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from mixem.errors import ConfigError
+from mixem.files import read_json
 
 # Every choice list lives here (a light module), so the CLI offers them without importing torch.
 BACKBONES = ("convnet", "resnet18", "resnet34", "resnet50")
@@ -18,10 +17,21 @@ HEADS = ("mixture", "centers")  # "centers" belongs to method "ccp", "mixture" t
 INSTANCE_TERMS = ("entropy", "pimax")
 IMPLS = ("auto", "triton", "torch")  # loss implementations (mixem.objectives.resolve_impl)
 EXPORT_FORMATS = ("onnx", "trt")  # mixem.export.export_checkpoint
-ENGINES = ("torch", "onnx", "trt")  # mixem.export.load_engine
+ENGINES = ("torch", "onnx", "trt")  # mixem.engines.load_engine
 FEATURE_TYPES = ("backbone", "embedding", "top_component")  # released cluster_eval.py: rep, fc, fcmax
 EMBED_FEATURES = ("embedding", "backbone")  # what `embed` stores
 KMEANS_INITS = ("mixture", "kmeans++", "random")  # k-means starts of eval and cluster
+KMEANS_SEEDINGS = ("kmeans++", "random")  # the inits that draw points (mixture starts from the model's groups)
+KMEANS_BACKENDS = ("auto", "faiss", "torch")  # mixem.kmeans.resolve_backend
+EVAL_FEATURES = ("backbone", "embedding")  # what `eval` clusters unless told otherwise
+EVAL_INITS = ("mixture", "kmeans++")  # and from which starts
+OPTIMIZERS = ("adam", "adamw")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast on CUDA, fp32 on the CPU
+ENGINE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the torch engine; auto = fp16 on CUDA, fp32 on the CPU
+DATA_FORMATS = ("folder", "npz", "idx", "cifar10", "cifar100", "cifar100-20", "stl10")  # mixem.data
+SPLITS = ("auto", "train", "test", "all", "unlabeled")
+DECODERS = ("auto", "pil", "nvjpeg")  # embed: auto = nvjpeg on a CUDA engine, else pil
+TRT_PROFILE = (1, 64, 256)  # TensorRT batch profile: min, opt, max
 
 
 @dataclass
@@ -103,7 +113,6 @@ class TrainConfig:
     impl: str = "auto"  # loss kernels: auto (Triton on CUDA) | triton | torch
     seed: int = 0  # seeds torch, numpy and the augmentation stream
     threads: int = 0  # CPU threads for torch; 0 = leave torch's default
-    workers: int = 0  # reserved for data loading threads; 0 = in the main process
     eval_every: int = 0  # epochs between in-training clustering evaluations; 0 = only at the end
     max_images: int = 0  # use only the first N images of the data (quick runs); 0 = all
 
@@ -112,12 +121,12 @@ class TrainConfig:
             raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.instance_term not in INSTANCE_TERMS:
             raise ConfigError(f"instance_term must be one of {', '.join(INSTANCE_TERMS)}, got {self.instance_term!r}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.impl not in IMPLS:
             raise ConfigError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2")
         if not self.temperature > 0:
@@ -130,7 +139,7 @@ class TrainConfig:
 
 
 # Presets are named sets of field overrides, applied before the user's own overrides.
-# "paper": the released MIX'EM recipe (methods.md 2.3-2.5): ResNet-18, K=10, D=32, Adam 1e-4, bs 512, 200 ep.
+# "paper": the released MIX'EM recipe (alivaramesh/MIXEM): ResNet-18, K=10, D=32, Adam 1e-4, bs 512, 200 ep.
 # "cpu": chosen for ~3 minutes on 2 CPU cores on 28 px grayscale images (README, "CPU recipe").
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"model": {}, "train": {}},
@@ -151,10 +160,16 @@ def _check_keys(cls, data: dict, where: str):
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
 
 
+# Fields that runs written by earlier versions saved and this version no longer has: dropped on reading,
+# so those runs stay loadable, never an error.
+RETIRED_FIELDS = {"TrainConfig": ("workers",)}
+
+
 def from_dict(cls, data: dict, where: str = "config"):
     """Build a config dataclass from a dict, refusing unknown keys."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     _check_keys(cls, data, where)
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
@@ -181,61 +196,5 @@ def to_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Write a file so that a reader sees either the old or the new content, never half of it.
-
-    write(tmp_path) writes the content; it is flushed to disk before the rename (so a crash cannot
-    leave a complete-looking empty file), and the temporary file is removed if writing fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def save_json(cfg_or_dict, path: str | os.PathLike):
-    data = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | os.PathLike, what: str = "config file"):
-    """A JSON file's content, or a ConfigError naming the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-
-
 def load_json(cls, path: str | os.PathLike):
     return from_dict(cls, read_json(path), where=str(path))
-
-
-# The benchmarks that time those commands run under the same setting.
-PASSIVE_OPENMP_BENCHES = ("embed_pipeline", "cluster_faiss")
-
-
-def passive_openmp() -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user chose a policy; call it before torch or faiss is imported.
-
-    OpenMP reads it once, when the library loads. For commands whose OpenMP work (torch on the CPU, faiss)
-    shares the cores with other threads (embed's decoders) or processes: spinning OpenMP threads took the
-    decoders' cores (the torch embed pipeline on 2 cores: 2,119 vs 3,030 img/s with OMP_WAIT_POLICY=ACTIVE,
-    bench/results/embed_pipeline_omp-active__*) and made faiss k-means ~9x slower on a busy machine
-    (bench/cluster_faiss.py).
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

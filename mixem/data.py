@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from mixem import folders, formats
+from mixem.config import DATA_FORMATS, SPLITS
 from mixem.errors import DataError
 
-FORMATS = ("folder", "npz", "idx", "cifar10", "cifar100", "cifar100-20", "stl10")
-SPLITS = ("auto", "train", "test", "all", "unlabeled")
 EMBEDDED_DIR = Path(__file__).parent / "data_files"  # the Fashion-MNIST test split, shipped as package data
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts it
 SUPPORTED = ("an image folder (jpg, png, bmp, webp, gif, tif), an .npz with x/images, IDX files "
@@ -90,7 +89,7 @@ def _parse(source: str, split: str, fmt: str | None) -> tuple[str, Path, str]:
                             "'apt-get install dataset-fashion-mnist', pass the folder holding its IDX files, "
                             "or leave the data option unset to use the embedded 10,000-image test split")
         return "idx", FASHION_MNIST_DIR, rest if sep else split
-    if sep and head.lower() in FORMATS:
+    if sep and head.lower() in DATA_FORMATS:
         fmt, source = head.lower(), rest
     return fmt or "", Path(source).expanduser(), split
 
@@ -132,7 +131,7 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
                 format: str | None = None, threads: int = 0) -> ImageSet:
     """Load every image of `source` (None = the embedded Fashion-MNIST test split) at image_size, in_channels.
 
-    source: a path, "FORMAT:PATH" (FORMAT one of FORMATS; e.g. "cifar100-20:DIR" for the 20 coarse
+    source: a path, "FORMAT:PATH" (FORMAT one of config.DATA_FORMATS; e.g. "cifar100-20:DIR" for the 20 coarse
     classes), or "fashion-mnist[:SPLIT]" (the Debian dataset-fashion-mnist package).
     split: train | test | all | auto (all there is; STL-10: train+test, its clustering benchmark) |
     unlabeled (STL-10; STL-10's unlabeled and all carry no labels).
@@ -143,8 +142,8 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    if format is not None and format not in FORMATS:
-        raise DataError(f"unknown data format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format is not None and format not in DATA_FORMATS:
+        raise DataError(f"unknown data format {format!r}: choose one of {', '.join(DATA_FORMATS)}")
     if max_images < 0:
         raise DataError(f"max_images must be >= 0 (0 = all), got {max_images}")
     if source is None:

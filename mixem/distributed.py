@@ -9,20 +9,19 @@ would compute on the concatenated batch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mixem.errors import ConfigError
+from mixem.runtime import torchrun_env
 
 
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -38,10 +37,9 @@ SINGLE = DistContext()
 
 def init_from_env(device: torch.device) -> tuple[DistContext, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE > 1), NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local = torchrun_env()
     if world <= 1:
         return SINGLE, device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; "
@@ -50,7 +48,7 @@ def init_from_env(device: torch.device) -> tuple[DistContext, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank, world, local), device
+    return DistContext(rank, world), device
 
 
 def shutdown():

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from mixem import folders, manifest, shards
-from mixem.config import EMBED_FEATURES, atomic_write_text
+from mixem.config import DECODERS, EMBED_FEATURES
+from mixem.files import atomic_write_text
 from mixem.errors import ConfigError
 from mixem.runlog import RunLog
+from mixem.runtime import torchrun_env
 
-DECODERS = ("auto", "pil", "nvjpeg")
 _JPEG = (".jpg", ".jpeg")
 _NVJPEG_LOCK = threading.Lock()
 
@@ -28,7 +29,7 @@ _NVJPEG_LOCK = threading.Lock()
 class EmbedOptions:
     """One embedding run; the fields a resumed or parallel run must repeat are saved in manifest.json."""
 
-    engine: str = "torch"  # torch | onnx | trt (mixem.export.load_engine)
+    engine: str = "torch"  # torch | onnx | trt (mixem.engines.load_engine)
     device: str = "auto"  # auto = cuda:LOCAL_RANK when there is a GPU, else cpu
     features: str = "embedding"  # embedding (mixture z) | backbone (h; needs an engine exported with --features)
     batch_size: int = 256  # images per engine call
@@ -45,15 +46,6 @@ class EmbedOptions:
             raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.batch_size < 1 or self.prefetch < 0 or self.workers < 0:
             raise ConfigError("--batch-size must be >= 1, --prefetch and --workers >= 0")
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run alone."""
-    try:
-        env = os.environ
-        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-    except ValueError:
-        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
 
 
 def decode_into(paths: list[str], out: np.ndarray, size: int, mode: str) -> list[tuple[str, str | None]]:
@@ -168,18 +160,18 @@ def _outputs(engine, x, features: str, bad: np.ndarray):
     return vec.astype(np.float16), probs
 
 
-def load_embed_engine(model: str, opts: EmbedOptions, device: str | torch.device):
+def load_embed_engine(model: str, engine: str, features: str, device: str | torch.device, batch_size: int = 1):
     """The engine an embedding run (or a search in it) uses: backbone features and batch size checked."""
-    from mixem.export import load_engine
+    from mixem.engines import load_engine
 
-    extra = {"features": True} if opts.engine == "torch" and opts.features == "backbone" else {}
-    engine = load_engine(model, opts.engine, device, **extra)
-    if opts.features == "backbone" and "features" not in engine.outputs:
-        raise ConfigError(f"{model}: this {opts.engine} model has no backbone features output; re-export it with "
+    extra = {"features": True} if engine == "torch" and features == "backbone" else {}
+    eng = load_engine(model, engine, device, **extra)
+    if features == "backbone" and "features" not in eng.outputs:
+        raise ConfigError(f"{model}: this {engine} model has no backbone features output; re-export it with "
                           "`mixem-fast export CKPT --features`, or use --features embedding")
-    if engine.max_batch is not None and opts.batch_size > engine.max_batch:
-        raise ConfigError(f"--batch-size {opts.batch_size} exceeds this engine's max batch {engine.max_batch}")
-    return engine
+    if eng.max_batch is not None and batch_size > eng.max_batch:
+        raise ConfigError(f"--batch-size {batch_size} exceeds this engine's max batch {eng.max_batch}")
+    return eng
 
 
 def _clean_tmp(out: Path, mine: set[int]):
@@ -201,8 +193,9 @@ def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOpt
     opts = opts or EmbedOptions()
     log = log or RunLog(quiet=True)
     out = Path(out)
-    rank, world, _ = dist_env()
-    engine = load_embed_engine(model, opts, opts.device)  # "auto" is resolved by the engine, once  # before listing: a wrong model fails in a second
+    rank, world, _ = torchrun_env()
+    # Before listing the folder, so a wrong model fails in a second; "auto" is resolved by the engine, once.
+    engine = load_embed_engine(model, opts.engine, opts.features, opts.device, opts.batch_size)
     how = _resolve_decoder(opts.decoder, engine.device)
     settings = dict(model=str(model), engine=opts.engine, features=opts.features,
                     image_size=engine.image_size, in_channels=engine.in_channels)

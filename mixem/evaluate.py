@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from mixem.kmeans import kmeans, l2_normalize
-from mixem.config import KMEANS_INITS
+from mixem.config import EVAL_FEATURES, EVAL_INITS, KMEANS_INITS
 from mixem.errors import ConfigError, DataError
 from mixem.metrics import clustering_metrics
 from mixem.model import MixEM
@@ -85,8 +85,8 @@ def evaluate(
     k: int,
     *,
     seed: int = 0,
-    inits=("mixture", "kmeans++"),
-    feature_types=("backbone", "embedding"),
+    inits=EVAL_INITS,
+    feature_types=EVAL_FEATURES,
     normalize: bool = True,
     niter: int = 25,
     nredo: int = 10,

@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import scipy.sparse
 
+from mixem.config import KMEANS_BACKENDS, KMEANS_INITS, KMEANS_SEEDINGS
 from mixem.errors import ConfigError, DataError
 
-INITS = ("kmeans++", "random")  # seedings; kmeans() also takes "mixture" (with mixture_probs) or centroids
 SEED_POINTS_PER_CENTROID = 1024  # k-means++ seeds from at most k * this many points (see _seeding_sample)
 
 
@@ -35,9 +35,6 @@ class KMeansResult:
 def describe_backend(backend: str, device: str) -> str:
     """For logs and metrics: 'faiss on the CPU', 'faiss on the GPU' or 'torch on the GPU'."""
     return f"{backend} on the {device.upper()}"
-
-
-BACKENDS = ("auto", "faiss", "torch")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -67,8 +64,8 @@ def resolve_backend(gpu="auto", backend: str = "auto") -> tuple[str, str]:
     else the CPU; used to check it against faiss). device is "gpu" or "cpu"."""
     if gpu not in ("auto", True, False):
         raise ConfigError(f"gpu must be 'auto', True or False, got {gpu!r}")
-    if backend not in BACKENDS:
-        raise ConfigError(f"k-means backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in KMEANS_BACKENDS:
+        raise ConfigError(f"k-means backend must be one of {', '.join(KMEANS_BACKENDS)}, got {backend!r}")
     want_gpu = gpu in ("auto", True)
     if backend == "torch":
         return "torch", "gpu" if want_gpu and _torch_cuda() else "cpu"
@@ -199,8 +196,8 @@ def kmeans(
         if init.shape != (k, D):
             raise ConfigError(f"initial centroids must have shape ({k}, {D}), got {tuple(init.shape)}")
         nredo = 1
-    elif init not in INITS:
-        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(INITS)}, mixture, or pass centroids")
+    elif init not in KMEANS_SEEDINGS:
+        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(KMEANS_INITS)}, or pass centroids")
     mppc = math.ceil(N / k) if max_points_per_centroid is None else int(max_points_per_centroid)
     if mppc < 1:
         raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixem.config import atomic_write, atomic_write_text
+from mixem.files import atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
 from mixem.folders import IMAGE_EXTENSIONS, list_images
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from mixem.config import atomic_write_text
+from mixem.files import atomic_write_text
 from mixem.folders import default_threads
 
 THUMB = 96  # thumbnail side in pixels

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mixem import folders
-from mixem.cluster import CLUSTERS, INDEX, load_run
+from mixem.rundir import CLUSTERS, INDEX, load_complete
 from mixem.errors import ConfigError, DataError
 
 
@@ -22,15 +22,14 @@ def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None
     `model` overrides the model path when the run's files moved. Rows: rank, image_path, score, cluster.
     """
     out = Path(out)
-    m = load_run(out)
+    m = load_complete(out)
     if k < 1:
         raise ConfigError(f"-k must be >= 1, got {k}")
     if not (out / INDEX).is_file():
         raise DataError(f"{out}/{INDEX}: no index yet; run `mixem-fast cluster {out} --k K` first")
-    from mixem.embed import EmbedOptions, load_embed_engine
+    from mixem.embed import load_embed_engine
 
-    opts = EmbedOptions(engine=m.engine, features=m.features, batch_size=1, device=device)
-    engine = load_embed_engine(model or m.model, opts, device)
+    engine = load_embed_engine(model or m.model, m.engine, m.features, device)
     try:
         x = np.array(folders.decode(str(image), engine.image_size, "L" if engine.in_channels == 1 else "RGB")[None])
     except Exception as e:  # noqa: BLE001 (PIL raises many types for one meaning: not a readable image)

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem.config import MixEMConfig, TrainConfig, from_dict, preset, read_json, replace, save_json, to_dict
+from mixem.config import EVAL_FEATURES, EVAL_INITS, MixEMConfig, TrainConfig, from_dict, preset, replace, to_dict
+from mixem.files import read_json, save_json
 from mixem.errors import ConfigError
 from mixem.runlog import RunLog
+from mixem.runtime import resolve_device
 
 
 def build_configs(preset_name: str, config_file: Path | None, model_over: dict,
@@ -65,8 +67,6 @@ def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data:
 def train_command(preset_name: str, config_file, model_over: dict, train_over: dict, *, resume: bool,
                   evaluate: bool, quiet: bool, json_log) -> dict:
     from mixem.distributed import barrier, init_from_env, shutdown
-    from mixem.train import resolve_device
-
     if resume:
         out = Path(train_over.get("out") or TrainConfig().out)
         _, model_cfg, saved_train = ckpt.load_configs(out)
@@ -135,9 +135,7 @@ def _fresh_run_dir(out: Path) -> Path:
 
 
 def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, quiet, json_log,
-                 feature_types=("backbone", "embedding"), inits=("mixture", "kmeans++"), normalize=True) -> dict:
-    from mixem.train import resolve_device
-
+                 feature_types=EVAL_FEATURES, inits=EVAL_INITS, normalize=True) -> dict:
     dev = resolve_device(device or "auto")
     model, model_cfg = ckpt.load_model(checkpoint_path, device=dev)
     _, _, train_cfg = ckpt.load_configs(checkpoint_path)
@@ -164,8 +162,6 @@ def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
 
 def _score(model, ds, k: int, device: str, seed: int, quick: bool = False, choices: dict | None = None) -> list[dict]:
     from mixem.evaluate import evaluate, extract_features
-    from mixem.train import resolve_device
-
     feats = extract_features(model, ds.images, device=str(resolve_device(device)))
     if quick:
         return evaluate(feats, ds.labels, k, seed=seed, inits=("mixture",), feature_types=("embedding",))

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixem.config import atomic_write_text
+from mixem.files import atomic_write_text
 from mixem.errors import DataError
 
 EMB_DIR, META_DIR, STATS_DIR = "embeddings", "metadata", "stats"

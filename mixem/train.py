@@ -12,12 +12,14 @@ import torch
 
 from mixem import checkpoint as ckpt
 from mixem.augment import build_augment
-from mixem.config import MixEMConfig, TrainConfig, save_json
+from mixem.config import MixEMConfig, TrainConfig
+from mixem.files import save_json
 from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
 from mixem.errors import ConfigError, TrainingDiverged
 from mixem.model import MixEM, MixEMOutput
 from mixem.objectives import detach_terms, objective
 from mixem.runlog import RunLog
+from mixem.runtime import resolve_device
 
 
 @dataclass
@@ -27,15 +29,6 @@ class TrainResult:
     epochs: int  # epochs completed in total (including resumed ones)
     seconds: float  # wall time of this invocation's training epochs
     history: list[dict] = field(default_factory=list)  # one record per epoch of this invocation
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu (or auto)")
-    return dev
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

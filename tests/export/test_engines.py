@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixem.errors import ConfigError, DataError, MissingDependencyError
-from mixem.export import Engine, load_engine
+from mixem.engines import Engine, load_engine
 from mixem.export.parity import real_images
 
 

@@ -63,7 +63,7 @@ def _worker(rank, init_method, result_dir):
         for impl, method in CASES:  # one process group for all cases: spawning costs more than computing
             model = torch.nn.parallel.DistributedDataParallel(_model(method))
             cfg = TrainConfig(impl=impl, method=method, temperature=0.3)
-            terms = _loss_and_grads(model, v1[mine], v2[mine], cfg, DistContext(rank, W, rank))
+            terms = _loss_and_grads(model, v1[mine], v2[mine], cfg, DistContext(rank, W))
             grads = {n: p.grad for n, p in model.module.named_parameters()}
             torch.save({"terms": terms, "grads": grads}, os.path.join(result_dir, f"{impl}-{method}-rank{rank}.pt"))
             del model  # DDP's reducer must go before the process group it talks through

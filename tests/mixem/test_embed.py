@@ -25,7 +25,7 @@ from mixem.checkpoint import save_checkpoint
 from mixem.config import MixEMConfig
 from mixem.embed import EmbedOptions, decode_nvjpeg, embed_folder
 from mixem.errors import ConfigError
-from mixem.export import load_engine
+from mixem.engines import load_engine
 from mixem.folders import decode
 from mixem.model import MixEM
 

@@ -80,7 +80,7 @@ def test_config_strict_and_presets():
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    from mixem.config import atomic_write, atomic_write_text
+    from mixem.files import atomic_write, atomic_write_text
 
     target = tmp_path / "sub" / "f.json"
     atomic_write_text(target, "old")

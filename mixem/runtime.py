@@ -1,0 +1,52 @@
+"""Where work runs: the one device rule, the one reader of torchrun's environment, the OpenMP wait policy.
+
+Light on purpose (torch is imported inside the functions that need it): the CLI calls
+`passive_openmp()` before torch or faiss is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mixem.errors import ConfigError
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run alone."""
+    env = os.environ
+    try:
+        return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+
+
+def resolve_device(name: str = "auto"):
+    """The torch.device for a --device value. "auto": this process's GPU (LOCAL_RANK under torchrun)
+    when CUDA is available, else the CPU; an explicit CUDA device without a GPU is a one-line error."""
+    import torch
+
+    if str(name) == "auto":
+        return torch.device(f"cuda:{torchrun_env()[2]}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible to PyTorch on this machine; use --device cpu (or auto)")
+    return dev
+
+
+# The benchmarks that time commands which call passive_openmp() run under the same setting.
+PASSIVE_OPENMP_BENCHES = ("embed_pipeline", "cluster_faiss")
+
+
+def passive_openmp() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose a policy; call it before torch or faiss is imported.
+
+    OpenMP reads it once, when the library loads. For commands whose OpenMP work (torch on the CPU, faiss)
+    shares the cores with other threads (embed's decoders) or processes: spinning OpenMP threads took the
+    decoders' cores (the torch embed pipeline on 2 cores: 2,119 vs 3,030 img/s with OMP_WAIT_POLICY=ACTIVE,
+    bench/results/embed_pipeline_omp-active__*) and made faiss k-means ~9x slower on a busy machine
+    (bench/cluster_faiss.py).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
