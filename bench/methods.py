@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mixem.bench.harness import RESULTS_DIR, device_info, git_info, version_info, write_result
+from mixem import methods
 from mixem.config import to_dict
 from mixem.errors import MixEMError
 from mixem.evaluate import evaluate, extract_features, raw_pixel_baseline
@@ -35,10 +36,6 @@ from mixem.session import build_configs, load_data
 from mixem.runtime import resolve_device
 from mixem.train import train
 
-METHODS = ("mixem", "ccp", "simclr")
-# The clustering each method prescribes: MIX'EM and ccp start k-means from their own components or
-# centres; plain SimCLR has none worth the name (its gate is not trained to cluster), so k-means++.
-HEADLINE_INIT = {"mixem": "mixture", "ccp": "mixture", "simclr": "kmeans++"}
 
 
 def run_method(method: str, preset: str, over: dict, images, labels, k: int, seed: int, out: Path,
@@ -52,7 +49,8 @@ def run_method(method: str, preset: str, over: dict, images, labels, k: int, see
     train_s = time.perf_counter() - t0
     feats = extract_features(model, images, device=resolve_device(train_cfg.device))
     rows = evaluate(feats, labels, k, seed=seed, inits=("mixture", "kmeans++"), feature_types=("embedding",))
-    head = next(r for r in rows if r["features"] == "embedding" and r["init"] == HEADLINE_INIT[method])
+    init = methods.get(method).headline_init  # the clustering each method prescribes
+    head = next(r for r in rows if r["features"] == "embedding" and r["init"] == init)
     last = result.history[-1]
     return {"headline": head, "rows": rows, "train_seconds": round(train_s, 1),
             "first_epoch_terms": {k: v for k, v in result.history[0].items() if k not in ("epoch", "seconds", "lr")},
@@ -75,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--max-images", type=int, default=None, help="first N images only; default: the preset's (all)")
     p.add_argument("--data", default=None, help="dataset path; default: the embedded Fashion-MNIST split")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(methods.REGISTRY), help=f"comma-separated subset of {', '.join(methods.REGISTRY)}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every method trains once per seed (default 0)")
     p.add_argument("--jobs", type=int, default=1,
                    help="trainings at once, in separate one-thread processes (results do not depend on it)")
     p.add_argument("--device", default=None, help="default: the preset's (auto)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        print(f"error: --methods takes a comma-separated subset of {', '.join(METHODS)}, got {args.methods!r}", file=sys.stderr)
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in methods.REGISTRY]
+    if bad or not chosen:
+        print(f"error: --methods takes a comma-separated subset of {', '.join(methods.REGISTRY)}, got {args.methods!r}", file=sys.stderr)
         return 1
     try:
         seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
@@ -104,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if ds.labels is None:
             raise MixEMError(f"{ds.source}: no labels, so there is nothing to score the methods against")
         k = len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
-        pairs = [(m, s) for s in seeds for m in methods]
-        print(f"training {', '.join(methods)} x seeds {', '.join(map(str, seeds))} ({preset} preset, {train_cfg.epochs} "
+        pairs = [(m, s) for s in seeds for m in chosen]
+        print(f"training {', '.join(chosen)} x seeds {', '.join(map(str, seeds))} ({preset} preset, {train_cfg.epochs} "
               f"epochs, {len(ds.images):,} images, {args.jobs} at a time) ...", flush=True)
         bases = {s: raw_pixel_baseline(ds.images, ds.labels, k, seed=s) for s in seeds}
         with tempfile.TemporaryDirectory(prefix="mixem-methods-") as tmp:
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    table = [{"method": m, **_summary([runs[(m, s)]["headline"] for s in seeds])} for m in methods]
+    table = [{"method": m, **_summary([runs[(m, s)]["headline"] for s in seeds])} for m in chosen]
     table.append({"method": "raw-pixel k-means", **_summary([bases[s] for s in seeds])})
     dev = resolve_device(train_cfg.device)
     info, versions = device_info(dev), version_info()
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"({info.get('cores')} cores, shared) with torch=={versions['torch']}"),
         "data": {"source": ds.source, "images": len(ds.images), "k": k, "max_images": train_cfg.max_images},
         "table": table,
-        "methods": {m: {str(s): runs[(m, s)] for s in seeds} for m in methods},
+        "methods": {m: {str(s): runs[(m, s)] for s in seeds} for m in chosen},
         "raw_pixel_kmeans": {str(s): bases[s] for s in seeds},
         "not_measured": [] if len(seeds) > 1 else ["variance over seeds: one seed (pass --seeds 0,1,2 for a spread)"],
     }

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from mixem.config import (ENGINES, EMBED_FEATURES, EVAL_FEATURES, EVAL_INITS, EXPORT_FORMATS, FEATURE_TYPES, IMPLS,
-                          KMEANS_INITS, METHODS, PRESETS, TRT_PROFILE)
+                          KMEANS_INITS, PRESETS, TRT_PROFILE)
+from mixem import methods
 from mixem.errors import MixEMError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -24,7 +25,7 @@ def _choice_enum(name: str, values) -> type[Enum]:
 
 
 Preset = _choice_enum("Preset", ("auto", *PRESETS))
-Method = _choice_enum("Method", METHODS)
+Method = _choice_enum("Method", methods.REGISTRY)
 Impl = _choice_enum("Impl", IMPLS)
 ExportFormat = _choice_enum("ExportFormat", EXPORT_FORMATS)
 EmbedEngine = _choice_enum("EmbedEngine", ENGINES)

@@ -7,13 +7,13 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from mixem import methods
 from mixem.errors import ConfigError
 from mixem.files import read_json
 
 # Every choice list lives here (a light module), so the CLI offers them without importing torch.
 BACKBONES = ("convnet", "resnet18", "resnet34", "resnet50")
-METHODS = ("mixem", "simclr", "ccp")
-HEADS = ("mixture", "centers")  # "centers" belongs to method "ccp", "mixture" to mixem and simclr
+HEADS = ("mixture", "centers")  # model heads; each method names its own (mixem.methods); methods are listed there
 INSTANCE_TERMS = ("entropy", "pimax")
 IMPLS = ("auto", "triton", "torch")  # loss implementations (mixem.objectives.resolve_impl)
 EXPORT_FORMATS = ("onnx", "trt")  # mixem.export.export_checkpoint
@@ -83,7 +83,7 @@ class TrainConfig:
     data: str | None = None  # image folder, .npz, IDX, CIFAR or STL-10 path; None = embedded Fashion-MNIST
     split: str = "auto"  # which split of a standard dataset: train | test | all | auto (all there is)
     out: str = "runs/mixem"  # output directory: checkpoints, logs, metrics
-    method: str = "mixem"  # mixem | simclr | ccp (contrastive clustering with a center predictor)
+    method: str = "mixem"  # a name in mixem.methods.REGISTRY: mixem | simclr | ccp (cluster-center predictor)
     epochs: int = 200  # passes over the data
     batch_size: int = 512  # B images per step (2B views)
     optimizer: str = "adam"  # adam | adamw
@@ -117,8 +117,7 @@ class TrainConfig:
     max_images: int = 0  # use only the first N images of the data (quick runs); 0 = all
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        methods.get(self.method)  # a one-line error naming the registered methods
         if self.instance_term not in INSTANCE_TERMS:
             raise ConfigError(f"instance_term must be one of {', '.join(INSTANCE_TERMS)}, got {self.instance_term!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -1,4 +1,4 @@
-"""The MIX'EM network: backbone trunk + mixture-of-embeddings head, and the uint8 inference wrapper."""
+"""The network: backbone trunk + a head (MIX'EM's mixture of embeddings, ccp's centres), and the uint8 inference wrapper."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mixem.config import MixEMConfig
 
 
 class MixEMOutput(NamedTuple):
-    """What both heads return, so training, evaluation, embed and export take either unchanged.
+    """What every head returns, so training, evaluation, embed and export take any of them unchanged.
 
     head "centers" (ccp): embedding is the unit-norm instance embedding z, mixture_logits the
     assignment logits z . c_k / tau_c, components the K predicted centres expanded over the batch.
@@ -26,11 +26,12 @@ class MixEMOutput(NamedTuple):
 
 
 class MixtureHead(nn.Module):
-    """K component MLPs F->H->D and a gate MLP F->H->K, batched: one GEMM for all K+1 first layers,
-    one batched GEMM for the K second layers (no Python loop over K)."""
+    """MIX'EM's head: K component MLPs F->H->D and a gate MLP F->H->K, batched: one GEMM for all K+1 first
+    layers, one batched GEMM for the K second layers (no Python loop over K); z = sum_k pi_k e_k."""
 
-    def __init__(self, in_features: int, hidden: int, dim: int, K: int):
+    def __init__(self, in_features: int, cfg: MixEMConfig):
         super().__init__()
+        K, hidden, dim = cfg.components, cfg.head_hidden, cfg.embed_dim
         self.K, self.H, self.D = K, hidden, dim
         self.fc1 = nn.Linear(in_features, (K + 1) * hidden)  # [components 0..K-1 | gate]
         self.w2 = nn.Parameter(torch.empty(K, hidden, dim))  # component second layers
@@ -40,43 +41,52 @@ class MixtureHead(nn.Module):
         nn.init.uniform_(self.w2, -bound, bound)
         nn.init.uniform_(self.b2, -bound, bound)
 
-    def forward(self, h: torch.Tensor):
+    def forward(self, h: torch.Tensor) -> MixEMOutput:
         B = h.shape[0]
         a = F.relu(self.fc1(h)).view(B, self.K + 1, self.H)  # (B, K+1, H)
         comp = torch.einsum("bkh,khd->bkd", a[:, : self.K], self.w2) + self.b2  # (B, K, D)
+        comp = F.normalize(comp, dim=-1)
         logits = self.gate2(a[:, self.K])  # (B, K)
-        return F.normalize(comp, dim=-1), logits
+        pi = torch.softmax(logits.float(), dim=1).to(comp.dtype)
+        z = torch.einsum("bk,bkd->bd", pi, comp)  # (B, D)
+        return MixEMOutput(z, logits, comp, h)
 
 
 class CenterHead(nn.Module):
     """ccp's head: a projection MLP F->H->D gives the instance embedding z, and a cluster-center
     predictor, K learned seeds (K, H) through an MLP H->H->D, gives the centres C. The centres are
-    network outputs trained by the losses, not the result of a k-means step. Both are L2-normalised."""
+    network outputs trained by the losses, not the result of a k-means step. Both are L2-normalised;
+    the assignment logits are z . c_k / tau_c."""
 
-    def __init__(self, in_features: int, hidden: int, dim: int, K: int):
+    def __init__(self, in_features: int, cfg: MixEMConfig):
         super().__init__()
+        hidden, dim = cfg.head_hidden, cfg.embed_dim
+        self.tau = cfg.center_temperature
         self.project = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         # Unit-variance seeds: through the randomly initialised MLP they give K centres in general
         # position, so no two start on top of each other.
-        self.seeds = nn.Parameter(torch.randn(K, hidden))
+        self.seeds = nn.Parameter(torch.randn(cfg.components, hidden))
         self.predictor = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
-    def forward(self, h: torch.Tensor):
+    def forward(self, h: torch.Tensor) -> MixEMOutput:
         z = F.normalize(self.project(h), dim=-1)  # (B, D)
         centers = F.normalize(self.predictor(self.seeds), dim=-1)  # (K, D)
-        return z, centers
+        logits = z @ centers.T / self.tau  # (B, K)
+        return MixEMOutput(z, logits, centers.unsqueeze(0).expand(h.shape[0], -1, -1), h)
+
+
+HEAD_TYPES = {"mixture": MixtureHead, "centers": CenterHead}  # config.HEADS -> the module that builds it
 
 
 class MixEM(nn.Module):
+    """A backbone trunk and a head (config.head): forward(x) -> MixEMOutput, whatever the head."""
+
     def __init__(self, cfg: MixEMConfig):
         super().__init__()
         self.cfg = cfg
         self.backbone, feat = build_backbone(cfg)
         self.feature_dim = feat
-        if cfg.head == "centers":
-            self.head = CenterHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
-        else:
-            self.head = MixtureHead(feat, cfg.head_hidden, cfg.embed_dim, cfg.components)
+        self.head = HEAD_TYPES[cfg.head](feat, cfg)
         # uint8 pixels -> normalised input as one multiply-add; buffers follow .to(device) and are
         # constants in an exported graph; non-persistent, so weights files hold only learned state.
         self.register_buffer("pixel_mean", torch.tensor(cfg.mean).view(1, -1, 1, 1) * 255.0, persistent=False)
@@ -84,15 +94,7 @@ class MixEM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MixEMOutput:
         """x: (B, C, H, W) float, already normalised."""
-        h = self.backbone(x)  # (B, F)
-        if self.cfg.head == "centers":
-            z, centers = self.head(h)  # (B, D), (K, D)
-            logits = z @ centers.T / self.cfg.center_temperature  # (B, K)
-            return MixEMOutput(z, logits, centers.unsqueeze(0).expand(h.shape[0], -1, -1), h)
-        comp, logits = self.head(h)  # (B, K, D), (B, K)
-        pi = torch.softmax(logits.float(), dim=1).to(comp.dtype)
-        z = torch.einsum("bk,bkd->bd", pi, comp)  # (B, D)
-        return MixEMOutput(z, logits, comp, h)
+        return self.head(self.backbone(x))
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) in [0, 255] -> float normalised with the config's mean/std."""

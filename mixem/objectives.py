@@ -1,11 +1,11 @@
-"""The training objectives (MIX'EM, plain SimCLR, ccp): named loss terms plus their weighted total."""
+"""The training objectives (MIX'EM, plain SimCLR, ccp): named loss terms plus their weighted total (mixem.methods names them)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mixem import losses
+from mixem import losses, methods
 from mixem.config import IMPLS, TrainConfig
 from mixem.distributed import SINGLE, DistContext, gather
 from mixem.errors import ConfigError
@@ -68,10 +68,7 @@ def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: Dis
     as the released code does. Returns every term by name and 'loss', the total to minimise.
     Under torchrun every term covers the global batch (mixem.distributed)."""
     K = o1.mixture_logits.shape[1]
-    terms = {"ntxent": nt_xent_global(o1.embedding, o2.embedding, cfg.temperature, cfg.impl, ctx)}
-    if cfg.method == "simclr":
-        terms["loss"] = terms["ntxent"]
-        return terms
+    terms = simclr_objective(o1, o2, cfg, ctx)
     marginal = instance = pull = push = 0.0
     for o in (o1, o2):
         logits, z = gather(o.mixture_logits, ctx), gather(o.embedding.float(), ctx)  # global batch
@@ -116,12 +113,15 @@ def ccp_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistC
     return terms
 
 
+def simclr_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
+    """Plain SimCLR: NT-Xent on the embedding alone (the head's gate is not trained)."""
+    ntxent = nt_xent_global(o1.embedding, o2.embedding, cfg.temperature, cfg.impl, ctx)
+    return {"ntxent": ntxent, "loss": ntxent}
+
+
 def objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
-    if cfg.method in ("mixem", "simclr"):
-        return mixem_objective(o1, o2, cfg, ctx)
-    if cfg.method == "ccp":
-        return ccp_objective(o1, o2, cfg, ctx)
-    raise ConfigError(f"unknown method {cfg.method!r}: use mixem, simclr or ccp")
+    """The loss terms of cfg.method's objective (mixem.methods)."""
+    return methods.get(cfg.method).objective_fn()(o1, o2, cfg, ctx)
 
 
 def detach_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:

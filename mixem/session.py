@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
+from mixem import methods
 from mixem.config import EVAL_FEATURES, EVAL_INITS, MixEMConfig, TrainConfig, from_dict, preset, replace, to_dict
 from mixem.files import read_json, save_json
 from mixem.errors import ConfigError
@@ -22,18 +23,21 @@ def build_configs(preset_name: str, config_file: Path | None, model_over: dict,
         dev = train_over.get("device") or "auto"
         preset_name = "paper" if (dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())) else "cpu"
     model_cfg, train_cfg = preset(preset_name)
+    head_given = False
     if config_file is not None:
         path = Path(config_file)
         data = read_json(path, "--config file")
         if not isinstance(data, dict) or set(data) - {"model", "train"}:
             raise ConfigError(f"--config {path}: expected an object with keys 'model' and/or 'train'")
         model_cfg = from_dict(MixEMConfig, {**to_dict(model_cfg), **data.get("model", {})}, where=f"{path} model")
+        head_given = "head" in data.get("model", {})
         train_cfg = from_dict(TrainConfig, {**to_dict(train_cfg), **data.get("train", {})}, where=f"{path} train")
     model_cfg = _apply_model_options(model_cfg, model_over)
     train_cfg = replace(train_cfg, **train_over)
-    if train_cfg.method == "ccp" and model_cfg.head == "mixture":
-        # The presets describe the trunk and the run; ccp needs its own head, so --method ccp alone suffices.
-        model_cfg = replace(model_cfg, head="centers")
+    if not head_given:
+        # The presets describe the trunk and the run; each method names its head, so --method alone suffices
+        # (a head written in a --config file is kept, and training refuses a mismatch in one line).
+        model_cfg = replace(model_cfg, head=methods.get(train_cfg.method).head)
     return model_cfg, train_cfg, preset_name
 
 
@@ -108,7 +112,8 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
     def on_epoch(model, epoch, record):
         trained["s"] += record["seconds"]
         if train_cfg.eval_every and epoch % train_cfg.eval_every == 0 and epoch < train_cfg.epochs and ds.labels is not None:
-            row = _headline(_score(model, ds, k, str(device), seed=train_cfg.seed, quick=True))
+            row = _headline(_score(model, ds, k, str(device), seed=train_cfg.seed, quick=train_cfg.method),
+                            train_cfg.method)
             point = {"epoch": epoch, "train_minutes": round(trained["s"] / 60, 3), **row}
             curve.append(point)
             log.event("eval", **point)
@@ -120,8 +125,8 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
                "train_seconds": round(result.seconds, 1), "preset": name}
     if evaluate and ctx.main:
         summary.update(_evaluate_and_report(model, ds, k, str(device), train_cfg.seed, result.run_dir, log,
-                                            minutes=(time.perf_counter() - t0) / 60, curve=curve,
-                                            train_minutes=result.seconds / 60))
+                                            method=train_cfg.method, minutes=(time.perf_counter() - t0) / 60,
+                                            curve=curve, train_minutes=result.seconds / 60))
     return summary
 
 
@@ -144,7 +149,7 @@ def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, q
     ds = load_data(train_cfg, model_cfg, log, data=data, split=split, max_images=max_images)
     k = k or _num_clusters(ds, model_cfg)
     out_dir = ckpt.resolve(checkpoint_path)
-    return _evaluate_and_report(model, ds, k, str(dev), seed, out_dir, log,
+    return _evaluate_and_report(model, ds, k, str(dev), seed, out_dir, log, method=train_cfg.method,
                                 choices=dict(feature_types=feature_types, inits=inits, normalize=normalize))
 
 
@@ -160,24 +165,28 @@ def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
     return _n_classes(ds) or model_cfg.components
 
 
-def _score(model, ds, k: int, device: str, seed: int, quick: bool = False, choices: dict | None = None) -> list[dict]:
+def _score(model, ds, k: int, device: str, seed: int, quick: str | None = None, choices: dict | None = None) -> list[dict]:
+    """Rows of evaluate(); quick=METHOD scores only that method's headline clustering (in-training curve)."""
     from mixem.evaluate import evaluate, extract_features
+
     feats = extract_features(model, ds.images, device=str(resolve_device(device)))
     if quick:
-        return evaluate(feats, ds.labels, k, seed=seed, inits=("mixture",), feature_types=("embedding",))
+        init = methods.get(quick).headline_init
+        return evaluate(feats, ds.labels, k, seed=seed, inits=(init,), feature_types=("embedding",))
     return evaluate(feats, ds.labels, k, seed=seed, **(choices or {}))
 
 
-def _headline(rows: list[dict]) -> dict:
-    """MIX'EM's prescribed clustering: k-means on the mixture embedding, started from the mixture components."""
+def _headline(rows: list[dict], method: str) -> dict:
+    """The method's prescribed clustering (mixem.methods): k-means on the embedding from its headline start."""
+    init = methods.get(method).headline_init
     for r in rows:
-        if r.get("features") == "embedding" and r.get("init") == "mixture":
+        if r.get("features") == "embedding" and r.get("init") == init:
             return r
     return rows[0]
 
 
-def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog, minutes: float | None = None,
-                         curve: list | None = None, train_minutes: float | None = None,
+def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog, method: str,
+                         minutes: float | None = None, curve: list | None = None, train_minutes: float | None = None,
                          choices: dict | None = None) -> dict:
     from mixem.evaluate import format_table, raw_pixel_baseline
 
@@ -186,21 +195,22 @@ def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog,
         return {}
     rows = _score(model, ds, k, device, seed, choices=choices)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
-    head = _headline(rows)
+    head = _headline(rows, method)
+    m = methods.get(method)
+    if head.get("features") == "embedding" and head.get("init") == m.headline_init:
+        name = m.headline_name
+    else:  # the prescribed row was deselected (eval --features/--init): name the row shown instead
+        name = f"{m.display} ({head.get('features')}, {head.get('init')})"
+    headline = {"method": method, "name": name, **head}
     metrics = {"k": k, "images": len(ds.images), "source": ds.source, "rows": rows, "raw_pixel_kmeans": base,
-               "mixem": head, "curve": curve or [], "minutes": round(minutes, 3) if minutes is not None else None,
+               "headline": headline, "curve": curve or [],
+               "minutes": round(minutes, 3) if minutes is not None else None,
                "train_minutes": round(train_minutes, 3) if train_minutes is not None else None}
     save_json(metrics, Path(out_dir) / "metrics.json")
     log.event("metrics", **metrics)
     log.print(format_table(rows + [base]))
-    method = "ccp" if model.cfg.head == "centers" else "MIX'EM"
-    if head.get("features") == "embedding" and head.get("init") == "mixture":
-        how = "k-means from the predicted centres" if method == "ccp" else "k-means from mixture components"
-    else:  # the prescribed row was deselected (eval --features/--init): name the row shown instead
-        how = f"{head.get('features')}, {head.get('init')}"
-    name = f"{method} ({how})"
     line = (f"{name}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
             f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
             f"  ({len(ds.images):,} images, k={k})")
     print(line)
-    return {"mixem": head, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json")}
+    return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json")}

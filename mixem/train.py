@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
+from mixem import methods
 from mixem.augment import build_augment
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.files import save_json
@@ -95,10 +96,10 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
         raise ConfigError(f"images are {C}x{H}x{W} but the model expects "
                           f"{model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size}; "
                           "reload the data at the model's --image-size/--channels")
-    if (train_cfg.method == "ccp") != (model_cfg.head == "centers"):
-        need = "centers" if train_cfg.method == "ccp" else "mixture"
+    need = methods.get(train_cfg.method).head
+    if model_cfg.head != need:
         raise ConfigError(f"method {train_cfg.method} needs head {need!r} but the model config has head "
-                          f"{model_cfg.head!r}; set the model head to {need!r} (--method ccp alone picks 'centers')")
+                          f"{model_cfg.head!r}; set the model head to {need!r} (--method alone picks its head)")
     mine = local_slice(B, ctx)
     if N < B:
         raise ConfigError(f"--batch-size {B} is larger than the {N} training images; pass --batch-size {N} or less")

@@ -29,9 +29,12 @@ def test_train_then_eval_prints_comparison(tmp_path):
                             "--out", str(out), "--quiet", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     last = r.output.strip().splitlines()[-1]
-    assert last.startswith("MIX'EM") and "raw-pixel k-means" in last and "ACC" in last
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["mixem"]["acc"] <= 1 and metrics["images"] == 640
+    head = metrics["headline"]
+    assert head["method"] == "mixem" and head["name"] == "MIX'EM (k-means from the mixture components)"
+    assert last.startswith(f"{head['name']}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}") and "raw-pixel k-means" in last
+    same = [row for row in metrics["rows"] if (row["features"], row["init"]) == ("embedding", "mixture")]
+    assert same == [{k: v for k, v in head.items() if k not in ("method", "name")}] and metrics["images"] == 640
     r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "raw-pixel k-means" in r.output.strip().splitlines()[-1]
@@ -41,6 +44,19 @@ def test_train_then_eval_prints_comparison(tmp_path):
     assert r.output.strip().splitlines()[-1].startswith("MIX'EM (top_component, random)")
     rows = json.loads((out / "checkpoints" / "epoch_0001" / "metrics.json").read_text())["rows"]
     assert {(r["features"], r["init"]) for r in rows} == {("top_component", "random"), ("mixture argmax", "-")}
+
+
+def test_each_method_names_its_own_headline(tmp_path):
+    """`--method simclr` once ended with MIX'EM's headline, stored under the key "mixem"."""
+    conf = tmp_path / "tiny.json"
+    conf.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--preset", "cpu", "--config", str(conf), "--max-images", "256", "--method",
+                            "simclr", "--out", str(out), "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    head = json.loads((out / "metrics.json").read_text())["headline"]
+    assert (head["method"], head["name"], head["init"]) == ("simclr", "SimCLR (k-means++ on the embedding)", "kmeans++")
+    assert r.output.strip().splitlines()[-1].startswith("SimCLR (k-means++ on the embedding)  ACC")
 
 
 @pytest.mark.parametrize("args, needle", [

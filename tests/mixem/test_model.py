@@ -36,7 +36,8 @@ def test_batched_head_equals_per_component_mlps():
     model = MixEM(MixEMConfig(**TINY)).eval()
     head = model.head
     h = torch.randn(4, model.feature_dim)
-    comp, logits = head(h)
+    out = head(h)
+    comp, logits = out.components, out.mixture_logits
     H = head.H
     for k in range(head.K):
         w1, b1 = head.fc1.weight[k * H:(k + 1) * H], head.fc1.bias[k * H:(k + 1) * H]
