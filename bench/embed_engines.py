@@ -128,22 +128,3 @@ def work(case: dict) -> dict:
     return {"flop": counter.get_total_flops() * B,
             "bytes": B * cfg.in_channels * cfg.image_size ** 2 + B * (cfg.embed_dim + cfg.components) * 4,
             "images": B}
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from mixem.bench import run
-
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    result = run(NAME, quick=args.quick, out_dir=args.out, device=args.device)
-    for c in result["cases"]:
-        for name, rec in c["candidates"].items():
-            rate = f"{c['case']['batch'] / rec['median_ms'] * 1e3:10.0f} images/s" if rec["status"] == "ok" else rec["status"]
-            print(f"{c['case']['model']:16s} batch {c['case']['batch']:4d}  {name:10s} {rate}")
-    print("not measured:", *result["not_measured"], sep="\n  ")
-    print("results:", result["path"])

@@ -1,23 +1,17 @@
-"""Benchmark: images/s of the whole embed pipeline vs pure PIL decode on all cores (and RSS over a long run)."""
+"""Benchmark: images/s of the whole embed pipeline vs pure PIL decode on all cores.
 
-# Also timed: each engine (torch, onnxruntime) alone on the decoded images. On a CPU decode and engine share
-# the cores, so the pipeline's bound there is 1 / (1/decode rate + 1/engine rate), not the decode rate: the
-# summary gives both ratios. The pipeline reaches the decode rate only where the engine runs elsewhere (GPU).
-# `python -m mixem.bench embed_pipeline [--quick]` runs the harness cases; `python -m mixem.bench.embed_pipeline
-# --rss N` embeds N small files in a child process and samples its RSS per finished shard (flat memory).
+Also timed: each engine (torch, onnxruntime) alone on the decoded images. On a CPU decode and engine share
+the cores, so the pipeline's bound there is 1 / (1/decode rate + 1/engine rate), not the decode rate: the
+summary gives both ratios. The pipeline reaches the decode rate only where the engine runs elsewhere (GPU).
+Memory over a long run is the embed_rss study.
+"""
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +26,7 @@ _MODELS = {
 _FOLDERS: dict = {}
 
 
-def _fashion(n: int) -> np.ndarray:
+def fashion_images(n: int) -> np.ndarray:
     from mixem.data import load_images
 
     return load_images(None, image_size=28, in_channels=1, max_images=n, labels=False).images[:, 0].numpy()
@@ -46,7 +40,7 @@ def write_jpegs(root: Path, n: int, photo_share: float = 2 / 3, seed: int = 0, n
 
     photos = load_sample_images().images
     rng = np.random.default_rng(seed)
-    fm = _fashion(10_000)
+    fm = fashion_images(10_000)
     for i in range(n):
         d = root / f"{i // 100:05d}"
         if i % 100 == 0:
@@ -183,92 +177,3 @@ def check(case: dict, candidates: dict) -> dict:
 
 def work(case: dict) -> dict:
     return {"images": case["images"]}  # the harness turns this into images_per_s per candidate
-
-
-# ---------------------------------------------------------------- RSS over a long run
-
-
-def _rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_run(n: int, shard_size: int = 5000, out_json: Path | None = None) -> dict:
-    """Embed n small real JPEGs (Fashion-MNIST, 28 px) with `mixem-fast embed` in a child process; sample
-    its VmRSS every 0.1 s together with the number of finished shards (from the JSON log)."""
-    import torch
-
-    from mixem.checkpoint import save_checkpoint
-    from mixem.config import PRESETS, MixEMConfig
-    from mixem.model import MixEM
-
-    tmp = Path(tempfile.mkdtemp(prefix="mixem_rss_"))
-    try:
-        t0 = time.perf_counter()
-        fm = _fashion(10_000)
-        for i in range(n):
-            d = tmp / "imgs" / f"{i // 1000:05d}"
-            if i % 1000 == 0:
-                d.mkdir(parents=True)
-            Image.fromarray(fm[i % len(fm)]).save(d / f"{i:07d}.jpg", quality=90)
-        t_write = time.perf_counter() - t0
-        cfg = MixEMConfig(**PRESETS["cpu"]["model"])
-        torch.manual_seed(0)
-        save_checkpoint(tmp / "ckpt", MixEM(cfg), cfg)
-        log = tmp / "log.jsonl"
-        cmd = [sys.executable, "-m", "mixem.cli", "embed", str(tmp / "ckpt"), str(tmp / "imgs"), "--out",
-               str(tmp / "out"), "--shard-size", str(shard_size), "-q", "--json-log", str(log)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        samples = []
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                rss = _rss_kb(proc.pid)
-                shards = log.read_text().count('"event": "shard"') if log.exists() else 0
-                if rss is not None:
-                    samples.append((round(time.perf_counter() - t0, 2), shards, rss))
-                time.sleep(0.1)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        out, err = proc.communicate()
-        stop.set()
-        th.join()
-        if proc.returncode != 0:
-            raise RuntimeError(err.decode()[-2000:])
-        summary = json.loads(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    per_shard = {}
-    for _, s, rss in samples:
-        per_shard[s] = max(per_shard.get(s, 0), rss)
-    n_sh = max(per_shard) if per_shard else 0
-    first = max(v for s, v in per_shard.items() if s <= 1) if per_shard else None
-    res = {"files": n, "shard_size": shard_size, "seconds_writing_files": round(t_write, 1),
-           "embed_seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
-           "peak_rss_mb": round(max(r for _, _, r in samples) / 1024, 1),
-           "rss_mb_by_shards_done": {int(s): round(v / 1024, 1) for s, v in sorted(per_shard.items())},
-           "rss_mb_after_first_shard": round(first / 1024, 1) if first else None,
-           "rss_mb_last_shard": round(per_shard[n_sh] / 1024, 1) if per_shard else None,
-           "how": "VmRSS of the `mixem-fast embed` child from /proc every 0.1 s; max per number of shards "
-                  "finished (counted from the --json-log shard events)",
-           "load_average": os.getloadavg()}
-    if out_json:
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(res, indent=1) + "\n")
-    return res
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rss", type=int, required=True, help="files to embed while sampling RSS")
-    ap.add_argument("--shard-size", type=int, default=5000)
-    ap.add_argument("--out", type=Path, default=None, help="JSON file for the result")
-    a = ap.parse_args()
-    print(json.dumps(rss_run(a.rss, a.shard_size, a.out), indent=1))

@@ -1,7 +1,7 @@
 """The harness every benchmark runs under: check, warm up, time, peak memory, ceilings, atomic JSON.
 
 A benchmark is a module `bench/<file>.py` that defines
-    NAME: str                                   the name `python -m mixem.bench NAME` takes
+    NAME: str                                   the name `mixem-fast bench NAME` takes
     cases(quick: bool) -> list[dict]            JSON-able case parameters; quick = tiny CPU smoke cases
     setup(case, device) -> dict[str, callable]  candidates, baseline first ({"torch": fn, "triton": fn});
                                                 each fn runs one iteration and returns its result
@@ -12,6 +12,10 @@ optionally
     not_measured(device) -> list[str]           what this benchmark could not measure here, and why
     summarize(case, records) -> dict            figures derived from the timed records (e.g. a bound
                                                 that several candidates' rates define), stored as "summary"
+A study (a measurement that is not one timed call, e.g. training each method over seeds) instead defines
+    NAME, PARAMS: dict (defaults; `--set KEY=VALUE` overrides, typed by the default), QUICK: dict (the
+    smoke-test values), study(params, quick, device) -> dict (its results; "lines" are printed), and
+    optionally result_stem(params) -> str (the JSON file's first part, default NAME).
 Every candidate runs in the same process on the same inputs as the baseline. A candidate that runs
 out of memory is recorded as "oom", any other exception as "error", and the next one runs.
 Timing: CUDA `triton.testing.do_bench` (L2 flushed, 20/50/80 % quantiles); CPU the median of repeated
@@ -38,6 +42,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mixem.errors import ConfigError
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -252,15 +258,40 @@ def write_result(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
-def run(name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto", select: dict | None = None) -> dict:
+def _metadata(name: str, dev: torch.device, quick: bool, started) -> dict:
+    info, versions = device_info(dev), version_info()
+    return {"bench": name, "quick": quick, "device": info, "versions": versions, "git": git_info(),
+            "started_utc": started.isoformat(timespec="seconds"),
+            "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)}
+
+
+def _parse_settings(mod, settings: dict, quick: bool) -> dict:
+    """A study's parameters: its PARAMS defaults, QUICK's in quick mode, then the --set values, each coerced to
+    the type of its default; an unknown key is a one-line error naming the known ones."""
+    params = {**mod.PARAMS, **(getattr(mod, "QUICK", {}) if quick else {})}
+    unknown = sorted(set(settings) - set(params))
+    if unknown:
+        raise ConfigError(f"{mod.NAME} has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(params))}")
+    for key, text in settings.items():
+        kind = type(mod.PARAMS[key])
+        try:
+            params[key] = (str(text).lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+        except ValueError:
+            raise ConfigError(f"{mod.NAME}: {key}={text!r} is not a {kind.__name__}") from None
+    return params
+
+
+def run(name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto",
+        settings: dict | None = None) -> dict:
     """Run one benchmark; returns the result dict, with the JSON file it wrote under "path".
 
-    select: keep only the cases whose fields equal these values (compared as strings), e.g.
-    {"M": 4096, "dtype": "bfloat16"}, to fit a long grid into a time-limited GPU session.
+    settings ("--set KEY=VALUE"): for a benchmark of cases, keep only the cases whose fields equal these
+    values (compared as strings), e.g. {"M": 4096, "dtype": "bfloat16"}, to fit a long grid into a
+    time-limited GPU session; for a study (a module with PARAMS and study()), its parameters.
     """
     modules = _modules()
     if name not in modules:
-        raise KeyError(f"no benchmark named {name!r}; available: {', '.join(sorted(modules)) or 'none'}")
+        raise ConfigError(f"no benchmark named {name!r}; available: {', '.join(sorted(modules)) or 'none'}")
     from mixem.runtime import resolve_device
 
     dev = resolve_device(device)
@@ -268,6 +299,27 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
         # Triton picks compiled or interpreted kernels when a kernel is defined, i.e. at import.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     mod = importlib.import_module(f"mixem.bench.{modules[name]}")
+    started = _dt.datetime.now(_dt.timezone.utc)
+    if hasattr(mod, "study"):
+        params = _parse_settings(mod, settings or {}, quick)
+        body = {"params": params, **mod.study(params, quick, dev)}
+        stem = mod.result_stem(params) if hasattr(mod, "result_stem") else name
+    else:
+        body = _run_cases(mod, dev, quick, settings or {})
+        stem = name
+    data = {**_metadata(name, dev, quick, started), **body}
+    data.setdefault("conditions", f"on {data['device']['name']} with torch=={data['versions']['torch']}, "
+                                  f"triton=={data['versions']['triton']}; times are medians "
+                                  f"({'do_bench' if dev.type == 'cuda' else 'perf_counter'})")
+    torch_v = data["versions"]["torch"].split("+")[0]
+    fname = f"{stem}__{data['device']['slug']}__pt{torch_v}__{started.date().isoformat()}.json"
+    path = Path(out_dir) if out_dir else RESULTS_DIR
+    write_result(path / fname, data)
+    data["path"] = str(path / fname)
+    return data
+
+
+def _run_cases(mod, dev: torch.device, quick: bool, select: dict) -> dict:
     not_measured = list(mod.not_measured(dev)) if hasattr(mod, "not_measured") else []
     ceilings = {}
     if dev.type == "cuda":
@@ -280,22 +332,23 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
         )
         not_measured.append("ceilings (matmul TFLOP/s, copy GB/s) and fraction of the floor: need a GPU")
         not_measured.append("per-candidate peak memory: on CPU only the process RSS is recorded")
-    started = _dt.datetime.now(_dt.timezone.utc)
-    chosen = [c for c in mod.cases(quick) if all(str(c.get(k)) == str(v) for k, v in (select or {}).items())]
+    chosen = [c for c in mod.cases(quick) if all(str(c.get(k)) == str(v) for k, v in select.items())]
+    if not chosen:
+        raise ConfigError(f"{mod.NAME}: no case matches {select}; its cases have the fields "
+                       f"{', '.join(sorted({k for c in mod.cases(quick) for k in c}))}")
     results = [_run_case(mod, case, dev, quick, ceilings) for case in chosen]
-    info, versions = device_info(dev), version_info()
-    data = {
-        "bench": name, "quick": quick, "select": select or {}, "device": info, "versions": versions, "git": git_info(),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "conditions": f"on {info['name']} with torch=={versions['torch']}, triton=={versions['triton']}; "
-                      f"times are medians ({'do_bench' if dev.type == 'cuda' else 'perf_counter'})",
-        "ceilings": ceilings, "not_measured": not_measured, "cases": results,
-    }
-    torch_v = versions["torch"].split("+")[0]
-    fname = f"{name}__{info['slug']}__pt{torch_v}__{started.date().isoformat()}.json"
-    path = Path(out_dir) if out_dir else RESULTS_DIR
-    write_result(path / fname, data)
-    data["path"] = str(path / fname)
-    return data
+    return {"select": select, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+            "ceilings": ceilings, "not_measured": not_measured, "cases": results}
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What `mixem-fast bench` prints: one line per case (check, each candidate's median), or a study's own."""
+    if "cases" not in result:
+        return list(result.get("lines", []))
+    lines = []
+    for case in result["cases"]:
+        cands = ", ".join(f"{n} {c['median_ms']:.3g} ms" if c["status"] == "ok" else f"{n} {c['status']}"
+                          for n, c in case["candidates"].items())
+        check = case.get("check", {}).get("status", "-")
+        lines.append(f"{case['case']}  check={check}  {cands or case.get('setup', '')}")
+    return lines

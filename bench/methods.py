@@ -1,41 +1,38 @@
-"""Quality comparison of the methods on one dataset: MIX'EM, ccp, plain SimCLR + k-means and raw-pixel
-k-means, side by side (ACC / NMI / ARI), under one preset, in one run.
+"""Study: every registered method trained on one dataset under one preset, over seeds, scored side by side.
 
-    python -m mixem.bench.methods [--preset cpu] [--epochs N] [--max-images N] [--methods mixem,ccp,simclr]
-                                  [--seeds 0,1,2] [--jobs 3]
+    mixem-fast bench methods [--set preset=cpu] [--set seeds=0,1,2] [--set jobs=3] [--set methods=mixem,ccp]
+                             [--set epochs=N] [--set max_images=N] [--set data=PATH]
 
-Not a speed benchmark, so not on the timing harness: each method is trained once per seed, from the same seed on
-the same images with the preset's settings (`--method` is the only difference; ccp gets its centers
-head from mixem.session.build_configs), then scored by mixem.evaluate: k-means on the L2-normalised
-embedding started from the method's own components / predicted centres ("mixture") and from k-means++
-(best of 10), plus the argmax assignment itself. Training times are recorded as conditions only: the
-CPU may be shared. Writes bench/results/methods__<preset>__<date>.json atomically.
+Not a timing benchmark: each method is trained once per seed, from the same seed on the same images with
+the preset's settings (`--method` is the only difference; each gets its head from the registry), then
+scored by mixem.evaluate: k-means on the L2-normalised embedding from the method's own groups
+("mixture") and from k-means++ (best of 10), plus the argmax assignment itself, next to raw-pixel
+k-means. The headline of each method is its registry's. Training times are conditions only.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import datetime as _dt
 import multiprocessing
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from mixem.bench.harness import RESULTS_DIR, device_info, git_info, version_info, write_result
 from mixem import methods
 from mixem.config import to_dict
-from mixem.errors import MixEMError
+from mixem.errors import ConfigError, DataError
 from mixem.evaluate import evaluate, extract_features, raw_pixel_baseline
 from mixem.runlog import RunLog
 from mixem.session import build_configs, load_data
 from mixem.runtime import resolve_device
 from mixem.train import train
 
+NAME = "methods"
+PARAMS = {"preset": "cpu", "methods": "", "seeds": "0", "jobs": 1, "epochs": 0, "max_images": 0, "data": ""}
+QUICK = {"epochs": 1, "max_images": 512}  # every method, one seed: a smoke test of the whole study
 
 
 def run_method(method: str, preset: str, over: dict, images, labels, k: int, seed: int, out: Path,
@@ -67,96 +64,67 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mixem.bench.methods", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu", help="preset every method trains with (default cpu)")
-    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
-    p.add_argument("--max-images", type=int, default=None, help="first N images only; default: the preset's (all)")
-    p.add_argument("--data", default=None, help="dataset path; default: the embedded Fashion-MNIST split")
-    p.add_argument("--methods", default=",".join(methods.REGISTRY), help=f"comma-separated subset of {', '.join(methods.REGISTRY)}")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; every method trains once per seed (default 0)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="trainings at once, in separate one-thread processes (results do not depend on it)")
-    p.add_argument("--device", default=None, help="default: the preset's (auto)")
-    p.add_argument("--out", default=None, help="results folder (default: bench/results)")
-    args = p.parse_args(argv)
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+def result_stem(params: dict) -> str:
+    return f"methods_{params['preset']}"
+
+
+def _parse(params: dict) -> tuple[list[str], list[int]]:
+    chosen = [m.strip() for m in params["methods"].split(",") if m.strip()] or list(methods.REGISTRY)
     bad = [m for m in chosen if m not in methods.REGISTRY]
-    if bad or not chosen:
-        print(f"error: --methods takes a comma-separated subset of {', '.join(methods.REGISTRY)}, got {args.methods!r}", file=sys.stderr)
-        return 1
+    if bad:
+        raise ConfigError(f"--set methods={params['methods']}: choose a comma-separated subset of "
+                          f"{', '.join(methods.REGISTRY)}")
     try:
-        seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
+        seeds = sorted({int(x) for x in params["seeds"].split(",") if x.strip()})
     except ValueError:
         seeds = []
     if not seeds:
-        print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-        return 1
-    over = dict(epochs=args.epochs, max_images=args.max_images, data=args.data, device=args.device)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    git = git_info()  # the code that runs, not whatever is checked out when the run ends
-    try:
-        model_cfg, train_cfg, preset = build_configs(args.preset, None, {}, over)
-        log = RunLog(quiet=False)
-        ds = load_data(train_cfg, model_cfg, log)
-        if ds.labels is None:
-            raise MixEMError(f"{ds.source}: no labels, so there is nothing to score the methods against")
-        k = len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
-        pairs = [(m, s) for s in seeds for m in chosen]
-        print(f"training {', '.join(chosen)} x seeds {', '.join(map(str, seeds))} ({preset} preset, {train_cfg.epochs} "
-              f"epochs, {len(ds.images):,} images, {args.jobs} at a time) ...", flush=True)
-        bases = {s: raw_pixel_baseline(ds.images, ds.labels, k, seed=s) for s in seeds}
-        with tempfile.TemporaryDirectory(prefix="mixem-methods-") as tmp:
-            if args.jobs > 1:
-                # Spawned processes (a fork would inherit torch's thread pools), one thread each, so
-                # `jobs` processes use `jobs` cores. The images go as a numpy array: pickling a tensor
-                # moves its storage to shared memory in the pool's feeder thread, under any numpy
-                # view of it that this process holds (it crashed raw_pixel_baseline running alongside).
-                images = ds.images.numpy().copy()
-                with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(pairs)),
-                                                            mp_context=multiprocessing.get_context("spawn")) as pool:
-                    futures = {(m, s): pool.submit(run_method, m, preset, {**over, "seed": s}, images, ds.labels, k, s,
-                                                   Path(tmp) / str(s), threads=1) for m, s in pairs}
-                    runs = {key: f.result() for key, f in futures.items()}
-            else:
-                runs = {(m, s): run_method(m, preset, {**over, "seed": s}, ds.images, ds.labels, k, s, Path(tmp) / str(s))
-                        for m, s in pairs}
-        for (m, s), r in runs.items():
-            h = r["headline"]
-            print(f"  {m} seed {s}: ACC {h['acc']:.4f}  NMI {h['nmi']:.4f}  ARI {h['ari']:.4f}  ({r['train_seconds']:.0f} s training)")
-    except MixEMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise ConfigError(f"--set seeds={params['seeds']}: give comma-separated integers, e.g. 0,1,2")
+    return chosen, seeds
 
+
+def _train_all(pairs, preset: str, over: dict, ds, k: int, jobs: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mixem-methods-") as tmp:
+        if jobs <= 1:
+            return {(m, s): run_method(m, preset, {**over, "seed": s}, ds.images, ds.labels, k, s, Path(tmp) / str(s))
+                    for m, s in pairs}
+        # Spawned processes (a fork would inherit torch's thread pools), one thread each, so `jobs` processes
+        # use `jobs` cores. The images go as a numpy array: pickling a tensor moves its storage to shared memory
+        # in the pool's feeder thread, under any numpy view of it that this process holds.
+        images = ds.images.numpy().copy()
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pairs)),
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {(m, s): pool.submit(run_method, m, preset, {**over, "seed": s}, images, ds.labels, k, s,
+                                           Path(tmp) / str(s), threads=1) for m, s in pairs}
+            return {key: f.result() for key, f in futures.items()}
+
+
+def study(params: dict, quick: bool, device) -> dict:
+    chosen, seeds = _parse(params)
+    over = dict(epochs=params["epochs"] or None, max_images=params["max_images"] or None,
+                data=params["data"] or None, device=str(device))
+    model_cfg, train_cfg, preset = build_configs(params["preset"], None, {}, over)
+    ds = load_data(train_cfg, model_cfg, RunLog(quiet=True))
+    if ds.labels is None:
+        raise DataError(f"{ds.source}: no labels, so there is nothing to score the methods against")
+    k = len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
+    bases = {s: raw_pixel_baseline(ds.images, ds.labels, k, seed=s) for s in seeds}
+    runs = _train_all([(m, s) for s in seeds for m in chosen], preset, over, ds, k, params["jobs"])
     table = [{"method": m, **_summary([runs[(m, s)]["headline"] for s in seeds])} for m in chosen]
     table.append({"method": "raw-pixel k-means", **_summary([bases[s] for s in seeds])})
-    dev = resolve_device(train_cfg.device)
-    info, versions = device_info(dev), version_info()
-    data = {
-        "bench": "methods", "preset": preset, "seeds": seeds, "device": info, "versions": versions, "git": git,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
-        "jobs": args.jobs,
+    lines = [f"{m} seed {s}: ACC {r['headline']['acc']:.4f}  NMI {r['headline']['nmi']:.4f}  ARI {r['headline']['ari']:.4f}"
+             f"  ({r['train_seconds']:.0f} s training)" for (m, s), r in runs.items()]
+    lines += [f"{r['method']:<18} {r['features'] + ' / ' + r['init']:<20} "
+              + " ".join(f"{r[x]:.4f} ± {r[x + '_std']:.4f}" for x in ("acc", "nmi", "ari")) for r in table]
+    return {
+        "preset": preset, "seeds": seeds, "jobs": params["jobs"],
         "conditions": (f"{preset} preset, {train_cfg.epochs} epochs x batch {train_cfg.batch_size}, seeds "
                        f"{', '.join(map(str, seeds))} (mean and sample std over seeds), {len(ds.images):,} images of "
-                       f"{ds.source}, k={k}, scored on the training images; on {info['name']} "
-                       f"({info.get('cores')} cores, shared) with torch=={versions['torch']}"),
+                       f"{ds.source}, k={k}, scored on the training images; {params['jobs']} trainings at a time"),
         "data": {"source": ds.source, "images": len(ds.images), "k": k, "max_images": train_cfg.max_images},
         "table": table,
         "methods": {m: {str(s): runs[(m, s)] for s in seeds} for m in chosen},
         "raw_pixel_kmeans": {str(s): bases[s] for s in seeds},
-        "not_measured": [] if len(seeds) > 1 else ["variance over seeds: one seed (pass --seeds 0,1,2 for a spread)"],
+        "not_measured": [] if len(seeds) > 1 else ["variance over seeds: one seed (--set seeds=0,1,2 gives a spread)"],
+        "lines": lines,
     }
-    path = Path(args.out) if args.out else RESULTS_DIR
-    fname = path / f"methods__{preset}__{started.date().isoformat()}.json"
-    write_result(fname, data)
-    print(f"{'method':<18} {'clustering':<20} {'ACC':>15} {'NMI':>15} {'ARI':>15}")
-    for r in table:
-        print(f"{r['method']:<18} {r['features'] + ' / ' + r['init']:<20} "
-              + " ".join(f"{r[x]:.4f} ± {r[x + '_std']:.4f}" for x in ("acc", "nmi", "ari")))
-    print(f"wrote {fname}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

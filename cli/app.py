@@ -159,9 +159,12 @@ def bench(
     name: Annotated[Optional[str], typer.Argument(help="Benchmark to run; omit to list them.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny CPU-sized cases (smoke test only).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results directory (default bench/results).")] = None,
-    device: Annotated[str, typer.Option("--device")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N")] = "auto",
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="KEY=VALUE, repeatable: run only the cases with this field value (e.g. M=4096), or set a "
+                      "study's parameter (e.g. seeds=0,1,2).")] = None,
 ):
-    """Run a benchmark against its baseline in the same process and write JSON results."""
+    """Run a benchmark against its baseline in the same process (or a study) and write JSON results."""
     from mixem.runtime import PASSIVE_OPENMP_BENCHES, passive_openmp
 
     if name in PASSIVE_OPENMP_BENCHES:
@@ -174,8 +177,14 @@ def bench(
         return
     if name not in names:
         raise MixEMError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
-    result = b.run(name, quick=quick, out_dir=str(out) if out else None, device=device)
-    typer.echo(json.dumps(result, indent=2, default=str)[:4000])
+    bad = [s for s in settings or () if "=" not in s]
+    if bad:
+        raise MixEMError(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    chosen = dict(s.split("=", 1) for s in settings or ())
+    result = b.run(name, quick=quick, out_dir=str(out) if out else None, device=device, settings=chosen)
+    for line in b.summary_lines(result):
+        typer.echo(line)
+    typer.echo(f"wrote {result['path']}")
 
 
 @app.command()

@@ -2,19 +2,19 @@
 # The GPU-only checks and measurements (issue #8), as a few full calls of a lent GPU machine.
 #
 # Here, once (needs pip and the package registry):
-#   bash bench/gpu_session.sh wheels     # .whl/: the wheels the device image lacks (faiss-cpu, kornia, ...)
-#   bash bench/gpu_session.sh data       # .data/fashion-mnist: the four IDX files (30 MB), for `fmnist`
+#   bash scripts/gpu_session.sh wheels     # .whl/: the wheels the device image lacks (faiss-cpu, kornia, ...)
+#   bash scripts/gpu_session.sh data       # .data/fashion-mnist: the four IDX files (30 MB), for `fmnist`
 # There, one call per stage (device `run`, carry [".whl"], plus ".data" for fmnist); each ends well inside
 # the 10-minute command limit and leaves at most 8 files under $OUT:
-#   bash bench/gpu_session.sh check      # the kernel, embed and training tests compiled on the GPU
-#   bash bench/gpu_session.sh kernels    # NT-Xent kernel benchmark, D=128, bf16 and fp32, every M
-#   bash bench/gpu_session.sh kernels32  # the same at D=32, and the mixture-entropy kernel (bf16)
-#   bash bench/gpu_session.sh train      # train_step (loop vs DataLoader), embed_pipeline (nvJPEG decode)
-#   bash bench/gpu_session.sh engines    # embed_engines (torch vs onnxruntime on the GPU), cluster_faiss (GPU k-means)
-#   bash bench/gpu_session.sh fmnist [MIN]   # paper preset on the 70k Fashion-MNIST for MIN minutes (8)
+#   bash scripts/gpu_session.sh check      # the kernel, embed and training tests compiled on the GPU
+#   bash scripts/gpu_session.sh kernels    # NT-Xent kernel benchmark, D=128, bf16 and fp32, every M
+#   bash scripts/gpu_session.sh kernels32  # the same at D=32, and the mixture-entropy kernel (bf16)
+#   bash scripts/gpu_session.sh train      # train_step (loop vs DataLoader), embed_pipeline (nvJPEG decode)
+#   bash scripts/gpu_session.sh engines    # embed_engines (torch vs onnxruntime on the GPU), cluster_faiss (GPU k-means)
+#   bash scripts/gpu_session.sh fmnist [MIN]   # paper preset on the 70k Fashion-MNIST for MIN minutes (8)
 # Results: copy $OUT's JSON into bench/results/ (the harness names them by device) and commit them.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_session.sh wheels|data|check|kernels|kernels32|train|engines|fmnist [minutes]}
+stage=${1:?usage: bash scripts/gpu_session.sh wheels|data|check|kernels|kernels32|train|engines|fmnist [minutes]}
 OUT=${OUT:-/tmp/mixem_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,7 +30,7 @@ WHEELS=(faiss-cpu==1.15.1 kornia==0.9.0 kornia_rs==0.2.0 pytorch-metric-learning
 setup_device() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed: run 'bash bench/gpu_session.sh wheels' here and carry .whl"; exit 1; }
+    || { echo "wheel install failed: run 'bash scripts/gpu_session.sh wheels' here and carry .whl"; exit 1; }
   export PYTHONPATH=/tmp/site
   python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . >/dev/null \
     || python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir . >/dev/null || exit 1
@@ -75,23 +75,23 @@ case $stage in
     if [ "$stage" = kernels ]; then slices=("D=128 dtype=bfloat16" "D=128 dtype=float32"); else
       slices=("D=32 dtype=bfloat16" "D=32 dtype=float32"); fi
     for sel in "${slices[@]}"; do
-      args=(); for w in $sel; do args+=(--where "$w"); done
-      step "nt_xent_${sel// /_}" timeout 250 python3 -m mixem.bench kernel_nt_xent "${args[@]}" --out "$OUT"
+      args=(); for w in $sel; do args+=(--set "$w"); done
+      step "nt_xent_${sel// /_}" timeout 250 python3 -m mixem.cli bench kernel_nt_xent "${args[@]}" --out "$OUT"
     done
-    [ "$stage" = kernels32 ] && step mixture_entropy timeout 60 python3 -m mixem.bench kernel_mixture_entropy \
-      --where dtype=bfloat16 --out "$OUT" ;;
+    [ "$stage" = kernels32 ] && step mixture_entropy timeout 60 python3 -m mixem.cli bench kernel_mixture_entropy \
+      --set dtype=bfloat16 --out "$OUT" ;;
   train)
     setup_device
-    step train_step timeout 250 python3 -m mixem.bench train_step --out "$OUT"
-    step embed_pipeline timeout 250 python3 -m mixem.bench embed_pipeline --out "$OUT" ;;
+    step train_step timeout 250 python3 -m mixem.cli bench train_step --out "$OUT"
+    step embed_pipeline timeout 250 python3 -m mixem.cli bench embed_pipeline --out "$OUT" ;;
   engines)
     setup_device
-    step embed_engines timeout 250 python3 -m mixem.bench embed_engines --out "$OUT"
-    step cluster_faiss timeout 250 python3 -m mixem.bench cluster_faiss --out "$OUT" ;;
+    step embed_engines timeout 250 python3 -m mixem.cli bench embed_engines --out "$OUT"
+    step cluster_faiss timeout 250 python3 -m mixem.cli bench cluster_faiss --out "$OUT" ;;
   fmnist)
     setup_device
     minutes=${2:-8}
-    [ -f .data/fashion-mnist/train-images-idx3-ubyte.gz ] || { echo "carry .data (bash bench/gpu_session.sh data)"; exit 1; }
+    [ -f .data/fashion-mnist/train-images-idx3-ubyte.gz ] || { echo "carry .data (bash scripts/gpu_session.sh data)"; exit 1; }
     # Epochs from a measured epoch time would be better; the paper preset's 200 epochs do not fit one call,
     # so the run is cut by time: --epochs sets the schedule, `timeout` the wall budget (the checkpoint of
     # the last finished epoch stays; metrics come from the final evaluation when it finishes in time).

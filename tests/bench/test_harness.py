@@ -1,16 +1,19 @@
-"""The kernel benchmarks run through the shared harness: discovery, check-first, OOM handling, JSON."""
+"""The shared harness: discovery, check-first, OOM handling, case selection, study parameters, JSON."""
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from mixem.bench import available, run
+from mixem.errors import ConfigError
 
 
-def test_kernel_benchmarks_are_discovered():
-    assert {"kernel_nt_xent", "kernel_mixture_entropy"} <= set(available())
+def test_benchmarks_are_discovered():
+    assert {"kernel_nt_xent", "kernel_mixture_entropy", "methods", "embed_rss"} <= set(available())
 
 
 def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, device):
@@ -33,12 +36,13 @@ def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, devi
     monkeypatch.setattr(mod, "cases", lambda quick: [
         {"B": B, "K": 3, "dtype": "float32", "phase": "fwd", "variant": v} for B, v in ((7, "oom"), (7, "wrong"), (9, "wrong"))
     ])
-    res = run("kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device=device.type, select={"B": "7"})
+    res = run("kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device=device.type, settings={"B": "7"})
 
     assert re.fullmatch(r"kernel_mixture_entropy__[a-z0-9-]+__pt[0-9.a-z]+__\d{4}-\d\d-\d\d\.json", res["path"].split("/")[-1])
     on_disk = json.loads(open(res["path"]).read())
     assert on_disk["bench"] == "kernel_mixture_entropy" and on_disk["versions"]["torch"] == torch.__version__
-    assert on_disk["git"]["sha"] is None or re.fullmatch(r"[0-9a-f]{40}", on_disk["git"]["sha"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert on_disk["git"]["sha"] == head.stdout.strip()  # the code that ran
     assert on_disk["not_measured"], "every run says what it could not measure"
     oom, wrong = on_disk["cases"]  # select dropped the B = 9 case
     assert oom["check"]["status"] == "ok"
@@ -48,3 +52,13 @@ def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, devi
     assert k["speedup_vs_torch"] == pytest.approx(t["median_ms"] / k["median_ms"])
     assert wrong["check"]["status"] == "failed" and wrong["candidates"] == {}
     assert list(tmp_path.glob(".*.tmp*")) == [], "the atomic write leaves no temporary file"
+
+
+def test_unknown_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no case matches"):
+        run("kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device="cpu", settings={"B": "3"})
+    with pytest.raises(ConfigError, match="methods has no parameter colour; it takes data, epochs"):
+        run("methods", quick=True, out_dir=str(tmp_path), device="cpu", settings={"colour": "red"})
+    with pytest.raises(ConfigError, match="jobs='many' is not a int"):
+        run("methods", quick=True, out_dir=str(tmp_path), device="cpu", settings={"jobs": "many"})
+    assert list(tmp_path.iterdir()) == []
