@@ -173,7 +173,7 @@ def measure_ceilings(dev: torch.device) -> dict:
     out = {}
     for dtype in (torch.bfloat16, torch.float32):
         a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-        ms = do_bench(lambda: a @ b, warmup=25, rep=100, quantiles=[0.5])[0]
+        ms = do_bench(lambda a=a, b=b: a @ b, warmup=25, rep=100, quantiles=[0.5])[0]
         out[f"matmul_{str(dtype).split('.')[1]}_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
     a = b = None  # free before the copy's 2 GiB
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
@@ -239,7 +239,7 @@ def _run_case(mod, case: dict, dev: torch.device, quick: bool, ceilings: dict) -
         _free(dev)
         out["candidates"][name] = rec
     base = out["candidates"].get(base_name, {})
-    for name, rec in out["candidates"].items():
+    for rec in out["candidates"].values():
         if rec["status"] == "ok" and base.get("status") == "ok":
             rec["speedup_vs_" + base_name] = base["median_ms"] / rec["median_ms"]
     if hasattr(mod, "summarize"):

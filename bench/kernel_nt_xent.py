@@ -33,7 +33,7 @@ def cases(quick: bool) -> list[dict]:
     ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled():
     from mixem.bench.harness import compile_for_shapes
 

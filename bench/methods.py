@@ -26,8 +26,8 @@ from mixem.config import to_dict
 from mixem.errors import ConfigError, DataError
 from mixem.evaluate import evaluate, extract_features, raw_pixel_baseline
 from mixem.runlog import RunLog
-from mixem.session import build_configs, load_data
 from mixem.runtime import resolve_device
+from mixem.session import build_configs, load_data
 from mixem.train import train
 
 NAME = "methods"

@@ -6,13 +6,23 @@ import functools
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from mixem.config import (ENGINES, EMBED_FEATURES, EVAL_FEATURES, EVAL_INITS, EXPORT_FORMATS, FEATURE_TYPES, IMPLS,
-                          KMEANS_INITS, PRESETS, TRT_PROFILE)
 from mixem import methods
+from mixem.config import (
+    EMBED_FEATURES,
+    ENGINES,
+    EVAL_FEATURES,
+    EVAL_INITS,
+    EXPORT_FORMATS,
+    FEATURE_TYPES,
+    IMPLS,
+    KMEANS_INITS,
+    PRESETS,
+    TRT_PROFILE,
+)
 from mixem.errors import MixEMError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -34,9 +44,9 @@ ClusterInit = _choice_enum("ClusterInit", KMEANS_INITS)
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result.")]
-JsonLog = Annotated[Optional[Path], typer.Option("--json-log", help="Append JSON-lines events to this file.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+JsonLog = Annotated[Path | None, typer.Option("--json-log", help="Append JSON-lines events to this file.")]
+Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 
 
 def _errors(fn):
@@ -59,26 +69,26 @@ def _errors(fn):
 @app.command()
 @_errors
 def train(
-    data: Annotated[Optional[str], typer.Argument(help="Image folder, .npz, IDX dir, CIFAR/STL-10 dir, or "
+    data: Annotated[str | None, typer.Argument(help="Image folder, .npz, IDX dir, CIFAR/STL-10 dir, or "
                                                        "'fashion-mnist'. Default: the embedded Fashion-MNIST test split.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
     preset: Annotated[Preset, typer.Option(help="Recipe: cpu (minutes on 2 cores), paper (the released MIX'EM "
                                                 "recipe), auto (paper on a GPU, cpu otherwise).")] = Preset.auto,
-    config: Annotated[Optional[Path], typer.Option(help="JSON file {\"model\": {...}, \"train\": {...}} of field overrides.")] = None,
-    method: Annotated[Optional[Method], typer.Option(help="Objective.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the data.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per step.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="NT-Xent temperature.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="convnet | resnet18 | resnet34 | resnet50")] = None,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Input side in pixels.")] = None,
-    channels: Annotated[Optional[int], typer.Option("--channels", help="1 (grayscale) or 3 (RGB).")] = None,
-    components: Annotated[Optional[int], typer.Option("--components", "-k", help="K mixture components.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="train | test | all | auto (for standard datasets).")] = None,
-    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Use only the first N images.")] = None,
-    impl: Annotated[Optional[Impl], typer.Option(help="Loss kernels: auto (Triton on CUDA) | triton | torch.")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N epochs (0: at the end only).")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file {\"model\": {...}, \"train\": {...}} of field overrides.")] = None,
+    method: Annotated[Method | None, typer.Option(help="Objective.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the data.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="NT-Xent temperature.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="convnet | resnet18 | resnet34 | resnet50")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Input side in pixels.")] = None,
+    channels: Annotated[int | None, typer.Option("--channels", help="1 (grayscale) or 3 (RGB).")] = None,
+    components: Annotated[int | None, typer.Option("--components", "-k", help="K mixture components.")] = None,
+    split: Annotated[str | None, typer.Option(help="train | test | all | auto (for standard datasets).")] = None,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="Use only the first N images.")] = None,
+    impl: Annotated[Impl | None, typer.Option(help="Loss kernels: auto (Triton on CUDA) | triton | torch.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Evaluate every N epochs (0: at the end only).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Cluster and score the data after training.")] = True,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
     device: Device = None,
@@ -102,10 +112,10 @@ def train(
 @_errors
 def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
-    data: Annotated[Optional[str], typer.Argument(help="Data to cluster (default: the data the run trained on).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Clusters (default: number of classes, else K).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="train | test | all | auto")] = None,
-    max_images: Annotated[Optional[int], typer.Option("--max-images")] = None,
+    data: Annotated[str | None, typer.Argument(help="Data to cluster (default: the data the run trained on).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Clusters (default: number of classes, else K).")] = None,
+    split: Annotated[str | None, typer.Option(help="train | test | all | auto")] = None,
+    max_images: Annotated[int | None, typer.Option("--max-images")] = None,
     device: Device = None,
     seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
     features: Annotated[str, typer.Option(help="Comma list of backbone, embedding, top_component.")] = ",".join(EVAL_FEATURES),
@@ -138,11 +148,11 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("export"),
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision model.")] = False,
     features: Annotated[bool, typer.Option("--features", help="Also output backbone features.")] = False,
-    min_batch: Annotated[Optional[int], typer.Option("--min-batch", help=f"TensorRT profile: smallest batch "
+    min_batch: Annotated[int | None, typer.Option("--min-batch", help=f"TensorRT profile: smallest batch "
                                                       f"(default {TRT_PROFILE[0]}).")] = None,
-    opt_batch: Annotated[Optional[int], typer.Option("--opt-batch", help=f"TensorRT profile: batch tuned for "
+    opt_batch: Annotated[int | None, typer.Option("--opt-batch", help=f"TensorRT profile: batch tuned for "
                                                       f"(default {TRT_PROFILE[1]}).")] = None,
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help=f"TensorRT profile: largest batch "
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help=f"TensorRT profile: largest batch "
                                                       f"(default {TRT_PROFILE[2]}).")] = None,
 ):
     """Export a checkpoint to ONNX (parity-checked against PyTorch) or a TensorRT engine."""
@@ -156,11 +166,11 @@ def export(
 @app.command()
 @_errors
 def bench(
-    name: Annotated[Optional[str], typer.Argument(help="Benchmark to run; omit to list them.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Benchmark to run; omit to list them.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Tiny CPU-sized cases (smoke test only).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results directory (default bench/results).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results directory (default bench/results).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N")] = "auto",
-    settings: Annotated[Optional[list[str]], typer.Option(
+    settings: Annotated[list[str] | None, typer.Option(
         "--set", help="KEY=VALUE, repeatable: run only the cases with this field value (e.g. M=4096), or set a "
                       "study's parameter (e.g. seeds=0,1,2).")] = None,
 ):
@@ -198,10 +208,10 @@ def embed(
     features: Annotated[EmbedFeatures, typer.Option(
         "--features", help="What to store: the mixture embedding, or backbone features (onnx/trt: export with "
                            "--features).")] = EmbedFeatures.embedding,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per engine call.")] = None,
-    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Images per output shard.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
-    decoder: Annotated[Optional[str], typer.Option("--decoder", help="auto | pil | nvjpeg (GPU JPEG decode).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per engine call.")] = None,
+    shard_size: Annotated[int | None, typer.Option("--shard-size", help="Images per output shard.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
+    decoder: Annotated[str | None, typer.Option("--decoder", help="auto | pil | nvjpeg (GPU JPEG decode).")] = None,
     device: Device = None,
     quiet: Quiet = False,
     json_log: JsonLog = None,
@@ -234,9 +244,9 @@ def cluster(
                     ] = ClusterInit.mixture,
     spherical: Annotated[bool, typer.Option("--spherical", help="Unit-norm centroids, cosine assignment.")] = False,
     niter: Annotated[int, typer.Option("--niter", help="Lloyd iterations.")] = 25,
-    max_points: Annotated[Optional[int], typer.Option("--max-points-per-centroid", help="Train on a random "
+    max_points: Annotated[int | None, typer.Option("--max-points-per-centroid", help="Train on a random "
                                                       "k*N subset (default: every point).")] = None,
-    labels: Annotated[Optional[Path], typer.Option(
+    labels: Annotated[Path | None, typer.Option(
         "--labels", help="CSV of 'relative/path,label' to score against (default: sub-folder names when all "
                          "images have one).")] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
@@ -263,7 +273,7 @@ def search(
     run: Annotated[Path, typer.Argument(help="A clustered embedding run directory.")],
     image: Annotated[Path, typer.Argument(help="Query image.")],
     k: Annotated[int, typer.Option("-k", "--top", help="How many neighbours.")] = 10,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Model path, if it moved since embedding.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Model path, if it moved since embedding.")] = None,
     device: Device = None,
 ):
     """Print the images of a run nearest to IMAGE (cosine similarity), best first, as JSON lines."""

@@ -57,7 +57,7 @@ def _ntxent_lse_fwd_kernel(
     grow = rows + a_off  # global index of each row: its own column is the masked diagonal
     row_lo = pid * BM + a_off
     m = tl.full((BM,), float("-inf"), ACC)
-    l = tl.zeros((BM,), ACC)
+    l_i = tl.zeros((BM,), ACC)
     for start in range(0, RB, BN):
         cols = start + offs_n  # (BN,)
         b = tl.load(Bm + cols[:, None] * stride_b + offs_d[None, :], mask=(cols[:, None] < RB) & dmask[None, :], other=0.0)
@@ -70,9 +70,9 @@ def _ntxent_lse_fwd_kernel(
         m_new = tl.maximum(m, tl.max(x, 1))
         # A row with no valid column yet keeps m = -inf; shift by 0 there to avoid (-inf) - (-inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
+        l_i = l_i * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
         m = m_new
-    lse = (m + tl.log2(l)) * 0.6931471805599453  # natural log
+    lse = (m + tl.log2(l_i)) * 0.6931471805599453  # natural log
     tl.store(LSE + rows, lse, mask=rows < RA)
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from mixem.config import MixEMConfig, TrainConfig, load_json
-from mixem.files import atomic_write_text, save_json
 from mixem.errors import CheckpointError
+from mixem.files import atomic_write_text, save_json
 
 WEIGHTS, CONFIG, TRAIN_CONFIG, STATE, TRAINER = "model.safetensors", "config.json", "train_config.json", "state.json", "trainer.pt"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin", ".tar")

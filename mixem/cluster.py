@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixem import shards
-from mixem.kmeans import describe_backend, kmeans, l2_normalize, resolve_backend
 from mixem.config import KMEANS_INITS
-from mixem.files import atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
+from mixem.files import atomic_write, atomic_write_text
+from mixem.kmeans import describe_backend, kmeans, l2_normalize, resolve_backend
 from mixem.metrics import clustering_metrics
 from mixem.rundir import CENTROIDS, CLUSTERS, INDEX, METRICS, REPORT, load_complete
 from mixem.runlog import RunLog

@@ -16,8 +16,8 @@ import torch
 
 from mixem import folders, manifest, shards
 from mixem.config import DECODERS, EMBED_FEATURES
-from mixem.files import atomic_write_text
 from mixem.errors import ConfigError
+from mixem.files import atomic_write_text
 from mixem.runlog import RunLog
 from mixem.runtime import torchrun_env
 

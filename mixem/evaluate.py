@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from mixem.kmeans import kmeans, l2_normalize
 from mixem.config import EVAL_FEATURES, EVAL_INITS, KMEANS_INITS
 from mixem.errors import ConfigError, DataError
+from mixem.kmeans import kmeans, l2_normalize
 from mixem.metrics import clustering_metrics
 from mixem.model import MixEM
-
 
 
 def _as_uint8_nchw(images) -> torch.Tensor:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixem.files import atomic_write, atomic_write_text
 from mixem.errors import ConfigError, DataError
+from mixem.files import atomic_write, atomic_write_text
 from mixem.folders import IMAGE_EXTENSIONS, list_images
 
 MANIFEST = "manifest.json"  # run settings and counts; written after FILES, so its presence means "ready"

@@ -7,8 +7,8 @@ Adding a method is one objective function plus one `register(Method(...))` line.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from mixem.errors import ConfigError
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mixem import folders
-from mixem.rundir import CLUSTERS, INDEX, load_complete
 from mixem.errors import ConfigError, DataError
+from mixem.rundir import CLUSTERS, INDEX, load_complete
 
 
 def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None = None,

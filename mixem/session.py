@@ -10,8 +10,8 @@ import torch
 from mixem import checkpoint as ckpt
 from mixem import methods
 from mixem.config import EVAL_FEATURES, EVAL_INITS, MixEMConfig, TrainConfig, from_dict, preset, replace, to_dict
-from mixem.files import read_json, save_json
 from mixem.errors import ConfigError
+from mixem.files import read_json, save_json
 from mixem.runlog import RunLog
 from mixem.runtime import resolve_device
 

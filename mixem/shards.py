@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixem.files import atomic_write_text
 from mixem.errors import DataError
+from mixem.files import atomic_write_text
 
 EMB_DIR, META_DIR, STATS_DIR = "embeddings", "metadata", "stats"
 OK = "ok"  # other statuses: "corrupt" (decoder refused it), "too_large" (decompression-bomb limit), "unreadable"

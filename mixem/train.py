@@ -14,9 +14,9 @@ from mixem import checkpoint as ckpt
 from mixem import methods
 from mixem.augment import build_augment
 from mixem.config import MixEMConfig, TrainConfig
-from mixem.files import save_json
 from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
 from mixem.errors import ConfigError, TrainingDiverged
+from mixem.files import save_json
 from mixem.model import MixEM, MixEMOutput
 from mixem.objectives import detach_terms, objective
 from mixem.runlog import RunLog

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixem.errors import ConfigError, DataError, MissingDependencyError
 from mixem.engines import Engine, load_engine
+from mixem.errors import ConfigError, DataError, MissingDependencyError
 from mixem.export.parity import real_images
 
 
@@ -36,7 +36,7 @@ def test_batches_below_min_batch_are_padded(small_ckpt, onnx_fp32):
         padded.min_batch = 16
         seen = []
         run = padded._run
-        padded._run = lambda b: seen.append(b.shape[0]) or run(b)
+        padded._run = lambda b, run=run, seen=seen: seen.append(b.shape[0]) or run(b)
         for a, b in zip(plain(x), padded(torch.from_numpy(x))):
             assert b.shape[0] == 3
             torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

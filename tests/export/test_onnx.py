@@ -5,13 +5,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from export_helpers import RESNET, make_checkpoint
 
 from mixem.errors import ConfigError, MixEMError
 from mixem.export import export_checkpoint, export_onnx
 from mixem.export import onnx as onnx_export
 from mixem.export.parity import real_images
-
-from export_helpers import RESNET, make_checkpoint
 
 
 def test_graph_contract_and_checker(onnx_fp32):

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from mixem.errors import MissingDependencyError, MixEMError
 from mixem.engines import load_engine
+from mixem.engines.trt_engine import check_compatible
+from mixem.errors import MissingDependencyError, MixEMError
 from mixem.export import export_checkpoint
 from mixem.export.parity import real_images
-from mixem.engines.trt_engine import check_compatible
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 _missing = [m for m, ok in (("TensorRT (not installed; pip install --extra-index-url https://pypi.nvidia.com tensorrt)", HAS_TRT),

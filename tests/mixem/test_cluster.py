@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from dataset_writers import write_png
+
 from mixem.cluster import cluster_run
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.embed import EmbedOptions, embed_folder

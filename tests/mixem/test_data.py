@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dataset_writers import cifar_rows, write_cifar_batch, write_idx, write_png, write_stl
 from PIL import Image
 
-from dataset_writers import cifar_rows, write_cifar_batch, write_idx, write_png, write_stl
 from mixem import data
 from mixem.data import ImageSet, load_images
 from mixem.errors import DataError

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.data import load_images
-from mixem.distributed import DistContext, mean_over_ranks
+from mixem.distributed import SINGLE, DistContext, mean_over_ranks
 from mixem.model import MixEM, MixEMOutput
 from mixem.objectives import detach_terms, objective
 
@@ -42,7 +42,7 @@ def _views():
     return v1, v2
 
 
-def _loss_and_grads(model, v1, v2, cfg, ctx=DistContext()):
+def _loss_and_grads(model, v1, v2, cfg, ctx=SINGLE):
     out = model(torch.cat([v1, v2]))
     b = v1.shape[0]
     terms = objective(MixEMOutput(*(t[:b] for t in out)), MixEMOutput(*(t[b:] for t in out)), cfg, ctx)

@@ -17,15 +17,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from dataset_writers import write_png
 from PIL import Image
 
-from dataset_writers import write_png
 from mixem import manifest, shards
 from mixem.checkpoint import save_checkpoint
 from mixem.config import MixEMConfig
 from mixem.embed import EmbedOptions, decode_nvjpeg, embed_folder
-from mixem.errors import ConfigError
 from mixem.engines import load_engine
+from mixem.errors import ConfigError
 from mixem.folders import decode
 from mixem.model import MixEM
 
@@ -265,7 +265,7 @@ def test_two_ranks_equal_one_process(plain, model, tmp_path):
     out = tmp_path / "out"
     procs = [_cli(model, root, out, {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}) for r in (0, 1)]
     results = [p.communicate(timeout=120) for p in procs]
-    for p, (o, e) in zip(procs, results):
+    for p, (_, e) in zip(procs, results):
         assert p.returncode == 0, e.decode()[-800:]
     per_rank = [json.loads(o) for o, _ in results]
     assert [s["shards_done_now"] for s in per_rank] == [25, 25]

@@ -4,14 +4,21 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
-import torch
-
-from mixem.kmeans import (SPLIT_EPS, _split_empty, faiss_num_gpus, kmeans, kmeans_plus_plus, l2_normalize,
-                           mixture_init_centroids, resolve_backend)
 from mixem.errors import ConfigError, DataError
+from mixem.kmeans import (
+    SPLIT_EPS,
+    _split_empty,
+    faiss_num_gpus,
+    kmeans,
+    kmeans_plus_plus,
+    l2_normalize,
+    mixture_init_centroids,
+    resolve_backend,
+)
 from mixem.metrics import cluster_accuracy
 
 
