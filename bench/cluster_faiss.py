@@ -37,7 +37,7 @@ def _data(case) -> tuple[np.ndarray, np.ndarray]:
         for s in range(0, case["n"], step):  # bounded temporaries at 1M points
             m = min(step, case["n"] - s)
             noise = rng.standard_normal((m, case["d"]), dtype=np.float32)
-            x[s: s + m] = centres[rng.integers(len(centres), size=m)] + 1.5 * noise
+            x[s : s + m] = centres[rng.integers(len(centres), size=m)] + 1.5 * noise
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         init = x[rng.choice(case["n"], case["k"], replace=False)].copy()
         _DATA.clear()  # keep one case's points alive at a time (1M x 128 floats = 512 MB)
@@ -48,8 +48,10 @@ def _data(case) -> tuple[np.ndarray, np.ndarray]:
 def not_measured(device) -> list[str]:
     from mixem.kmeans import faiss_num_gpus
 
-    out = ["scikit-learn KMeans is capped at the same iterations as FAISS (max_iter=niter, tol=0): "
-           "the comparison is seconds for the same Lloyd work, not time to convergence"]
+    out = [
+        "scikit-learn KMeans is capped at the same iterations as FAISS (max_iter=niter, tol=0): "
+        "the comparison is seconds for the same Lloyd work, not time to convergence"
+    ]
     if faiss_num_gpus() == 0:
         out.append("faiss GPU k-means: faiss-cpu is installed (no faiss-gpu) or no CUDA GPU is visible")
     if not torch.cuda.is_available():
@@ -80,8 +82,12 @@ def setup(case: dict, device) -> dict:
             faiss.knn(x, init, 1)
         return None, niter
 
-    cands = {"sklearn": sk, "faiss_cpu": run("faiss", False), "faiss_assign_only": faiss_assign_only,
-             "torch_cpu": run("torch", False)}  # torch_cpu: the GPU fallback's loop, run on the CPU
+    cands = {
+        "sklearn": sk,
+        "faiss_cpu": run("faiss", False),
+        "faiss_assign_only": faiss_assign_only,
+        "torch_cpu": run("torch", False),
+    }  # torch_cpu: the GPU fallback's loop, run on the CPU
     if faiss_num_gpus() > 0:
         cands["faiss_gpu"] = run("faiss", True)
     if torch.cuda.is_available():
@@ -100,10 +106,15 @@ def check(case: dict, candidates: dict) -> dict:
     assert sk_iter == case["niter"], f"sklearn converged after {sk_iter} of {case['niter']} iterations: unequal work"
     # OMP_WAIT_POLICY matters on a shared CPU: with spinning OpenMP threads (the default) faiss ran ~9x
     # slower than with PASSIVE on our loaded 2-core machine (20k x 128, k=50: 1.67 s vs 0.19 s).
-    return {"sklearn_objective": sk_obj, "faiss_objective": fa_obj, "sklearn_iterations": int(sk_iter),
-            **{f"{name}_objective": obj for name, obj in other_obj.items()},
-            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "load_average": os.getloadavg()}
+    return {
+        "sklearn_objective": sk_obj,
+        "faiss_objective": fa_obj,
+        "sklearn_iterations": int(sk_iter),
+        **{f"{name}_objective": obj for name, obj in other_obj.items()},
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average": os.getloadavg(),
+    }
 
 
 def work(case: dict) -> dict:

@@ -14,8 +14,9 @@ NAME = "embed_engines"
 
 _MODELS = {
     # A 28 px grayscale convnet (width 32; the cpu preset's is 16) and the paper's ResNet-18 at CIFAR size.
-    "convnet32-28px": dict(backbone="convnet", width=32, image_size=28, in_channels=1, head_hidden=128,
-                           mean=(0.29,), std=(0.35,)),
+    "convnet32-28px": dict(
+        backbone="convnet", width=32, image_size=28, in_channels=1, head_hidden=128, mean=(0.29,), std=(0.35,)
+    ),
     "resnet18-32px": dict(backbone="resnet18", width=64, image_size=32, in_channels=3),
 }
 
@@ -45,7 +46,9 @@ def not_measured(device) -> list[str]:
     out = []
     cuda = torch.device(device).type == "cuda"
     if not cuda:
-        out.append("torch autocast fp16 and onnxruntime's CUDA provider: CPU run (torch and onnxruntime run fp32 on the CPU)")
+        out.append(
+            "torch autocast fp16 and onnxruntime's CUDA provider: CPU run (torch and onnxruntime run fp32 on the CPU)"
+        )
         out.append("trt: TensorRT needs a CUDA GPU")
         return out
     if not _ort_cuda():
@@ -91,8 +94,13 @@ def setup(case: dict, device) -> dict:
         fp16_onnx = not hasattr(tensorrt.BuilderFlag, "FP16")
         out = f"{tmp}/trt"
         export_onnx(f"{tmp}/ckpt", out, fp16=fp16_onnx, parity_images=64)
-        build_trt_engine(f"{out}/model.onnx", f"{out}/model.plan", fp16=True,
-                         opt_batch=case["batch"], max_batch=max(256, case["batch"]))
+        build_trt_engine(
+            f"{out}/model.onnx",
+            f"{out}/model.plan",
+            fp16=True,
+            opt_batch=case["batch"],
+            max_batch=max(256, case["batch"]),
+        )
         engines["trt_fp16"] = load_engine(out, "trt", device)
     # One-iteration callables on identical inputs; each engine validates and converts the same batch.
     return {name: (lambda e=e: e(xt)) for name, e in engines.items()}
@@ -125,6 +133,8 @@ def work(case: dict) -> dict:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, dtype=torch.uint8))
     B = case["batch"]
-    return {"flop": counter.get_total_flops() * B,
-            "bytes": B * cfg.in_channels * cfg.image_size ** 2 + B * (cfg.embed_dim + cfg.components) * 4,
-            "images": B}
+    return {
+        "flop": counter.get_total_flops() * B,
+        "bytes": B * cfg.in_channels * cfg.image_size**2 + B * (cfg.embed_dim + cfg.components) * 4,
+        "images": B,
+    }

@@ -49,13 +49,13 @@ def write_jpegs(root: Path, n: int, photo_share: float = 2 / 3, seed: int = 0, n
             p = photos[i % 2]
             h, w = int(rng.integers(360, 428)), int(rng.integers(360, 641))
             t, left = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
-            im = Image.fromarray(p[t: t + h, left: left + w])
+            im = Image.fromarray(p[t : t + h, left : left + w])
         elif rng.random() < photo_share:
             p = photos[i % 2]
             side = int(rng.integers(120, 420))
             t, left = rng.integers(0, p.shape[0] - side), rng.integers(0, p.shape[1] - side)
             out = int(rng.integers(128, 513))
-            im = Image.fromarray(p[t: t + side, left: left + side]).resize((out, out), Image.BILINEAR)
+            im = Image.fromarray(p[t : t + side, left : left + side]).resize((out, out), Image.BILINEAR)
         else:
             im = Image.fromarray(fm[i % len(fm)]).resize((112, 112), Image.BICUBIC)
         im.save(d / f"{i:07d}.jpg", quality=90)
@@ -65,9 +65,11 @@ def write_jpegs(root: Path, n: int, photo_share: float = 2 / 3, seed: int = 0, n
 def cases(quick: bool) -> list[dict]:
     if quick:
         return [{"model": "cpu-preset-28px-gray", "files": "mixed", "images": 400, "batch": 128}]
-    return [{"model": "cpu-preset-28px-gray", "files": "mixed", "images": 2000, "batch": 256},
-            {"model": "cpu-preset-28px-gray", "files": "photos", "images": 1000, "batch": 256},
-            {"model": "convnet32-64px-rgb", "files": "mixed", "images": 1000, "batch": 256}]
+    return [
+        {"model": "cpu-preset-28px-gray", "files": "mixed", "images": 2000, "batch": 256},
+        {"model": "cpu-preset-28px-gray", "files": "photos", "images": 1000, "batch": 256},
+        {"model": "convnet32-64px-rgb", "files": "mixed", "images": 1000, "batch": 256},
+    ]
 
 
 def _folder(n: int, files: str = "mixed") -> Path:
@@ -81,12 +83,15 @@ def _folder(n: int, files: str = "mixed") -> Path:
 def not_measured(device) -> list[str]:
     import torch
 
-    return ["inputs: JPEGs generated from scikit-learn's two sample photos and Fashion-MNIST, written once to a "
-            "temporary folder; not a photo corpus. files=mixed: 2/3 photo crops resized to 128-512 px, 1/3 "
-            "Fashion-MNIST items upscaled to 112 px; files=photos: photo crops 360-427 x 360-640 px, not resized",
-            "nvJPEG GPU decode (decode_nvjpeg candidate): needs a CUDA GPU" if torch.device(device).type != "cuda"
-            else "the pipeline on a GPU decodes with nvJPEG (decoder auto); decode is the PIL ceiling",
-            "TensorRT engine: needs TensorRT and a GPU"]
+    return [
+        "inputs: JPEGs generated from scikit-learn's two sample photos and Fashion-MNIST, written once to a "
+        "temporary folder; not a photo corpus. files=mixed: 2/3 photo crops resized to 128-512 px, 1/3 "
+        "Fashion-MNIST items upscaled to 112 px; files=photos: photo crops 360-427 x 360-640 px, not resized",
+        "nvJPEG GPU decode (decode_nvjpeg candidate): needs a CUDA GPU"
+        if torch.device(device).type != "cuda"
+        else "the pipeline on a GPU decodes with nvJPEG (decoder auto); decode is the PIL ceiling",
+        "TensorRT engine: needs TensorRT and a GPU",
+    ]
 
 
 def summarize(case: dict, records: dict) -> dict:
@@ -97,8 +102,12 @@ def summarize(case: dict, records: dict) -> dict:
         d, e, p = rate.get("decode"), rate.get(f"engine_{eng}"), rate.get(f"pipeline_{eng}")
         if d and e and p:
             bound = 1.0 / (1.0 / d + 1.0 / e)
-            out[eng] = {"shared_core_bound_images_per_s": round(bound, 1), "pipeline_vs_bound": round(p / bound, 3),
-                        "pipeline_vs_decode": round(p / d, 3), "bound_vs_decode": round(bound / d, 3)}
+            out[eng] = {
+                "shared_core_bound_images_per_s": round(bound, 1),
+                "pipeline_vs_bound": round(p / bound, 3),
+                "pipeline_vs_decode": round(p / d, 3),
+                "bound_vs_decode": round(bound / d, 3),
+            }
     return out
 
 
@@ -133,8 +142,9 @@ def setup(case: dict, device) -> dict:
     def engine_only(engine):  # the model alone on the same images, already decoded: the other half of the work
         def run():
             for s in range(0, len(decoded), case["batch"]):
-                engine(decoded[s: s + case["batch"]])
+                engine(decoded[s : s + case["batch"]])
             return len(decoded), 0
+
         return run
 
     def pipeline(eng):  # listing, manifest, decode, engine, shard files: a fresh output every call
@@ -145,18 +155,22 @@ def setup(case: dict, device) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             s = embed_folder(models[eng], root, out, opts)
             return s["embedded"], s["skipped"]
+
         return run
 
     atexit.register(shutil.rmtree, tmp, True)
     cands = {"decode": decode}
     if torch.device(device).type == "cuda":
+
         def nvjpeg():  # batched GPU decode (+ resize) of the same files, the pipeline's decoder there
             bad = 0
             for s in range(0, len(paths), case["batch"]):
-                _, status = decode_nvjpeg(paths[s: s + case["batch"]], cfg.image_size, cfg.in_channels,
-                                          torch.device(device))
+                _, status = decode_nvjpeg(
+                    paths[s : s + case["batch"]], cfg.image_size, cfg.in_channels, torch.device(device)
+                )
                 bad += sum(st != shards.OK for st, _ in status)
             return len(paths) - bad, bad
+
         cands["decode_nvjpeg"] = nvjpeg
     for eng, path in models.items():
         cands[f"engine_{eng}"] = engine_only(load_engine(path, eng, device))
@@ -171,8 +185,13 @@ def check(case: dict, candidates: dict) -> dict:
         assert fn() == (n, 0), f"{name} did not handle every file"
     import torch
 
-    return {"images": n, "torch_threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg()}
+    return {
+        "images": n,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average": os.getloadavg(),
+    }
 
 
 def work(case: dict) -> dict:

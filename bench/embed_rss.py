@@ -1,6 +1,6 @@
 """Study: the resident memory of `mixem-fast embed` over a long run, shard after shard (it must stay flat).
 
-    mixem-fast bench embed_rss --set files=1000000 --set shard_size=10000
+mixem-fast bench embed_rss --set files=1000000 --set shard_size=10000
 """
 
 from __future__ import annotations
@@ -62,8 +62,21 @@ def study(params: dict, quick: bool, device) -> dict:
         torch.manual_seed(0)
         save_checkpoint(tmp / "ckpt", MixEM(cfg), cfg)
         log = tmp / "log.jsonl"
-        cmd = [sys.executable, "-m", "mixem.cli", "embed", str(tmp / "ckpt"), str(tmp / "imgs"), "--out",
-               str(tmp / "out"), "--shard-size", str(shard_size), "-q", "--json-log", str(log)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mixem.cli",
+            "embed",
+            str(tmp / "ckpt"),
+            str(tmp / "imgs"),
+            "--out",
+            str(tmp / "out"),
+            "--shard-size",
+            str(shard_size),
+            "-q",
+            "--json-log",
+            str(log),
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         samples = []
         stop = threading.Event()
@@ -91,15 +104,22 @@ def study(params: dict, quick: bool, device) -> dict:
         per_shard[s] = max(per_shard.get(s, 0), rss)
     n_sh = max(per_shard) if per_shard else 0
     first = max(v for s, v in per_shard.items() if s <= 1) if per_shard else None
-    res = {"files": n, "shard_size": shard_size, "seconds_writing_files": round(t_write, 1),
-           "embed_seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
-           "peak_rss_mb": round(max(r for _, _, r in samples) / 1024, 1),
-           "rss_mb_by_shards_done": {int(s): round(v / 1024, 1) for s, v in sorted(per_shard.items())},
-           "rss_mb_after_first_shard": round(first / 1024, 1) if first else None,
-           "rss_mb_last_shard": round(per_shard[n_sh] / 1024, 1) if per_shard else None,
-           "how": "VmRSS of the `mixem-fast embed` child from /proc every 0.1 s; max per number of shards "
-                  "finished (counted from the --json-log shard events)",
-           "load_average": os.getloadavg()}
-    res["lines"] = [f"{n:,} files: {res['images_per_s']:,.0f} img/s, peak RSS {res['peak_rss_mb']:,.0f} MB, "
-                    f"after the first shard {res['rss_mb_after_first_shard']} MB, at the last {res['rss_mb_last_shard']} MB"]
+    res = {
+        "files": n,
+        "shard_size": shard_size,
+        "seconds_writing_files": round(t_write, 1),
+        "embed_seconds": summary["seconds"],
+        "images_per_s": summary["images_per_s"],
+        "peak_rss_mb": round(max(r for _, _, r in samples) / 1024, 1),
+        "rss_mb_by_shards_done": {int(s): round(v / 1024, 1) for s, v in sorted(per_shard.items())},
+        "rss_mb_after_first_shard": round(first / 1024, 1) if first else None,
+        "rss_mb_last_shard": round(per_shard[n_sh] / 1024, 1) if per_shard else None,
+        "how": "VmRSS of the `mixem-fast embed` child from /proc every 0.1 s; max per number of shards "
+        "finished (counted from the --json-log shard events)",
+        "load_average": os.getloadavg(),
+    }
+    res["lines"] = [
+        f"{n:,} files: {res['images_per_s']:,.0f} img/s, peak RSS {res['peak_rss_mb']:,.0f} MB, "
+        f"after the first shard {res['rss_mb_after_first_shard']} MB, at the last {res['rss_mb_last_shard']} MB"
+    ]
     return res

@@ -82,8 +82,14 @@ def device_info(dev: torch.device) -> dict:
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         props = torch.cuda.get_device_properties(dev)
-        return {"type": "cuda", "name": name, "slug": _slug(name), "memory_bytes": props.total_memory,
-                "sm_count": props.multi_processor_count, "capability": list(torch.cuda.get_device_capability(dev))}
+        return {
+            "type": "cuda",
+            "name": name,
+            "slug": _slug(name),
+            "memory_bytes": props.total_memory,
+            "sm_count": props.multi_processor_count,
+            "capability": list(torch.cuda.get_device_capability(dev)),
+        }
     return {"type": "cpu", "name": _cpu_model(), "slug": "cpu", "cores": os.cpu_count()}
 
 
@@ -117,7 +123,10 @@ def git_info() -> dict:
         return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
 
     try:
-        return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "sha": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
 
@@ -148,8 +157,13 @@ def _time(fn, dev: torch.device, quick: bool) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "q20_ms": min(times), "q80_ms": max(times), "n": len(times),
-            "timer": "time.perf_counter"}
+    return {
+        "median_ms": statistics.median(times),
+        "q20_ms": min(times),
+        "q80_ms": max(times),
+        "n": len(times),
+        "timer": "time.perf_counter",
+    }
 
 
 def _peak(fn, dev: torch.device) -> dict:
@@ -182,7 +196,9 @@ def measure_ceilings(dev: torch.device) -> dict:
     out["copy_gbps"] = 2 * x.numel() / (ms * 1e-3) / 1e9  # read + write
     x = y = None
     torch.cuda.empty_cache()
-    out["how"] = f"median of triton.testing.do_bench: {n}x{n} @ {n}x{n} matmul (fp32 with tf32 off); 1 GiB copy_ (read + write)"
+    out["how"] = (
+        f"median of triton.testing.do_bench: {n}x{n} @ {n}x{n} matmul (fp32 with tf32 off); 1 GiB copy_ (read + write)"
+    )
     return out
 
 
@@ -234,7 +250,11 @@ def _run_case(mod, case: dict, dev: torch.device, quick: bool, ceilings: dict) -
             rec = {"status": "ok", **_time(fn, dev, quick), **_peak(fn, dev)}
             _rates(rec, work, ceilings, case)
         except Exception as e:  # noqa: BLE001
-            rec = {"status": "oom"} if _is_oom(e) else {"status": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            rec = (
+                {"status": "oom"}
+                if _is_oom(e)
+                else {"status": "error", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            )
         del fn
         _free(dev)
         out["candidates"][name] = rec
@@ -260,9 +280,15 @@ def write_result(path: Path, data: dict) -> None:
 
 def _metadata(name: str, dev: torch.device, quick: bool, started) -> dict:
     info, versions = device_info(dev), version_info()
-    return {"bench": name, "quick": quick, "device": info, "versions": versions, "git": git_info(),
-            "started_utc": started.isoformat(timespec="seconds"),
-            "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)}
+    return {
+        "bench": name,
+        "quick": quick,
+        "device": info,
+        "versions": versions,
+        "git": git_info(),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1),
+    }
 
 
 def _parse_settings(mod, settings: dict, quick: bool) -> dict:
@@ -281,8 +307,9 @@ def _parse_settings(mod, settings: dict, quick: bool) -> dict:
     return params
 
 
-def run(name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto",
-        settings: dict | None = None) -> dict:
+def run(
+    name: str, quick: bool = False, out_dir: str | None = None, device: str = "auto", settings: dict | None = None
+) -> dict:
     """Run one benchmark; returns the result dict, with the JSON file it wrote under "path".
 
     settings ("--set KEY=VALUE"): for a benchmark of cases, keep only the cases whose fields equal these
@@ -308,9 +335,12 @@ def run(name: str, quick: bool = False, out_dir: str | None = None, device: str 
         body = _run_cases(mod, dev, quick, settings or {})
         stem = name
     data = {**_metadata(name, dev, quick, started), **body}
-    data.setdefault("conditions", f"on {data['device']['name']} with torch=={data['versions']['torch']}, "
-                                  f"triton=={data['versions']['triton']}; times are medians "
-                                  f"({'do_bench' if dev.type == 'cuda' else 'perf_counter'})")
+    data.setdefault(
+        "conditions",
+        f"on {data['device']['name']} with torch=={data['versions']['torch']}, "
+        f"triton=={data['versions']['triton']}; times are medians "
+        f"({'do_bench' if dev.type == 'cuda' else 'perf_counter'})",
+    )
     torch_v = data["versions"]["torch"].split("+")[0]
     fname = f"{stem}__{data['device']['slug']}__pt{torch_v}__{started.date().isoformat()}.json"
     path = Path(out_dir) if out_dir else RESULTS_DIR
@@ -334,11 +364,18 @@ def _run_cases(mod, dev: torch.device, quick: bool, select: dict) -> dict:
         not_measured.append("per-candidate peak memory: on CPU only the process RSS is recorded")
     chosen = [c for c in mod.cases(quick) if all(str(c.get(k)) == str(v) for k, v in select.items())]
     if not chosen:
-        raise ConfigError(f"{mod.NAME}: no case matches {select}; its cases have the fields "
-                       f"{', '.join(sorted({k for c in mod.cases(quick) for k in c}))}")
+        raise ConfigError(
+            f"{mod.NAME}: no case matches {select}; its cases have the fields "
+            f"{', '.join(sorted({k for c in mod.cases(quick) for k in c}))}"
+        )
     results = [_run_case(mod, case, dev, quick, ceilings) for case in chosen]
-    return {"select": select, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-            "ceilings": ceilings, "not_measured": not_measured, "cases": results}
+    return {
+        "select": select,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "ceilings": ceilings,
+        "not_measured": not_measured,
+        "cases": results,
+    }
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -347,8 +384,10 @@ def summary_lines(result: dict) -> list[str]:
         return list(result.get("lines", []))
     lines = []
     for case in result["cases"]:
-        cands = ", ".join(f"{n} {c['median_ms']:.3g} ms" if c["status"] == "ok" else f"{n} {c['status']}"
-                          for n, c in case["candidates"].items())
+        cands = ", ".join(
+            f"{n} {c['median_ms']:.3g} ms" if c["status"] == "ok" else f"{n} {c['status']}"
+            for n, c in case["candidates"].items()
+        )
         check = case.get("check", {}).get("status", "-")
         lines.append(f"{case['case']}  check={check}  {cands or case.get('setup', '')}")
     return lines

@@ -48,6 +48,7 @@ def setup(case: dict, device: torch.device) -> dict:
     logits.requires_grad_()
     ops = {"torch": mixture_terms_torch, "torch.compile": _compiled(), "triton": mixture_terms_triton}
     if case["phase"] == "fwd":
+
         def make(op):
             def fwd():
                 with torch.no_grad():
@@ -55,6 +56,7 @@ def setup(case: dict, device: torch.device) -> dict:
 
             return fwd
     else:
+
         def make(op):
             return lambda: torch.autograd.grad(_objective(op(logits)), logits)[0]
 

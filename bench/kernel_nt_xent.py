@@ -52,6 +52,7 @@ def setup(case: dict, device: torch.device) -> dict:
 
 def _phase(phase: str, op, z: torch.Tensor, g: torch.Tensor):
     if phase == "fwd":
+
         def fwd():
             with torch.no_grad():
                 return op(z, TAU)
@@ -96,8 +97,12 @@ def work(case: dict) -> dict:
 
 
 def not_measured(device: torch.device) -> list[str]:
-    out = ["symmetric upper-triangle variant (4M²D FLOP, M² exps): not written; it waits for GPU "
-           "measurements showing the row-block kernel is exp-bound"]
+    out = [
+        "symmetric upper-triangle variant (4M²D FLOP, M² exps): not written; it waits for GPU "
+        "measurements showing the row-block kernel is exp-bound"
+    ]
     if device.type != "cuda":
-        out.append("bfloat16 cases and the GPU case grid (M 4096..262144): need a GPU (bf16 is wrong in the interpreter)")
+        out.append(
+            "bfloat16 cases and the GPU case grid (M 4096..262144): need a GPU (bf16 is wrong in the interpreter)"
+        )
     return out

@@ -35,8 +35,9 @@ PARAMS = {"preset": "cpu", "methods": "", "seeds": "0", "jobs": 1, "epochs": 0, 
 QUICK = {"epochs": 1, "max_images": 512}  # every method, one seed: a smoke test of the whole study
 
 
-def run_method(method: str, preset: str, over: dict, images, labels, k: int, seed: int, out: Path,
-               threads: int = 0) -> dict:
+def run_method(
+    method: str, preset: str, over: dict, images, labels, k: int, seed: int, out: Path, threads: int = 0
+) -> dict:
     if threads:
         torch.set_num_threads(threads)
     images = torch.as_tensor(images)
@@ -49,17 +50,25 @@ def run_method(method: str, preset: str, over: dict, images, labels, k: int, see
     init = methods.get(method).headline_init  # the clustering each method prescribes
     head = next(r for r in rows if r["features"] == "embedding" and r["init"] == init)
     last = result.history[-1]
-    return {"headline": head, "rows": rows, "train_seconds": round(train_s, 1),
-            "first_epoch_terms": {k: v for k, v in result.history[0].items() if k not in ("epoch", "seconds", "lr")},
-            "last_epoch_terms": {k: v for k, v in last.items() if k not in ("epoch", "seconds", "lr")},
-            "model": to_dict(model_cfg), "train": to_dict(train_cfg)}
+    return {
+        "headline": head,
+        "rows": rows,
+        "train_seconds": round(train_s, 1),
+        "first_epoch_terms": {k: v for k, v in result.history[0].items() if k not in ("epoch", "seconds", "lr")},
+        "last_epoch_terms": {k: v for k, v in last.items() if k not in ("epoch", "seconds", "lr")},
+        "model": to_dict(model_cfg),
+        "train": to_dict(train_cfg),
+    }
 
 
 def _summary(rows: list[dict]) -> dict:
     """Mean and sample std (0 for one seed) of ACC/NMI/ARI over the seeds' headline rows."""
     out = {"features": rows[0]["features"], "init": rows[0]["init"], "n_seeds": len(rows)}
     for x in ("acc", "nmi", "ari"):
-        out[x], out[f"{x}_std"] = statistics.fmean(r[x] for r in rows), (statistics.stdev(r[x] for r in rows) if len(rows) > 1 else 0.0)
+        out[x], out[f"{x}_std"] = (
+            statistics.fmean(r[x] for r in rows),
+            (statistics.stdev(r[x] for r in rows) if len(rows) > 1 else 0.0),
+        )
         out[f"{x}_per_seed"] = [r[x] for r in rows]
     return out
 
@@ -72,8 +81,9 @@ def _parse(params: dict) -> tuple[list[str], list[int]]:
     chosen = [m.strip() for m in params["methods"].split(",") if m.strip()] or list(methods.REGISTRY)
     bad = [m for m in chosen if m not in methods.REGISTRY]
     if bad:
-        raise ConfigError(f"--set methods={params['methods']}: choose a comma-separated subset of "
-                          f"{', '.join(methods.REGISTRY)}")
+        raise ConfigError(
+            f"--set methods={params['methods']}: choose a comma-separated subset of {', '.join(methods.REGISTRY)}"
+        )
     try:
         seeds = sorted({int(x) for x in params["seeds"].split(",") if x.strip()})
     except ValueError:
@@ -86,23 +96,34 @@ def _parse(params: dict) -> tuple[list[str], list[int]]:
 def _train_all(pairs, preset: str, over: dict, ds, k: int, jobs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="mixem-methods-") as tmp:
         if jobs <= 1:
-            return {(m, s): run_method(m, preset, {**over, "seed": s}, ds.images, ds.labels, k, s, Path(tmp) / str(s))
-                    for m, s in pairs}
+            return {
+                (m, s): run_method(m, preset, {**over, "seed": s}, ds.images, ds.labels, k, s, Path(tmp) / str(s))
+                for m, s in pairs
+            }
         # Spawned processes (a fork would inherit torch's thread pools), one thread each, so `jobs` processes
         # use `jobs` cores. The images go as a numpy array: pickling a tensor moves its storage to shared memory
         # in the pool's feeder thread, under any numpy view of it that this process holds.
         images = ds.images.numpy().copy()
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pairs)),
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {(m, s): pool.submit(run_method, m, preset, {**over, "seed": s}, images, ds.labels, k, s,
-                                           Path(tmp) / str(s), threads=1) for m, s in pairs}
+        with concurrent.futures.ProcessPoolExecutor(
+            min(jobs, len(pairs)), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            futures = {
+                (m, s): pool.submit(
+                    run_method, m, preset, {**over, "seed": s}, images, ds.labels, k, s, Path(tmp) / str(s), threads=1
+                )
+                for m, s in pairs
+            }
             return {key: f.result() for key, f in futures.items()}
 
 
 def study(params: dict, quick: bool, device) -> dict:
     chosen, seeds = _parse(params)
-    over = dict(epochs=params["epochs"] or None, max_images=params["max_images"] or None,
-                data=params["data"] or None, device=str(device))
+    over = dict(
+        epochs=params["epochs"] or None,
+        max_images=params["max_images"] or None,
+        data=params["data"] or None,
+        device=str(device),
+    )
     model_cfg, train_cfg, preset = build_configs(params["preset"], None, {}, over)
     ds = load_data(train_cfg, model_cfg, RunLog(quiet=True))
     if ds.labels is None:
@@ -112,15 +133,25 @@ def study(params: dict, quick: bool, device) -> dict:
     runs = _train_all([(m, s) for s in seeds for m in chosen], preset, over, ds, k, params["jobs"])
     table = [{"method": m, **_summary([runs[(m, s)]["headline"] for s in seeds])} for m in chosen]
     table.append({"method": "raw-pixel k-means", **_summary([bases[s] for s in seeds])})
-    lines = [f"{m} seed {s}: ACC {r['headline']['acc']:.4f}  NMI {r['headline']['nmi']:.4f}  ARI {r['headline']['ari']:.4f}"
-             f"  ({r['train_seconds']:.0f} s training)" for (m, s), r in runs.items()]
-    lines += [f"{r['method']:<18} {r['features'] + ' / ' + r['init']:<20} "
-              + " ".join(f"{r[x]:.4f} ± {r[x + '_std']:.4f}" for x in ("acc", "nmi", "ari")) for r in table]
+    lines = [
+        f"{m} seed {s}: ACC {r['headline']['acc']:.4f}  NMI {r['headline']['nmi']:.4f}  ARI {r['headline']['ari']:.4f}"
+        f"  ({r['train_seconds']:.0f} s training)"
+        for (m, s), r in runs.items()
+    ]
+    lines += [
+        f"{r['method']:<18} {r['features'] + ' / ' + r['init']:<20} "
+        + " ".join(f"{r[x]:.4f} ± {r[x + '_std']:.4f}" for x in ("acc", "nmi", "ari"))
+        for r in table
+    ]
     return {
-        "preset": preset, "seeds": seeds, "jobs": params["jobs"],
-        "conditions": (f"{preset} preset, {train_cfg.epochs} epochs x batch {train_cfg.batch_size}, seeds "
-                       f"{', '.join(map(str, seeds))} (mean and sample std over seeds), {len(ds.images):,} images of "
-                       f"{ds.source}, k={k}, scored on the training images; {params['jobs']} trainings at a time"),
+        "preset": preset,
+        "seeds": seeds,
+        "jobs": params["jobs"],
+        "conditions": (
+            f"{preset} preset, {train_cfg.epochs} epochs x batch {train_cfg.batch_size}, seeds "
+            f"{', '.join(map(str, seeds))} (mean and sample std over seeds), {len(ds.images):,} images of "
+            f"{ds.source}, k={k}, scored on the training images; {params['jobs']} trainings at a time"
+        ),
         "data": {"source": ds.source, "images": len(ds.images), "k": k, "max_images": train_cfg.max_images},
         "table": table,
         "methods": {m: {str(s): runs[(m, s)] for s in seeds} for m in chosen},

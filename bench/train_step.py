@@ -37,8 +37,10 @@ def work(case) -> dict:
 def not_measured(device) -> list[str]:
     if device.type == "cuda":
         return []
-    return ["GPU throughput (the >= 5x goal is for a GPU): this run had no CUDA device; the CPU figures "
-            "compare both loops on the same cores, where augmentation competes with training for them"]
+    return [
+        "GPU throughput (the >= 5x goal is for a GPU): this run had no CUDA device; the CPU figures "
+        "compare both loops on the same cores, where augmentation competes with training for them"
+    ]
 
 
 def _configs(case):
@@ -51,8 +53,9 @@ def _configs(case):
 def _images(model_cfg, n: int) -> torch.Tensor:
     from mixem.data import load_images
 
-    return load_images(None, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
-                       max_images=n).images  # (n, C, S, S) uint8
+    return load_images(
+        None, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels, max_images=n
+    ).images  # (n, C, S, S) uint8
 
 
 class _TwoViews(torch.utils.data.Dataset):
@@ -78,8 +81,10 @@ def _torchvision_transform(model_cfg, train_cfg):
     S, s = model_cfg.image_size, train_cfg.color_jitter
     ops = [T.RandomResizedCrop(S, scale=train_cfg.crop_scale), T.RandomHorizontalFlip()]
     if model_cfg.in_channels == 3:
-        ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=train_cfg.jitter_p),
-                T.RandomGrayscale(p=train_cfg.grayscale_p)]
+        ops += [
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=train_cfg.jitter_p),
+            T.RandomGrayscale(p=train_cfg.grayscale_p),
+        ]
     else:
         ops += [T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s)], p=train_cfg.jitter_p)]
     return T.Compose(ops + [T.ToTensor(), T.Normalize(model_cfg.mean, model_cfg.std)])
@@ -109,8 +114,14 @@ def setup(case, device) -> dict:
 
     workers = min(8, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
-        _TwoViews(images, _torchvision_transform(model_cfg, train_cfg)), batch_size=B, shuffle=True,
-        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=True)
+        _TwoViews(images, _torchvision_transform(model_cfg, train_cfg)),
+        batch_size=B,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
+    )
     state = {"it": iter(loader)}
     dl_step = make_step()
 

@@ -25,8 +25,12 @@ from mixem.config import (
 )
 from mixem.errors import MixEMError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench.",
+)
 
 
 def _choice_enum(name: str, values) -> type[Enum]:
@@ -69,12 +73,24 @@ def _errors(fn):
 @app.command()
 @_errors
 def train(
-    data: Annotated[str | None, typer.Argument(help="Image folder, .npz, IDX dir, CIFAR/STL-10 dir, or "
-                                                       "'fashion-mnist'. Default: the embedded Fashion-MNIST test split.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Argument(
+            help="Image folder, .npz, IDX dir, CIFAR/STL-10 dir, or "
+            "'fashion-mnist'. Default: the embedded Fashion-MNIST test split."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
-    preset: Annotated[Preset, typer.Option(help="Recipe: cpu (minutes on 2 cores), paper (the released MIX'EM "
-                                                "recipe), auto (paper on a GPU, cpu otherwise).")] = Preset.auto,
-    config: Annotated[Path | None, typer.Option(help="JSON file {\"model\": {...}, \"train\": {...}} of field overrides.")] = None,
+    preset: Annotated[
+        Preset,
+        typer.Option(
+            help="Recipe: cpu (minutes on 2 cores), paper (the released MIX'EM "
+            "recipe), auto (paper on a GPU, cpu otherwise)."
+        ),
+    ] = Preset.auto,
+    config: Annotated[
+        Path | None, typer.Option(help='JSON file {"model": {...}, "train": {...}} of field overrides.')
+    ] = None,
     method: Annotated[Method | None, typer.Option(help="Objective.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step.")] = None,
@@ -88,8 +104,12 @@ def train(
     max_images: Annotated[int | None, typer.Option("--max-images", help="Use only the first N images.")] = None,
     impl: Annotated[Impl | None, typer.Option(help="Loss kernels: auto (Triton on CUDA) | triton | torch.")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
-    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Evaluate every N epochs (0: at the end only).")] = None,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Cluster and score the data after training.")] = True,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", help="Evaluate every N epochs (0: at the end only).")
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Cluster and score the data after training.")
+    ] = True,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
     device: Device = None,
     seed: Seed = None,
@@ -100,12 +120,25 @@ def train(
     from mixem.session import train_command
 
     model_over = dict(backbone=backbone, image_size=image_size, in_channels=channels, components=components)
-    train_over = dict(data=data, out=str(out) if out else None, method=method.value if method else None,
-                      epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature, split=split,
-                      max_images=max_images, impl=impl.value if impl else None, compile=compile,
-                      eval_every=eval_every, device=device, seed=seed)
-    train_command(preset.value, config, model_over, train_over, resume=resume, evaluate=evaluate,
-                  quiet=quiet, json_log=json_log)
+    train_over = dict(
+        data=data,
+        out=str(out) if out else None,
+        method=method.value if method else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        temperature=temperature,
+        split=split,
+        max_images=max_images,
+        impl=impl.value if impl else None,
+        compile=compile,
+        eval_every=eval_every,
+        device=device,
+        seed=seed,
+    )
+    train_command(
+        preset.value, config, model_over, train_over, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log
+    )
 
 
 @app.command("eval")
@@ -118,8 +151,12 @@ def eval_(
     max_images: Annotated[int | None, typer.Option("--max-images")] = None,
     device: Device = None,
     seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
-    features: Annotated[str, typer.Option(help="Comma list of backbone, embedding, top_component.")] = ",".join(EVAL_FEATURES),
-    init: Annotated[str, typer.Option(help="Comma list of k-means starts: mixture, kmeans++, random.")] = ",".join(EVAL_INITS),
+    features: Annotated[str, typer.Option(help="Comma list of backbone, embedding, top_component.")] = ",".join(
+        EVAL_FEATURES
+    ),
+    init: Annotated[str, typer.Option(help="Comma list of k-means starts: mixture, kmeans++, random.")] = ",".join(
+        EVAL_INITS
+    ),
     normalize: Annotated[bool, typer.Option("--normalize/--raw", help="L2-normalise features before k-means.")] = True,
     quiet: Quiet = False,
     json_log: JsonLog = None,
@@ -127,9 +164,20 @@ def eval_(
     """Cluster a dataset with a trained model; print ACC/NMI/ARI next to raw-pixel k-means."""
     from mixem.session import eval_command
 
-    eval_command(checkpoint, data, k=k, split=split, max_images=max_images, device=device, seed=seed,
-                 quiet=quiet, json_log=json_log, feature_types=_choices(features, "--features", FEATURE_TYPES),
-                 inits=_choices(init, "--init", KMEANS_INITS), normalize=normalize)
+    eval_command(
+        checkpoint,
+        data,
+        k=k,
+        split=split,
+        max_images=max_images,
+        device=device,
+        seed=seed,
+        quiet=quiet,
+        json_log=json_log,
+        feature_types=_choices(features, "--features", FEATURE_TYPES),
+        inits=_choices(init, "--init", KMEANS_INITS),
+        normalize=normalize,
+    )
 
 
 def _choices(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -144,21 +192,28 @@ def _choices(text: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...
 @_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Run directory or checkpoint directory.")],
-    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx, or trt (TensorRT engine via ONNX).")] = ExportFormat.onnx,
+    format: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="onnx, or trt (TensorRT engine via ONNX).")
+    ] = ExportFormat.onnx,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("export"),
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision model.")] = False,
     features: Annotated[bool, typer.Option("--features", help="Also output backbone features.")] = False,
-    min_batch: Annotated[int | None, typer.Option("--min-batch", help=f"TensorRT profile: smallest batch "
-                                                      f"(default {TRT_PROFILE[0]}).")] = None,
-    opt_batch: Annotated[int | None, typer.Option("--opt-batch", help=f"TensorRT profile: batch tuned for "
-                                                      f"(default {TRT_PROFILE[1]}).")] = None,
-    max_batch: Annotated[int | None, typer.Option("--max-batch", help=f"TensorRT profile: largest batch "
-                                                      f"(default {TRT_PROFILE[2]}).")] = None,
+    min_batch: Annotated[
+        int | None, typer.Option("--min-batch", help=f"TensorRT profile: smallest batch (default {TRT_PROFILE[0]}).")
+    ] = None,
+    opt_batch: Annotated[
+        int | None, typer.Option("--opt-batch", help=f"TensorRT profile: batch tuned for (default {TRT_PROFILE[1]}).")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option("--max-batch", help=f"TensorRT profile: largest batch (default {TRT_PROFILE[2]}).")
+    ] = None,
 ):
     """Export a checkpoint to ONNX (parity-checked against PyTorch) or a TensorRT engine."""
     from mixem.export import export_checkpoint
 
-    profile = {k: v for k, v in dict(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch).items() if v is not None}
+    profile = {
+        k: v for k, v in dict(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch).items() if v is not None
+    }
     summary = export_checkpoint(checkpoint, fmt=format.value, out_dir=out, fp16=fp16, features=features, **profile)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
@@ -170,9 +225,14 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny CPU-sized cases (smoke test only).")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Results directory (default bench/results).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N")] = "auto",
-    settings: Annotated[list[str] | None, typer.Option(
-        "--set", help="KEY=VALUE, repeatable: run only the cases with this field value (e.g. M=4096), or set a "
-                      "study's parameter (e.g. seeds=0,1,2).")] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="KEY=VALUE, repeatable: run only the cases with this field value (e.g. M=4096), or set a "
+            "study's parameter (e.g. seeds=0,1,2).",
+        ),
+    ] = None,
 ):
     """Run a benchmark against its baseline in the same process (or a study) and write JSON results."""
     from mixem.runtime import PASSIVE_OPENMP_BENCHES, passive_openmp
@@ -200,14 +260,19 @@ def bench(
 @app.command()
 @_errors
 def embed(
-    model: Annotated[Path, typer.Argument(help="Checkpoint/run dir (torch), model.onnx or export dir (onnx), "
-                                               "model.plan (trt).")],
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint/run dir (torch), model.onnx or export dir (onnx), model.plan (trt).")
+    ],
     images: Annotated[Path, typer.Argument(help="Image folder, searched recursively.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (shards, manifest, summary).")],
     engine: Annotated[EmbedEngine, typer.Option("--engine", help="Inference engine.")] = EmbedEngine.torch,
-    features: Annotated[EmbedFeatures, typer.Option(
-        "--features", help="What to store: the mixture embedding, or backbone features (onnx/trt: export with "
-                           "--features).")] = EmbedFeatures.embedding,
+    features: Annotated[
+        EmbedFeatures,
+        typer.Option(
+            "--features",
+            help="What to store: the mixture embedding, or backbone features (onnx/trt: export with --features).",
+        ),
+    ] = EmbedFeatures.embedding,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per engine call.")] = None,
     shard_size: Annotated[int | None, typer.Option("--shard-size", help="Images per output shard.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
@@ -224,8 +289,14 @@ def embed(
     from mixem.embed import EmbedOptions, embed_folder
     from mixem.runlog import RunLog
 
-    opts = replace(EmbedOptions(engine=engine.value, features=features.value), batch_size=batch_size,
-                   shard_size=shard_size, workers=workers, decoder=decoder, device=device)
+    opts = replace(
+        EmbedOptions(engine=engine.value, features=features.value),
+        batch_size=batch_size,
+        shard_size=shard_size,
+        workers=workers,
+        decoder=decoder,
+        device=device,
+    )
     rank, _, _ = torchrun_env()
     try:
         summary = embed_folder(str(model), images, out, opts, RunLog(json_log, quiet=quiet or rank > 0))
@@ -240,15 +311,22 @@ def embed(
 def cluster(
     run: Annotated[Path, typer.Argument(help="Output directory of `mixem-fast embed`.")],
     k: Annotated[int, typer.Option("--k", help="Number of clusters.")],
-    init: Annotated[ClusterInit, typer.Option("--init", help="mixture: MIX'EM's argmax-pi group means.")
-                    ] = ClusterInit.mixture,
+    init: Annotated[
+        ClusterInit, typer.Option("--init", help="mixture: MIX'EM's argmax-pi group means.")
+    ] = ClusterInit.mixture,
     spherical: Annotated[bool, typer.Option("--spherical", help="Unit-norm centroids, cosine assignment.")] = False,
     niter: Annotated[int, typer.Option("--niter", help="Lloyd iterations.")] = 25,
-    max_points: Annotated[int | None, typer.Option("--max-points-per-centroid", help="Train on a random "
-                                                      "k*N subset (default: every point).")] = None,
-    labels: Annotated[Path | None, typer.Option(
-        "--labels", help="CSV of 'relative/path,label' to score against (default: sub-folder names when all "
-                         "images have one).")] = None,
+    max_points: Annotated[
+        int | None,
+        typer.Option("--max-points-per-centroid", help="Train on a random k*N subset (default: every point)."),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="CSV of 'relative/path,label' to score against (default: sub-folder names when all images have one).",
+        ),
+    ] = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
     quiet: Quiet = False,
@@ -261,9 +339,18 @@ def cluster(
     from mixem.cluster import cluster_run
     from mixem.runlog import RunLog
 
-    summary = cluster_run(run, k, init=init.value, spherical=spherical, niter=niter, seed=seed,
-                          max_points_per_centroid=max_points, labels_file=labels, report=report,
-                          log=RunLog(json_log, quiet=quiet))
+    summary = cluster_run(
+        run,
+        k,
+        init=init.value,
+        spherical=spherical,
+        niter=niter,
+        seed=seed,
+        max_points_per_centroid=max_points,
+        labels_file=labels,
+        report=report,
+        log=RunLog(json_log, quiet=quiet),
+    )
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -9,9 +9,18 @@ from mixem.errors import ConfigError
 from mixem.export.onnx import OPSET, export_onnx
 
 
-def export_checkpoint(ckpt: str | os.PathLike, fmt: str = "onnx", out_dir: str | os.PathLike = "export", *,
-                      fp16: bool = False, features: bool = False, min_batch: int = TRT_PROFILE[0],
-                      opt_batch: int = TRT_PROFILE[1], max_batch: int = TRT_PROFILE[2], opset: int = OPSET) -> dict:
+def export_checkpoint(
+    ckpt: str | os.PathLike,
+    fmt: str = "onnx",
+    out_dir: str | os.PathLike = "export",
+    *,
+    fp16: bool = False,
+    features: bool = False,
+    min_batch: int = TRT_PROFILE[0],
+    opt_batch: int = TRT_PROFILE[1],
+    max_batch: int = TRT_PROFILE[2],
+    opset: int = OPSET,
+) -> dict:
     """Export a checkpoint (dir, run dir or model.safetensors) into out_dir; returns a summary for printing.
 
     onnx: out_dir/model.onnx (+ parity.json, export.json, config.json), parity-gated against PyTorch.
@@ -24,6 +33,14 @@ def export_checkpoint(ckpt: str | os.PathLike, fmt: str = "onnx", out_dir: str |
     if fmt == "trt":
         from mixem.export.tensorrt import export_trt
 
-        return export_trt(ckpt, out_dir, fp16=fp16, features=features, min_batch=min_batch, opt_batch=opt_batch,
-                          max_batch=max_batch, opset=opset)
+        return export_trt(
+            ckpt,
+            out_dir,
+            fp16=fp16,
+            features=features,
+            min_batch=min_batch,
+            opt_batch=opt_batch,
+            max_batch=max_batch,
+            opset=opset,
+        )
     raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")

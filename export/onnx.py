@@ -50,9 +50,17 @@ def export_graph(model: torch.nn.Module, *, features: bool = False, opset: int =
     example = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size, dtype=torch.uint8)
     names = list(OUTPUTS[: 3 if features else 2])
     try:
-        program = torch.onnx.export(wrapper, (example,), None, input_names=[INPUT], output_names=names,
-                                    opset_version=opset, dynamo=True,
-                                    dynamic_shapes=({0: Dim("batch", min=1)},), verbose=False)
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            None,
+            input_names=[INPUT],
+            output_names=names,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=({0: Dim("batch", min=1)},),
+            verbose=False,
+        )
     except Exception as e:  # the exporter raises many types; the user needs the first line
         raise MixEMError(f"ONNX export failed for backbone {cfg.backbone!r}: {str(e).splitlines()[0][:300]}") from None
     return program.model_proto
@@ -93,9 +101,17 @@ def ort_runner(path: str | os.PathLike, threads: int | None = None):
     return lambda x: sess.run(None, {INPUT: np.ascontiguousarray(x)})
 
 
-def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = False, features: bool = False,
-                opset: int = OPSET, parity_images: int = PARITY_IMAGES, min_cosine: float | None = None,
-                max_prob_error: float | None = None) -> dict:
+def export_onnx(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    features: bool = False,
+    opset: int = OPSET,
+    parity_images: int = PARITY_IMAGES,
+    min_cosine: float | None = None,
+    max_prob_error: float | None = None,
+) -> dict:
     """Export the checkpoint at `ckpt` to out_dir/model.onnx; returns the summary written to export.json.
 
     The model is written under a temporary name, checked (onnx.checker full_check), run through
@@ -127,8 +143,11 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bo
         report["runtime"] = "onnxruntime CPUExecutionProvider vs PyTorch fp32 CPU"
         if not report["passed"]:
             save_json(report, out / "parity_failed.json")
-            raise MixEMError(f"{final}: " + parity.failure_line(report, "ONNX " + precision)
-                             + f"; report in {out / 'parity_failed.json'}")
+            raise MixEMError(
+                f"{final}: "
+                + parity.failure_line(report, "ONNX " + precision)
+                + f"; report in {out / 'parity_failed.json'}"
+            )
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -136,8 +155,9 @@ def export_onnx(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bo
     save_json(report, out / PARITY)
     save_json(cfg, out / CONFIG)
     summary = describe(final, cfg, precision=precision, opset=opset, features=features)
-    summary.update(format="onnx", checkpoint=str(resolve(ckpt)), parity=_short(report),
-                   seconds=round(time.perf_counter() - t0, 2))
+    summary.update(
+        format="onnx", checkpoint=str(resolve(ckpt)), parity=_short(report), seconds=round(time.perf_counter() - t0, 2)
+    )
     atomic_write_text(out / EXPORT, json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -148,10 +168,17 @@ def describe(path: Path, cfg, *, precision: str, opset: int, features: bool) -> 
     import onnxruntime
 
     proto = onnx.load(str(path))
-    return {"path": str(path), "precision": precision, "opset": opset, "features": features,
-            "size_bytes": path.stat().st_size, **io_spec(proto),
-            "image_size": cfg.image_size, "in_channels": cfg.in_channels,
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
+    return {
+        "path": str(path),
+        "precision": precision,
+        "opset": opset,
+        "features": features,
+        "size_bytes": path.stat().st_size,
+        **io_spec(proto),
+        "image_size": cfg.image_size,
+        "in_channels": cfg.in_channels,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
 
 
 def io_spec(proto) -> dict:
@@ -163,8 +190,10 @@ def io_spec(proto) -> dict:
         shape = [d.dim_param or d.dim_value for d in t.shape.dim]
         return {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
 
-    return {"inputs": {v.name: one(v) for v in proto.graph.input},
-            "outputs": {v.name: one(v) for v in proto.graph.output}}
+    return {
+        "inputs": {v.name: one(v) for v in proto.graph.input},
+        "outputs": {v.name: one(v) for v in proto.graph.output},
+    }
 
 
 def _short(report: dict) -> dict:

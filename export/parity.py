@@ -32,8 +32,9 @@ def real_images(n: int, image_size: int, in_channels: int) -> np.ndarray:
     return x.contiguous().numpy()
 
 
-def compare(reference: Callable, candidate: Callable, images: np.ndarray,
-            batches: tuple[int, ...] = PARITY_BATCHES) -> dict:
+def compare(
+    reference: Callable, candidate: Callable, images: np.ndarray, batches: tuple[int, ...] = PARITY_BATCHES
+) -> dict:
     """Run both on the same images in chunks of the given batch sizes (cycled); report the agreement.
 
     reference/candidate: uint8 (B, C, H, W) ndarray -> (embedding, mixture_probs, ...) array-likes.
@@ -42,7 +43,7 @@ def compare(reference: Callable, candidate: Callable, images: np.ndarray,
     i, j = 0, 0
     while i < len(images):
         b = min(batches[j % len(batches)], len(images) - i)
-        x = images[i: i + b]
+        x = images[i : i + b]
         r, c = reference(x), candidate(x)
         ref_e.append(_np(r[0])), ref_p.append(_np(r[1])), got_e.append(_np(c[0])), got_p.append(_np(c[1]))
         sizes.append(b)
@@ -60,8 +61,7 @@ def compare(reference: Callable, candidate: Callable, images: np.ndarray,
     }
 
 
-def gate(report: dict, precision: str, min_cosine: float | None = None,
-         max_prob_error: float | None = None) -> dict:
+def gate(report: dict, precision: str, min_cosine: float | None = None, max_prob_error: float | None = None) -> dict:
     """Add the thresholds and a pass/fail verdict to a compare() report (precision: fp32 | fp16)."""
     t = dict(THRESHOLDS[precision])
     if min_cosine is not None:
@@ -74,9 +74,11 @@ def gate(report: dict, precision: str, min_cosine: float | None = None,
 
 def failure_line(report: dict, what: str) -> str:
     t = report["thresholds"]
-    return (f"{what} failed parity against PyTorch on {report['images']} real images: min cosine "
-            f"{report['min_cosine']:.6f} (need >= {t['min_cosine']}), max prob error {report['max_prob_error']:.2e} "
-            f"(need <= {t['max_prob_error']}); the model was not written")
+    return (
+        f"{what} failed parity against PyTorch on {report['images']} real images: min cosine "
+        f"{report['min_cosine']:.6f} (need >= {t['min_cosine']}), max prob error {report['max_prob_error']:.2e} "
+        f"(need <= {t['max_prob_error']}); the model was not written"
+    )
 
 
 def _np(t) -> np.ndarray:

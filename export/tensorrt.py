@@ -22,9 +22,18 @@ from mixem.files import atomic_write, atomic_write_text
 TIMING_CACHE = "timing.cache"
 
 
-def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, fp16: bool = False,
-                     min_batch: int = TRT_PROFILE[0], opt_batch: int = TRT_PROFILE[1], max_batch: int = TRT_PROFILE[2],
-                     workspace_gib: float = 4.0, timing_cache: str | os.PathLike | None = None, gate=None) -> dict:
+def build_trt_engine(
+    onnx_path: str | os.PathLike,
+    plan_path: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    min_batch: int = TRT_PROFILE[0],
+    opt_batch: int = TRT_PROFILE[1],
+    max_batch: int = TRT_PROFILE[2],
+    workspace_gib: float = 4.0,
+    timing_cache: str | os.PathLike | None = None,
+    gate=None,
+) -> dict:
     """Build plan_path from onnx_path with one optimisation profile over the batch axis; returns the sidecar.
 
     fp16: on TensorRT 10 the fp32 ONNX plus BuilderFlag.FP16 (TensorRT picks fp16 kernels where it
@@ -39,18 +48,26 @@ def build_trt_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     t0 = time.perf_counter()
     cache_file = Path(timing_cache) if timing_cache else plan_path.parent / TIMING_CACHE
-    plan, network, fp16_mode = _build(trt, onnx_path, fp16, (min_batch, opt_batch, max_batch), workspace_gib, cache_file)
+    plan, network, fp16_mode = _build(
+        trt, onnx_path, fp16, (min_batch, opt_batch, max_batch), workspace_gib, cache_file
+    )
     atomic_write(plan_path, lambda t: t.write_bytes(memoryview(plan)))
     inp = network.get_input(0)
     _, C, H, W = tuple(inp.shape)
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
-    side = {**current_platform(trt.__version__),
-            "precision": "fp16" if fp16 else "fp32", "fp16_mode": fp16_mode,
-            "onnx": str(onnx_path), "timing_cache": str(cache_file),
-            "profile": {"min": [min_batch, C, H, W], "opt": [opt_batch, C, H, W], "max": [max_batch, C, H, W]},
-            "input": {"name": inp.name, "dtype": str(inp.dtype)},
-            "outputs": [{"name": o.name, "dtype": str(o.dtype), "shape": [int(d) for d in o.shape]} for o in outputs],
-            "image_size": int(H), "in_channels": int(C), "build_seconds": round(time.perf_counter() - t0, 2)}
+    side = {
+        **current_platform(trt.__version__),
+        "precision": "fp16" if fp16 else "fp32",
+        "fp16_mode": fp16_mode,
+        "onnx": str(onnx_path),
+        "timing_cache": str(cache_file),
+        "profile": {"min": [min_batch, C, H, W], "opt": [opt_batch, C, H, W], "max": [max_batch, C, H, W]},
+        "input": {"name": inp.name, "dtype": str(inp.dtype)},
+        "outputs": [{"name": o.name, "dtype": str(o.dtype), "shape": [int(d) for d in o.shape]} for o in outputs],
+        "image_size": int(H),
+        "in_channels": int(C),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
     if gate is not None:
         try:
             side["parity"] = gate(TrtEngine(plan_path, sidecar=side))
@@ -98,9 +115,17 @@ def _build(trt, onnx_path: Path, fp16: bool, batches: tuple[int, int, int], work
     return plan, network, fp16_mode
 
 
-def export_trt(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: bool = False, features: bool = False,
-               min_batch: int = TRT_PROFILE[0], opt_batch: int = TRT_PROFILE[1], max_batch: int = TRT_PROFILE[2],
-               opset: int = OPSET) -> dict:
+def export_trt(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    features: bool = False,
+    min_batch: int = TRT_PROFILE[0],
+    opt_batch: int = TRT_PROFILE[1],
+    max_batch: int = TRT_PROFILE[2],
+    opset: int = OPSET,
+) -> dict:
     """out_dir/model.onnx (parity-gated), then out_dir/model.plan + model.plan.json built for this GPU, whose
     outputs are parity-gated against PyTorch on real images like the ONNX (a failing plan is removed)."""
     trt = require_trt()  # before the ONNX export, so a missing TensorRT fails in a second, not after it
@@ -116,13 +141,22 @@ def export_trt(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *, fp16: boo
             raise MixEMError(f"{plan}: " + parity.failure_line(report, "TensorRT " + precision))
         return report
 
-    side = build_trt_engine(Path(out_dir) / MODEL, plan, fp16=fp16, min_batch=min_batch, opt_batch=opt_batch,
-                            max_batch=max_batch, gate=gate)
+    side = build_trt_engine(
+        Path(out_dir) / MODEL, plan, fp16=fp16, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, gate=gate
+    )
     keys = ("images", "min_cosine", "max_prob_error", "argmax_agreement", "passed")
-    return {"format": "trt", "path": str(plan), "precision": side["precision"], "onnx": onnx_summary["path"],
-            "tensorrt": side["tensorrt"], "gpu": side["gpu"], "compute_capability": side["compute_capability"],
-            "profile": side["profile"], "parity": {k: side["parity"][k] for k in keys},
-            "seconds": round(onnx_summary["seconds"] + side["build_seconds"], 2)}
+    return {
+        "format": "trt",
+        "path": str(plan),
+        "precision": side["precision"],
+        "onnx": onnx_summary["path"],
+        "tensorrt": side["tensorrt"],
+        "gpu": side["gpu"],
+        "compute_capability": side["compute_capability"],
+        "profile": side["profile"],
+        "parity": {k: side["parity"][k] for k in keys},
+        "seconds": round(onnx_summary["seconds"] + side["build_seconds"], 2),
+    }
 
 
 def _parity(ckpt, engine, features: bool, precision: str, min_batch: int, max_batch: int) -> dict:

@@ -37,9 +37,16 @@ MAX_K = 16384  # one row of K logits is held in registers
 
 @triton.jit
 def _mixture_fwd_kernel(
-    A, PI, PART,  # (B, K) logits, (B, K) out π, (programs, K + 2) out: Σ_i π_i, Σ_i H_i, Σ_i x_i
-    B, K, stride_a, stride_pi,
-    BB: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+    A,
+    PI,
+    PART,  # (B, K) logits, (B, K) out π, (programs, K + 2) out: Σ_i π_i, Σ_i H_i, Σ_i x_i
+    B,
+    K,
+    stride_a,
+    stride_pi,
+    BB: tl.constexpr,
+    BK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)  # (BB,)
@@ -66,9 +73,20 @@ def _mixture_fwd_kernel(
 
 @triton.jit
 def _mixture_bwd_kernel(
-    A, GPI, GPBAR, GSTAT, DA,  # (B, K) logits, (B, K) grad of π, (K,) grad of p̄, (2,) grads of H and x, (B, K) out
-    B, K, stride_a, stride_g, stride_da, inv_b,
-    BB: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+    A,
+    GPI,
+    GPBAR,
+    GSTAT,
+    DA,  # (B, K) logits, (B, K) grad of π, (K,) grad of p̄, (2,) grads of H and x, (B, K) out
+    B,
+    K,
+    stride_a,
+    stride_g,
+    stride_da,
+    inv_b,
+    BB: tl.constexpr,
+    BK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
@@ -142,7 +160,9 @@ def _mixture_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     pi = torch.empty(B, K, dtype=dt, device=logits.device)  # (B, K)
     part = torch.empty(grid, K + 2, dtype=dt, device=logits.device)  # (programs, K + 2)
     with _on(logits):
-        _mixture_fwd_kernel[(grid,)](logits, pi, part, B, K, logits.stride(0), pi.stride(0), ACC=_acc(logits.dtype), **cfg)
+        _mixture_fwd_kernel[(grid,)](
+            logits, pi, part, B, K, logits.stride(0), pi.stride(0), ACC=_acc(logits.dtype), **cfg
+        )
     tot = part.sum(0) / B  # (K + 2,)
     return pi, tot[:K].clone(), tot[K].clone(), tot[K + 1].clone()
 
@@ -151,19 +171,37 @@ def _mixture_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 def _(logits):
     B, K = logits.shape
     dt = _out_dtype(logits.dtype)
-    return logits.new_empty(B, K, dtype=dt), logits.new_empty(K, dtype=dt), logits.new_empty((), dtype=dt), logits.new_empty((), dtype=dt)
+    return (
+        logits.new_empty(B, K, dtype=dt),
+        logits.new_empty(K, dtype=dt),
+        logits.new_empty((), dtype=dt),
+        logits.new_empty((), dtype=dt),
+    )
 
 
 @torch.library.custom_op("mixem::mixture_stats_bwd", mutates_args=())
-def _mixture_stats_bwd(logits: torch.Tensor, g_pi: torch.Tensor, g_pbar: torch.Tensor, g_stats: torch.Tensor) -> torch.Tensor:
+def _mixture_stats_bwd(
+    logits: torch.Tensor, g_pi: torch.Tensor, g_pbar: torch.Tensor, g_stats: torch.Tensor
+) -> torch.Tensor:
     logits, g_pi, g_pbar, g_stats = (t.contiguous() for t in (logits, g_pi, g_pbar, g_stats))
     B, K = logits.shape
     cfg = _config(B, K)
     da = torch.empty_like(logits)  # (B, K)
     with _on(logits):
         _mixture_bwd_kernel[(triton.cdiv(B, cfg["BB"]),)](
-            logits, g_pi, g_pbar, g_stats, da, B, K, logits.stride(0), g_pi.stride(0), da.stride(0), 1.0 / B,
-            ACC=_acc(logits.dtype), **cfg,
+            logits,
+            g_pi,
+            g_pbar,
+            g_stats,
+            da,
+            B,
+            K,
+            logits.stride(0),
+            g_pi.stride(0),
+            da.stride(0),
+            1.0 / B,
+            ACC=_acc(logits.dtype),
+            **cfg,
         )
     return da
 

@@ -43,10 +43,21 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _ntxent_lse_fwd_kernel(
-    A, Bm, LSE,  # (RA, D) rows, (RB, D) columns, (RA,) out
-    RA, RB, D, a_off, b_off, stride_a, stride_b,
+    A,
+    Bm,
+    LSE,  # (RA, D) rows, (RB, D) columns, (RA,) out
+    RA,
+    RB,
+    D,
+    a_off,
+    b_off,
+    stride_a,
+    stride_b,
     scale2,  # log2(e) / τ
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)  # (BM,)
@@ -60,7 +71,9 @@ def _ntxent_lse_fwd_kernel(
     l_i = tl.zeros((BM,), ACC)
     for start in range(0, RB, BN):
         cols = start + offs_n  # (BN,)
-        b = tl.load(Bm + cols[:, None] * stride_b + offs_d[None, :], mask=(cols[:, None] < RB) & dmask[None, :], other=0.0)
+        b = tl.load(
+            Bm + cols[:, None] * stride_b + offs_d[None, :], mask=(cols[:, None] < RB) & dmask[None, :], other=0.0
+        )
         x = tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC) * scale2  # (BM, BN), log2 domain
         gcol_lo = start + b_off
         # Only ragged and diagonal tiles pay for the mask.
@@ -78,12 +91,30 @@ def _ntxent_lse_fwd_kernel(
 
 @triton.jit
 def _ntxent_lse_bwd_kernel(
-    A, Bm, DA,  # (RA, D) program rows, (RB, D) looped rows, (RA, D) out
-    LSE_A, DLSE_A, LSE_B, DLSE_B,  # (RA,), (RA,), (RB,), (RB,); dlse pre-divided by a power of two
-    RA, RB, D, a_off, b_off, stride_a, stride_b, stride_da,
-    DSCALE, scale2, inv_tau,  # (1,) the power of two dlse was divided by; log2(e) / τ; 1 / τ
-    ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+    A,
+    Bm,
+    DA,  # (RA, D) program rows, (RB, D) looped rows, (RA, D) out
+    LSE_A,
+    DLSE_A,
+    LSE_B,
+    DLSE_B,  # (RA,), (RA,), (RB,), (RB,); dlse pre-divided by a power of two
+    RA,
+    RB,
+    D,
+    a_off,
+    b_off,
+    stride_a,
+    stride_b,
+    stride_da,
+    DSCALE,
+    scale2,
+    inv_tau,  # (1,) the power of two dlse was divided by; log2(e) / τ; 1 / τ
+    ROW_TERM: tl.constexpr,
+    COL_TERM: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -116,7 +147,11 @@ def _ntxent_lse_bwd_kernel(
             w += dl_b[None, :] * tl.exp2(x - lse_b[None, :])
         acc = tl.dot(w.to(b.dtype), b, acc, input_precision="ieee", out_dtype=ACC)  # (BM, BD)
     acc = acc * (tl.load(DSCALE).to(ACC) * inv_tau)
-    tl.store(DA + rows[:, None] * stride_da + offs_d[None, :], acc.to(DA.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(
+        DA + rows[:, None] * stride_da + offs_d[None, :],
+        acc.to(DA.dtype.element_ty),
+        mask=rmask[:, None] & dmask[None, :],
+    )
 
 
 def _interpreting(kernel) -> bool:
@@ -130,7 +165,9 @@ def _on(t: torch.Tensor):
 def _check(*zs: torch.Tensor) -> None:
     z = zs[0]
     if z.dim() != 2 or any(t.dim() != 2 or t.shape[1] != z.shape[1] for t in zs):
-        raise MixEMError(f"the NT-Xent kernel takes (M, D) matrices with the same D, got {[tuple(t.shape) for t in zs]}")
+        raise MixEMError(
+            f"the NT-Xent kernel takes (M, D) matrices with the same D, got {[tuple(t.shape) for t in zs]}"
+        )
     if any(t.dtype != z.dtype or t.device != z.device for t in zs):
         raise MixEMError("the NT-Xent kernel needs its inputs in one dtype on one device")
     if z.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -138,12 +175,16 @@ def _check(*zs: torch.Tensor) -> None:
     if z.shape[1] > MAX_D:
         raise MixEMError(f"the NT-Xent kernel supports D <= {MAX_D}, got D = {z.shape[1]}; use impl='torch'")
     if max(t.numel() for t in zs) >= 2**31:  # the kernels index with int32
-        raise MixEMError(f"the NT-Xent kernel takes fewer than 2^31 elements per matrix, got {max(t.numel() for t in zs)}")
+        raise MixEMError(
+            f"the NT-Xent kernel takes fewer than 2^31 elements per matrix, got {max(t.numel() for t in zs)}"
+        )
     interp = _interpreting(_ntxent_lse_fwd_kernel)
     if z.device.type != "cuda" and not interp:
         raise MixEMError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
     if interp and z.dtype == torch.bfloat16:
-        raise MixEMError("bfloat16 needs a GPU: Triton's CPU interpreter computes bf16 dots wrongly; use float16 or float32")
+        raise MixEMError(
+            "bfloat16 needs a GPU: Triton's CPU interpreter computes bf16 dots wrongly; use float16 or float32"
+        )
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,7 +196,9 @@ def _config(RA: int, RB: int, D: int, dtype: torch.dtype, backward: bool, interp
     BD = max(16, triton.next_power_of_2(D))
     if interpret:
         # The interpreter costs ~3-4 ms per tile step whatever its size: the biggest tiles are fastest.
-        return dict(BM=min(128, max(16, triton.next_power_of_2(RA))), BN=min(128, max(16, triton.next_power_of_2(RB))), BD=BD)
+        return dict(
+            BM=min(128, max(16, triton.next_power_of_2(RA))), BN=min(128, max(16, triton.next_power_of_2(RB))), BD=BD
+        )
     if dtype == torch.float64:  # gradcheck-sized problems only; fp64 tiles are 2x the bytes
         return dict(BM=32, BN=32, BD=BD, num_warps=4, num_stages=1)
     # Untuned guesses for Hopper, to be replaced by measurements. Checked by compiling for sm_90
@@ -185,8 +228,23 @@ def _launch_fwd(rows: torch.Tensor, cols: torch.Tensor, row_offset: int, tau: fl
     RA, D = rows.shape
     lse = torch.empty(RA, dtype=_lse_dtype(rows.dtype), device=rows.device)  # (RA,)
     if RA:
-        _launch(_ntxent_lse_fwd_kernel, rows, cols, False,
-                rows, cols, lse, RA, cols.shape[0], D, row_offset, 0, rows.stride(0), cols.stride(0), _LOG2E / tau)
+        _launch(
+            _ntxent_lse_fwd_kernel,
+            rows,
+            cols,
+            False,
+            rows,
+            cols,
+            lse,
+            RA,
+            cols.shape[0],
+            D,
+            row_offset,
+            0,
+            rows.stride(0),
+            cols.stride(0),
+            _LOG2E / tau,
+        )
     return lse
 
 
@@ -194,9 +252,32 @@ def _launch_bwd(a, b, lse_a, dlse_a, lse_b, dlse_b, dscale, a_off, b_off, tau, r
     RA, D = a.shape
     da = torch.empty_like(a)  # (RA, D)
     if RA:
-        _launch(_ntxent_lse_bwd_kernel, a, b, True,
-                a, b, da, lse_a, dlse_a, lse_b, dlse_b, RA, b.shape[0], D, a_off, b_off, a.stride(0), b.stride(0),
-                da.stride(0), dscale, _LOG2E / tau, 1.0 / tau, ROW_TERM=row_term, COL_TERM=col_term)
+        _launch(
+            _ntxent_lse_bwd_kernel,
+            a,
+            b,
+            True,
+            a,
+            b,
+            da,
+            lse_a,
+            dlse_a,
+            lse_b,
+            dlse_b,
+            RA,
+            b.shape[0],
+            D,
+            a_off,
+            b_off,
+            a.stride(0),
+            b.stride(0),
+            da.stride(0),
+            dscale,
+            _LOG2E / tau,
+            1.0 / tau,
+            ROW_TERM=row_term,
+            COL_TERM=col_term,
+        )
     return da
 
 
@@ -315,7 +396,9 @@ def ntxent_lse_rows_triton(z_rows: torch.Tensor, z_all: torch.Tensor, row_offset
     """
     _check(z_rows, z_all)
     if not 0 <= row_offset <= z_all.shape[0] - z_rows.shape[0]:
-        raise MixEMError(f"row_offset {row_offset} puts {z_rows.shape[0]} rows outside the {z_all.shape[0]} gathered rows")
+        raise MixEMError(
+            f"row_offset {row_offset} puts {z_rows.shape[0]} rows outside the {z_all.shape[0]} gathered rows"
+        )
     return _ntxent_lse_rows(z_rows, z_all, int(row_offset), _tau(tau))
 
 

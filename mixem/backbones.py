@@ -17,10 +17,18 @@ def _convnet(in_ch: int, width: int) -> tuple[nn.Module, int]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
     w = width
-    layers = [*block(in_ch, w), *block(w, w), nn.MaxPool2d(2),
-              *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-              *block(2 * w, 4 * w), *block(4 * w, 4 * w),
-              nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers = [
+        *block(in_ch, w),
+        *block(w, w),
+        nn.MaxPool2d(2),
+        *block(w, 2 * w),
+        *block(2 * w, 2 * w),
+        nn.MaxPool2d(2),
+        *block(2 * w, 4 * w),
+        *block(4 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ]
     return nn.Sequential(*layers), 4 * w
 
 
@@ -43,8 +51,11 @@ def _resnet(cfg: MixEMConfig) -> tuple[nn.Module, int]:
 def _scaled_resnet(cfg: MixEMConfig) -> nn.Module:
     from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-    spec = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-            "resnet50": (Bottleneck, [3, 4, 6, 3])}[cfg.backbone]
+    spec = {
+        "resnet18": (BasicBlock, [2, 2, 2, 2]),
+        "resnet34": (BasicBlock, [3, 4, 6, 3]),
+        "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    }[cfg.backbone]
 
     class _ScaledResNet(ResNet):
         def __init__(self):
@@ -67,4 +78,3 @@ def build_backbone(cfg: MixEMConfig) -> tuple[nn.Module, int]:
     if cfg.backbone == "convnet":
         return _convnet(cfg.in_channels, cfg.width)
     return _resnet(cfg)
-

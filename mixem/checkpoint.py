@@ -24,13 +24,25 @@ from mixem.config import MixEMConfig, TrainConfig, load_json
 from mixem.errors import CheckpointError
 from mixem.files import atomic_write_text, save_json
 
-WEIGHTS, CONFIG, TRAIN_CONFIG, STATE, TRAINER = "model.safetensors", "config.json", "train_config.json", "state.json", "trainer.pt"
+WEIGHTS, CONFIG, TRAIN_CONFIG, STATE, TRAINER = (
+    "model.safetensors",
+    "config.json",
+    "train_config.json",
+    "state.json",
+    "trainer.pt",
+)
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin", ".tar")
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, model_cfg: MixEMConfig, *,
-                    train_cfg: TrainConfig | None = None, state: dict | None = None,
-                    trainer_state: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    model_cfg: MixEMConfig,
+    *,
+    train_cfg: TrainConfig | None = None,
+    state: dict | None = None,
+    trainer_state: dict | None = None,
+) -> Path:
     """Write a complete checkpoint directory at `path` atomically (temp dir + rename)."""
     from safetensors.torch import save_file
 
@@ -68,14 +80,17 @@ def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint directory from a checkpoint dir, a run dir (its latest), or the weights file."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint not found; pass a run directory (e.g. runs/mixem) or a checkpoint directory")
+        raise CheckpointError(
+            f"{p}: checkpoint not found; pass a run directory (e.g. runs/mixem) or a checkpoint directory"
+        )
     if p.is_file():
         if p.name == WEIGHTS:
             return p.parent
         if p.suffix.lower() in PICKLE_SUFFIXES:
             raise CheckpointError(
                 f"{p}: pickle checkpoints are refused (loading them can run arbitrary code); "
-                f"mixem-fast reads a directory with {WEIGHTS} + {CONFIG}")
+                f"mixem-fast reads a directory with {WEIGHTS} + {CONFIG}"
+            )
         raise CheckpointError(f"{p}: not a checkpoint; pass a directory holding {WEIGHTS} and {CONFIG}")
     if (p / WEIGHTS).is_file():
         return p
@@ -113,7 +128,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt / WEIGHTS}: weights do not match {CONFIG} (missing {len(missing)}, unexpected {len(unexpected)} keys, "
-            f"e.g. {(missing or unexpected)[0]})")
+            f"e.g. {(missing or unexpected)[0]})"
+        )
     return model.to(device).eval(), model_cfg
 
 
@@ -145,4 +161,3 @@ def prune(run_dir: str | os.PathLike, keep: int = 2):
     ckpts = sorted(d for d in root.glob("epoch_*") if d.is_dir())
     for d in ckpts[:-keep]:
         shutil.rmtree(d, ignore_errors=True)
-

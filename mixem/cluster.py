@@ -42,8 +42,10 @@ def find_labels(rel: list[str], labels_file: Path | None):
         table = {r[0]: r[1] for r in rows if len(r) >= 2}
         missing = [p for p in rel if p not in table]
         if missing:
-            raise DataError(f"{labels_file}: no label for {len(missing)} of {len(rel)} images (first: {missing[0]}); "
-                            "give one 'relative/path,label' line per image")
+            raise DataError(
+                f"{labels_file}: no label for {len(missing)} of {len(rel)} images (first: {missing[0]}); "
+                "give one 'relative/path,label' line per image"
+            )
         names = [table[p] for p in rel]
         source = str(labels_file)
     elif rel and all("/" in p for p in rel):
@@ -55,10 +57,21 @@ def find_labels(rel: list[str], labels_file: Path | None):
     return y.astype(np.int64), source, classes.tolist()
 
 
-def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bool = False, niter: int = 25,
-                seed: int = 0, max_points_per_centroid: int | None = None, labels_file: Path | None = None,
-                gpu: str | bool = "auto", report: bool = True, per_cluster: int = 24,
-                log: RunLog | None = None) -> dict:
+def cluster_run(
+    out: str | Path,
+    k: int,
+    *,
+    init: str = "mixture",
+    spherical: bool = False,
+    niter: int = 25,
+    seed: int = 0,
+    max_points_per_centroid: int | None = None,
+    labels_file: Path | None = None,
+    gpu: str | bool = "auto",
+    report: bool = True,
+    per_cluster: int = 24,
+    log: RunLog | None = None,
+) -> dict:
     """Cluster every embedded image of run `out` into k groups; writes the outputs beside the shards."""
     log = log or RunLog(quiet=True)
     out = Path(out)
@@ -74,19 +87,37 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     t_read = time.perf_counter() - t0
     how, dev = resolve_backend(gpu)  # may import torch (~1 s): after the read is timed
     where = describe_backend(how, dev) + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
-    log.print(f"{N:,} vectors of {D} dims from {m.n_shards} shards ({t_read:.1f} s); "
-              f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}")
+    log.print(
+        f"{N:,} vectors of {D} dims from {m.n_shards} shards ({t_read:.1f} s); "
+        f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}"
+    )
     # init "mixture" (the default) is MIX'EM's start: the mean of each argmax-pi group (empty ones by k-means++).
-    res = kmeans(x, k, init=init, mixture_probs=cols["mixture_probs"], spherical=spherical, niter=niter, seed=seed,
-                 max_points_per_centroid=max_points_per_centroid, gpu=gpu)
+    res = kmeans(
+        x,
+        k,
+        init=init,
+        mixture_probs=cols["mixture_probs"],
+        spherical=spherical,
+        niter=niter,
+        seed=seed,
+        max_points_per_centroid=max_points_per_centroid,
+        gpu=gpu,
+    )
     t_km = time.perf_counter() - t0
     if res.sampled:
-        log.print(f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "
-                  "every point is still assigned")
+        log.print(
+            f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "
+            "every point is still assigned"
+        )
     ids, paths = cols["id"], cols["image_path"]
-    table = pa.table({"image_path": pa.array(paths, pa.string()), "id": pa.array(ids, pa.int64()),
-                      "cluster": pa.array(res.assign.astype(np.int32)),
-                      "distance": pa.array(res.distances.astype(np.float32))})
+    table = pa.table(
+        {
+            "image_path": pa.array(paths, pa.string()),
+            "id": pa.array(ids, pa.int64()),
+            "cluster": pa.array(res.assign.astype(np.int32)),
+            "distance": pa.array(res.distances.astype(np.float32)),
+        }
+    )
     atomic_write(out / CLUSTERS, lambda p: pq.write_table(table, p, row_group_size=CLUSTERS_ROW_GROUP))
     atomic_write(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
     # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.
@@ -96,20 +127,40 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
     sizes = np.bincount(res.assign, minlength=k)
     rel = _rel(paths, m.root)
     y, label_source, classes = find_labels(rel, labels_file)
-    metrics = {"k": k, "init": init, "spherical": spherical, "niter": niter, "seed": seed, "points": N, "dim": D,
-               "features": m.features, "objective": res.objective, "device": res.device, "kmeans": res.where,
-               "sampled": res.sampled, "points_used_for_training": res.n_points_used,
-               "cluster_sizes": sizes.tolist(), "empty_clusters": int((sizes == 0).sum()),
-               "seconds_kmeans": round(t_km, 3)}
+    metrics = {
+        "k": k,
+        "init": init,
+        "spherical": spherical,
+        "niter": niter,
+        "seed": seed,
+        "points": N,
+        "dim": D,
+        "features": m.features,
+        "objective": res.objective,
+        "device": res.device,
+        "kmeans": res.where,
+        "sampled": res.sampled,
+        "points_used_for_training": res.n_points_used,
+        "cluster_sizes": sizes.tolist(),
+        "empty_clusters": int((sizes == 0).sum()),
+        "seconds_kmeans": round(t_km, 3),
+    }
     if y is not None:
-        metrics.update({"labels": label_source, "classes": int(y.max()) + 1, **clustering_metrics(y, res.assign),
-                        "mixture_argmax": clustering_metrics(y, cols["mixture_probs"].argmax(1))})
+        metrics.update(
+            {
+                "labels": label_source,
+                "classes": int(y.max()) + 1,
+                **clustering_metrics(y, res.assign),
+                "mixture_argmax": clustering_metrics(y, cols["mixture_probs"].argmax(1)),
+            }
+        )
     atomic_write_text(out / METRICS, json.dumps(metrics, indent=2) + "\n")
     if report:
         from mixem.report import write_report
 
-        write_report(out / REPORT, rel, m.root, res.assign, res.distances, k, metrics, y, classes,
-                     per_cluster=per_cluster)
+        write_report(
+            out / REPORT, rel, m.root, res.assign, res.distances, k, metrics, y, classes, per_cluster=per_cluster
+        )
     summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "kmeans", "sampled", "empty_clusters")}
     for key in ("acc", "nmi", "ari", "labels"):
         if key in metrics:
@@ -122,5 +173,3 @@ def cluster_run(out: str | Path, k: int, *, init: str = "mixture", spherical: bo
 def _save_npy(path: Path, a: np.ndarray):
     with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
         np.save(f, a)
-
-

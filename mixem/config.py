@@ -98,7 +98,9 @@ class TrainConfig:
     w_push: float = 0.05  # (iii) weight of pushing component means apart
     # ccp only (README "The second method (ccp)"); loss = NT-Xent + w_cluster * cluster + w_anchor * anchor
     w_cluster: float = 1.0  # weight of the clustering loss (cross-view consistency - w_balance * balance)
-    w_balance: float = 2.0  # weight of the batch-marginal entropy H(mean_i p_i) in it: without it all images join one cluster
+    w_balance: float = (
+        2.0  # weight of the batch-marginal entropy H(mean_i p_i) in it: without it all images join one cluster
+    )
     sharpen: float = 0.5  # T: a view's target is softmax(logits / T), T < 1 sharpens it (MixMatch's T)
     w_anchor: float = 1.0  # weight of the anchor loss (centres toward their soft cluster means + separation)
     anchor_temperature: float = 0.5  # tau_a of the centre separation (uniformity) term
@@ -131,7 +133,9 @@ class TrainConfig:
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not (self.sharpen > 0 and self.anchor_temperature > 0):
-            raise ConfigError(f"sharpen and anchor_temperature must be > 0, got {self.sharpen}, {self.anchor_temperature}")
+            raise ConfigError(
+                f"sharpen and anchor_temperature must be > 0, got {self.sharpen}, {self.anchor_temperature}"
+            )
         self.crop_scale = tuple(float(c) for c in self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
@@ -143,11 +147,31 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"model": {}, "train": {}},
     "cpu": {
-        "model": dict(backbone="convnet", width=16, image_size=28, in_channels=1, head_hidden=128,
-                      embed_dim=32, components=10, mean=(0.29,), std=(0.35,)),
-        "train": dict(epochs=12, batch_size=128, optimizer="adamw", lr=4e-3, weight_decay=1e-4,
-                      warmup_epochs=1.0, temperature=0.5, crop_scale=(0.35, 1.0), color_jitter=0.5,
-                      jitter_p=0.8, grayscale_p=0.0, blur=False),
+        "model": dict(
+            backbone="convnet",
+            width=16,
+            image_size=28,
+            in_channels=1,
+            head_hidden=128,
+            embed_dim=32,
+            components=10,
+            mean=(0.29,),
+            std=(0.35,),
+        ),
+        "train": dict(
+            epochs=12,
+            batch_size=128,
+            optimizer="adamw",
+            lr=4e-3,
+            weight_decay=1e-4,
+            warmup_epochs=1.0,
+            temperature=0.5,
+            crop_scale=(0.35, 1.0),
+            color_jitter=0.5,
+            jitter_p=0.8,
+            grayscale_p=0.0,
+            blur=False,
+        ),
     },
 }
 

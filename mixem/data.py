@@ -17,8 +17,10 @@ from mixem.errors import DataError
 
 EMBEDDED_DIR = Path(__file__).parent / "data_files"  # the Fashion-MNIST test split, shipped as package data
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts it
-SUPPORTED = ("an image folder (jpg, png, bmp, webp, gif, tif), an .npz with x/images, IDX files "
-             "(MNIST, Fashion-MNIST), cifar-10-batches-py, cifar-100-python, stl10_binary, or 'fashion-mnist'")
+SUPPORTED = (
+    "an image folder (jpg, png, bmp, webp, gif, tif), an .npz with x/images, IDX files "
+    "(MNIST, Fashion-MNIST), cifar-10-batches-py, cifar-100-python, stl10_binary, or 'fashion-mnist'"
+)
 _CHUNK = 2048  # images fitted per step: bounds the float copy interpolate makes (2048x3x96x96 floats = 226 MB)
 
 
@@ -54,22 +56,23 @@ def to_size(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     side = min(H, W)
     top, left = (H - side) // 2, (W - side) // 2
-    x = x[..., top: top + side, left: left + side].float()
+    x = x[..., top : top + side, left : left + side].float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def fit(parts: list[np.ndarray], size: int, channels: int,
-        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def fit(
+    parts: list[np.ndarray], size: int, channels: int, progress: Callable[[int, int], None] | None = None
+) -> torch.Tensor:
     """Concatenate (n, C, H, W) uint8 parts into one (N, channels, size, size) tensor, chunk by chunk."""
     total = sum(len(p) for p in parts)
     out = torch.empty((total, channels, size, size), dtype=torch.uint8)
     at = 0
     for p in parts:
         for i in range(0, len(p), _CHUNK):
-            x = torch.from_numpy(np.array(p[i: i + _CHUNK]))  # a copy: parts may be read-only or memory-mapped
+            x = torch.from_numpy(np.array(p[i : i + _CHUNK]))  # a copy: parts may be read-only or memory-mapped
             x = to_size(to_channels(x, channels), size)
-            out[at: at + len(x)] = x
+            out[at : at + len(x)] = x
             at += len(x)
             if progress is not None:
                 progress(at, total)
@@ -85,9 +88,11 @@ def _parse(source: str, split: str, fmt: str | None) -> tuple[str, Path, str]:
         if sep and split not in ("auto", rest):
             raise DataError(f"data {source!r} names split {rest!r} but the split option says {split!r}")
         if not FASHION_MNIST_DIR.is_dir() or not formats.idx_files(FASHION_MNIST_DIR):
-            raise DataError(f"fashion-mnist: not found in {FASHION_MNIST_DIR}; install it with "
-                            "'apt-get install dataset-fashion-mnist', pass the folder holding its IDX files, "
-                            "or leave the data option unset to use the embedded 10,000-image test split")
+            raise DataError(
+                f"fashion-mnist: not found in {FASHION_MNIST_DIR}; install it with "
+                "'apt-get install dataset-fashion-mnist', pass the folder holding its IDX files, "
+                "or leave the data option unset to use the embedded 10,000-image test split"
+            )
         return "idx", FASHION_MNIST_DIR, rest if sep else split
     if sep and head.lower() in DATA_FORMATS:
         fmt, source = head.lower(), rest
@@ -100,15 +105,14 @@ def detect(path: Path) -> tuple[str, Path]:
         if path.suffix.lower() == ".npz":
             return "npz", path
         try:
-            with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
                 head = f.read(4)
         except (OSError, EOFError):
             head = b""
         if head == b"\x00\x00\x08\x03":
             return "idx", path
         raise DataError(f"{path}: not a supported data file; give {SUPPORTED}")
-    for sub, kind in (("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"),
-                      ("stl10_binary", "stl10")):
+    for sub, kind in (("cifar-10-batches-py", "cifar10"), ("cifar-100-python", "cifar100"), ("stl10_binary", "stl10")):
         if (path / sub).is_dir() and path.name != sub:
             found = [s for s in ("cifar-10-batches-py", "cifar-100-python", "stl10_binary") if (path / s).is_dir()]
             if len(found) > 1:
@@ -126,9 +130,18 @@ def detect(path: Path) -> tuple[str, Path]:
     return "folder", path
 
 
-def load_images(source: str | None, *, image_size: int, in_channels: int, split: str = "auto",
-                labels: bool = True, max_images: int = 0, progress: Callable[[int, int], None] | None = None,
-                format: str | None = None, threads: int = 0) -> ImageSet:
+def load_images(
+    source: str | None,
+    *,
+    image_size: int,
+    in_channels: int,
+    split: str = "auto",
+    labels: bool = True,
+    max_images: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    format: str | None = None,
+    threads: int = 0,
+) -> ImageSet:
     """Load every image of `source` (None = the embedded Fashion-MNIST test split) at image_size, in_channels.
 
     source: a path, "FORMAT:PATH" (FORMAT one of config.DATA_FORMATS; e.g. "cifar100-20:DIR" for the 20 coarse
@@ -148,8 +161,10 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
         raise DataError(f"max_images must be >= 0 (0 = all), got {max_images}")
     if source is None:
         if split not in ("auto", "test"):
-            raise DataError(f"the embedded data is the Fashion-MNIST test split only, not {split!r}; "
-                            "use data 'fashion-mnist' (apt-get install dataset-fashion-mnist) for train")
+            raise DataError(
+                f"the embedded data is the Fashion-MNIST test split only, not {split!r}; "
+                "use data 'fashion-mnist' (apt-get install dataset-fashion-mnist) for train"
+            )
         arrays = formats.read_idx(EMBEDDED_DIR, "test", max_images, formats.FASHION_MNIST_CLASSES)
         arrays.source = "embedded Fashion-MNIST test split"
         return _finish(arrays, image_size, in_channels, labels, progress)
@@ -167,7 +182,8 @@ def load_images(source: str | None, *, image_size: int, in_channels: int, split:
         if split not in ("auto", "all"):
             raise DataError(f"{path}: an image folder has no {split!r} split; point the data option at that folder")
         images, y, names, paths, skipped = folders.read_folder(
-            path, image_size, in_channels, labels=labels, limit=max_images, threads=threads, progress=progress)
+            path, image_size, in_channels, labels=labels, limit=max_images, threads=threads, progress=progress
+        )
         return ImageSet(torch.from_numpy(images), y, names, paths, skipped, f"image folder {path}")
     if detected == "idx":
         arrays = formats.read_idx(where, split, max_images)
@@ -188,5 +204,6 @@ def _finish(arrays: formats.Arrays, size: int, channels: int, labels: bool, prog
     names = arrays.class_names
     if keep and names is not None and len(arrays.labels) and arrays.labels.max() >= len(names):
         raise DataError(f"{arrays.source}: label {arrays.labels.max()} but only {len(names)} class names")
-    return ImageSet(images, arrays.labels if keep else None, arrays.class_names if keep else None,
-                    None, [], arrays.source)
+    return ImageSet(
+        images, arrays.labels if keep else None, arrays.class_names if keep else None, None, [], arrays.source
+    )

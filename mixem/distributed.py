@@ -42,8 +42,10 @@ def init_from_env(device: torch.device) -> tuple[DistContext, torch.device]:
         return SINGLE, device
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; "
-                              "pass --nproc-per-node at most the GPU count")
+            raise ConfigError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible; "
+                "pass --nproc-per-node at most the GPU count"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -70,7 +72,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # all_reduce (unlike reduce_scatter) exists on every backend, gloo included
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -96,7 +98,9 @@ def barrier(ctx: DistContext):
 def local_slice(global_batch: int, ctx: DistContext) -> slice:
     """This rank's rows of a global batch: contiguous, equal, no padding (global batch % W == 0)."""
     if global_batch % ctx.world:
-        raise ConfigError(f"--batch-size {global_batch} is the global batch and must divide evenly over "
-                          f"{ctx.world} processes; use a multiple of {ctx.world}")
+        raise ConfigError(
+            f"--batch-size {global_batch} is the global batch and must divide evenly over "
+            f"{ctx.world} processes; use a multiple of {ctx.world}"
+        )
     b = global_batch // ctx.world
     return slice(ctx.rank * b, (ctx.rank + 1) * b)

@@ -92,6 +92,7 @@ def _resolve_decoder(decoder: str, device: torch.device) -> str:
         return "pil"
     try:
         from torchvision.io import decode_jpeg  # noqa: F401
+
         has_tv = True
     except ImportError:
         has_tv = False
@@ -114,8 +115,10 @@ class _Decoder:
         buf = np.empty((len(paths), self.channels, self.size, self.size), np.uint8)
         # Chunks of a few images per task: enough tasks to keep every worker busy, few enough to be cheap.
         step = max(1, -(-len(paths) // (self.workers * 4)))
-        futs = [self.pool.submit(decode_into, paths[j: j + step], buf[j: j + step], self.size, self.mode)
-                for j in range(0, len(paths), step)]
+        futs = [
+            self.pool.submit(decode_into, paths[j : j + step], buf[j : j + step], self.size, self.mode)
+            for j in range(0, len(paths), step)
+        ]
         return ("cpu", buf, futs)
 
     @staticmethod
@@ -141,8 +144,8 @@ class _Shard:
         if self.vectors is None:
             self.vectors = np.zeros((self.n, vectors.shape[1]), np.float16)
             self.probs = np.zeros((self.n, probs.shape[1]), np.float32)
-        self.vectors[at: at + len(vectors)] = vectors
-        self.probs[at: at + len(probs)] = probs
+        self.vectors[at : at + len(vectors)] = vectors
+        self.probs[at : at + len(probs)] = probs
         for j, (st, err) in enumerate(status):
             self.status[at + j], self.errors[at + j] = st, err
         self.filled += len(vectors)
@@ -167,8 +170,10 @@ def load_embed_engine(model: str, engine: str, features: str, device: str | torc
     extra = {"features": True} if engine == "torch" and features == "backbone" else {}
     eng = load_engine(model, engine, device, **extra)
     if features == "backbone" and "features" not in eng.outputs:
-        raise ConfigError(f"{model}: this {engine} model has no backbone features output; re-export it with "
-                          "`mixem-fast export CKPT --features`, or use --features embedding")
+        raise ConfigError(
+            f"{model}: this {engine} model has no backbone features output; re-export it with "
+            "`mixem-fast export CKPT --features`, or use --features embedding"
+        )
     if eng.max_batch is not None and batch_size > eng.max_batch:
         raise ConfigError(f"--batch-size {batch_size} exceeds this engine's max batch {eng.max_batch}")
     return eng
@@ -187,8 +192,9 @@ def _clean_tmp(out: Path, mine: set[int]):
                     (folder / name).unlink(missing_ok=True)
 
 
-def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOptions | None = None,
-                 log: RunLog | None = None) -> dict:
+def embed_folder(
+    model: str, images: str | Path, out: str | Path, opts: EmbedOptions | None = None, log: RunLog | None = None
+) -> dict:
     """Embed every image under `images` into shards in `out`; returns this rank's summary (see summarize)."""
     opts = opts or EmbedOptions()
     log = log or RunLog(quiet=True)
@@ -197,30 +203,41 @@ def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOpt
     # Before listing the folder, so a wrong model fails in a second; "auto" is resolved by the engine, once.
     engine = load_embed_engine(model, opts.engine, opts.features, opts.device, opts.batch_size)
     how = _resolve_decoder(opts.decoder, engine.device)
-    settings = dict(model=str(model), engine=opts.engine, features=opts.features,
-                    image_size=engine.image_size, in_channels=engine.in_channels)
+    settings = dict(
+        model=str(model),
+        engine=opts.engine,
+        features=opts.features,
+        image_size=engine.image_size,
+        in_channels=engine.in_channels,
+    )
     t_list = time.perf_counter()
     if rank == 0:
         m = manifest.create(Path(images), out, settings, opts.shard_size)
     else:
         m = manifest.wait_for(Path(images), out, settings, opts.shard_size, opts.manifest_wait_s)
-    log.print(f"{m.n_files:,} files in {m.n_shards} shards of {m.shard_size:,} "
-              f"(manifest {time.perf_counter() - t_list:.1f} s); rank {rank} of {world}")
+    log.print(
+        f"{m.n_files:,} files in {m.n_shards} shards of {m.shard_size:,} "
+        f"(manifest {time.perf_counter() - t_list:.1f} s); rank {rank} of {world}"
+    )
     mine = manifest.rank_shards(m.n_shards, rank, world)
     done = shards.done_shards(out, m.n_shards)
     todo = [s for s in mine if s not in done]
     _clean_tmp(out, set(todo))
     workers = opts.workers or folders.default_threads()
     total = sum(m.shard_range(s)[1] - m.shard_range(s)[0] for s in todo)
-    log.print(f"engine {engine.name} ({engine.provider}) on {engine.device}, decoder {how} x{workers}; "
-              f"{len(mine) - len(todo)} of this rank's {len(mine)} shards already done")
+    log.print(
+        f"engine {engine.name} ({engine.provider}) on {engine.device}, decoder {how} x{workers}; "
+        f"{len(mine) - len(todo)} of this rank's {len(mine)} shards already done"
+    )
     log.event("embed_start", rank=rank, world=world, shards=len(mine), todo=len(todo), images=total, decoder=how)
 
     t0 = time.perf_counter()
     counts = {"images": 0, "ok": 0, "bad": 0}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer, \
-            log.progress(total, f"embed r{rank}") as bar:
+    with (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer,
+        log.progress(total, f"embed r{rank}") as bar,
+    ):
         dec = _Decoder(pool, workers, engine.image_size, engine.in_channels, how, engine.device)
         specs = _batch_specs(m, out, todo, opts.batch_size)
         pending: deque = deque()
@@ -245,11 +262,22 @@ def embed_folder(model: str, images: str | Path, out: str | Path, opts: EmbedOpt
         if write is not None:
             write.result()
     seconds = time.perf_counter() - t0
-    summary = {"rank": rank, "world": world, "shards": len(mine), "shards_done_now": len(todo),
-               "shards_already_done": len(mine) - len(todo), "images_this_run": counts["images"],
-               "embedded_this_run": counts["ok"], "bad_this_run": counts["bad"], "seconds": round(seconds, 3),
-               "images_per_s": round(counts["images"] / seconds, 1) if seconds > 0 else None,
-               "engine": engine.name, "provider": engine.provider, "device": str(engine.device), "decoder": how}
+    summary = {
+        "rank": rank,
+        "world": world,
+        "shards": len(mine),
+        "shards_done_now": len(todo),
+        "shards_already_done": len(mine) - len(todo),
+        "images_this_run": counts["images"],
+        "embedded_this_run": counts["ok"],
+        "bad_this_run": counts["bad"],
+        "seconds": round(seconds, 3),
+        "images_per_s": round(counts["images"] / seconds, 1) if seconds > 0 else None,
+        "engine": engine.name,
+        "provider": engine.provider,
+        "device": str(engine.device),
+        "decoder": how,
+    }
     summary.update(summarize(out, m))
     log.event("embed_end", **summary)
     return summary
@@ -263,7 +291,7 @@ def _batch_specs(m: manifest.Manifest, out: Path, todo: list[int], batch_size: i
         rel = m.shard_paths(out, s)
         acc = _Shard(s, start, rel, m.root)
         for j in range(0, len(rel), batch_size):
-            yield acc, j, acc.paths[j: j + batch_size]
+            yield acc, j, acc.paths[j : j + batch_size]
 
 
 def _push(pending: deque, specs, dec: _Decoder):
@@ -275,8 +303,13 @@ def _push(pending: deque, specs, dec: _Decoder):
 
 def _finish_shard(out: Path, sh: _Shard, log: RunLog):
     ids = np.arange(sh.start, sh.start + sh.n, dtype=np.int64)
-    stats = {"start": sh.start, "end": sh.start + sh.n, "dim": int(sh.vectors.shape[1]),
-             "components": int(sh.probs.shape[1]), "seconds": round(time.perf_counter() - sh.t0, 3)}
+    stats = {
+        "start": sh.start,
+        "end": sh.start + sh.n,
+        "dim": int(sh.vectors.shape[1]),
+        "components": int(sh.probs.shape[1]),
+        "seconds": round(time.perf_counter() - sh.t0, 3),
+    }
     shards.write_shard(out, sh.shard, ids, sh.paths, sh.vectors, sh.probs, sh.status, sh.errors, stats)
     log.event("shard", shard=sh.shard, rows=sh.n, bad=sum(s != shards.OK for s in sh.status))
 
@@ -285,8 +318,13 @@ def summarize(out: Path, m: manifest.Manifest) -> dict:
     """Whole-run counts from the stats files; once every shard is done, writes bad_files.* and summary.json."""
     done = shards.done_shards(out, m.n_shards)
     complete = len(done) == m.n_shards
-    res = {"out": str(out), "files": m.n_files, "shards_total": m.n_shards, "shards_done": len(done),
-           "complete": complete}
+    res = {
+        "out": str(out),
+        "files": m.n_files,
+        "shards_total": m.n_shards,
+        "shards_done": len(done),
+        "complete": complete,
+    }
     if not complete:
         res["next"] = "rerun the same command (or wait for the other ranks) to finish the remaining shards"
         return res
@@ -304,7 +342,15 @@ def summarize(out: Path, m: manifest.Manifest) -> dict:
                     by_status[row["status"]] = by_status.get(row["status"], 0) + 1
     atomic_write_text(out / "bad_files.txt", "".join(f"{b['path']}\t{b['status']}\t{b['error']}\n" for b in bad))
     atomic_write_text(out / "bad_files.jsonl", "".join(json.dumps(b) + "\n" for b in bad))
-    res.update({"embedded": embedded, "skipped": len(bad), "skipped_by_status": by_status, "dim": dim,
-                "features": m.features, "bad_files": str(out / "bad_files.txt")})
+    res.update(
+        {
+            "embedded": embedded,
+            "skipped": len(bad),
+            "skipped_by_status": by_status,
+            "dim": dim,
+            "features": m.features,
+            "bad_files": str(out / "bad_files.txt"),
+        }
+    )
     atomic_write_text(out / "summary.json", json.dumps(res, indent=2) + "\n")
     return res

@@ -108,8 +108,15 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def decode_files(paths: list[str], size: int, channels: int, *, limit: int = 0, threads: int = 0,
-                 progress: Callable[[int, int], None] | None = None):
+def decode_files(
+    paths: list[str],
+    size: int,
+    channels: int,
+    *,
+    limit: int = 0,
+    threads: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+):
     """Decode paths in order into (N, C, size, size) uint8, stopping at `limit` readable images (0 = all).
 
     Returns (images, kept indices into paths, skipped (path, reason) pairs).
@@ -127,28 +134,36 @@ def decode_files(paths: list[str], size: int, channels: int, *, limit: int = 0, 
             step = max(1, min(64, len(batch) // (threads * 4) or 1))
             futures = {}
             for j in range(0, len(batch), step):
-                idx = batch[j: j + step]
-                out = buf[filled + j: filled + j + len(idx)]
+                idx = batch[j : j + step]
+                out = buf[filled + j : filled + j + len(idx)]
                 futures[pool.submit(decode_into, [paths[i] for i in idx], out, size, mode)] = j
             reasons: list = [None] * len(batch)
             done = 0
             for fut in as_completed(futures):
                 r = fut.result()
-                reasons[futures[fut]: futures[fut] + len(r)] = r
+                reasons[futures[fut] : futures[fut] + len(r)] = r
                 done += len(r)
                 if progress is not None:
                     progress(filled + done, target)
             good = [j for j, r in enumerate(reasons) if r is None]
             skipped += [(paths[batch[j]], r[1]) for j, r in enumerate(reasons) if r is not None]
             if len(good) < len(batch):
-                buf[filled: filled + len(good)] = buf[filled + np.asarray(good, dtype=np.int64)]
+                buf[filled : filled + len(good)] = buf[filled + np.asarray(good, dtype=np.int64)]
             kept += [batch[j] for j in good]
             filled += len(good)
     return buf[:filled], kept, skipped
 
 
-def read_folder(root: Path, size: int, channels: int, *, labels: bool, limit: int, threads: int,
-                progress: Callable[[int, int], None] | None):
+def read_folder(
+    root: Path,
+    size: int,
+    channels: int,
+    *,
+    labels: bool,
+    limit: int,
+    threads: int,
+    progress: Callable[[int, int], None] | None,
+):
     """Returns (images, labels, class names, paths, skipped) for an image folder."""
     rel = list_images(root)
     if not rel:

@@ -14,8 +14,18 @@ import numpy as np
 
 from mixem.errors import DataError
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
@@ -71,7 +81,7 @@ def _read_idx(path: Path, magic: int, dims: int, limit: int) -> np.ndarray:
             got = int.from_bytes(header[:4], "big")
             if got != magic:
                 raise DataError(f"{path}: not an IDX {what} file (magic number {got:#010x}, expected {magic:#010x})")
-            shape = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+            shape = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
             n = min(shape[0], limit) if limit else shape[0]
             want = n * int(np.prod(shape[1:], dtype=np.int64))
             data = f.read(want)
@@ -203,20 +213,24 @@ def read_npz(path: Path, split: str, limit: int) -> Arrays:
             if not pairs:
                 wanted = {"train": ["train"], "test": ["test"]}.get(split, ["train", "test"])
                 if split not in ("auto", "all", "train", "test"):
-                    raise DataError(f"{path}: split {split!r} does not exist for .npz data; "
-                                    "use train, test, all or auto")
+                    raise DataError(
+                        f"{path}: split {split!r} does not exist for .npz data; use train, test, all or auto"
+                    )
                 pairs = [(f"x_{s}", f"y_{s}") for s in wanted if f"x_{s}" in keys]
                 if not pairs or (split == "all" and len(pairs) < 2):
                     found = ", ".join(sorted(keys)) or "none"
-                    raise DataError(f"{path}: no image array for split {split!r}: expected key 'x' or 'images' "
-                                    f"(with 'y' or 'labels'), or 'x_train'/'x_test'; found keys: {found}")
+                    raise DataError(
+                        f"{path}: no image array for split {split!r}: expected key 'x' or 'images' "
+                        f"(with 'y' or 'labels'), or 'x_train'/'x_test'; found keys: {found}"
+                    )
             parts, ys = [], []
             for xk, yk in pairs:
-                parts.append(_as_nchw_uint8(z[xk][:limit or None], f"{path}[{xk}]"))
-                ys.append(z[yk][:limit or None] if yk in keys else None)
+                parts.append(_as_nchw_uint8(z[xk][: limit or None], f"{path}[{xk}]"))
+                ys.append(z[yk][: limit or None] if yk in keys else None)
                 if ys[-1] is not None and ys[-1].shape != (len(parts[-1]),):
-                    raise DataError(f"{path}[{yk}]: labels have shape {ys[-1].shape}, expected "
-                                    f"({len(parts[-1])},) to match {xk}")
+                    raise DataError(
+                        f"{path}[{yk}]: labels have shape {ys[-1].shape}, expected ({len(parts[-1])},) to match {xk}"
+                    )
             labels, names = None, None
             if all(y is not None for y in ys):
                 where = f"{path}[{'+'.join(yk for _, yk in pairs)}]"
@@ -274,8 +288,9 @@ def _load_batch(path: Path) -> dict[str, object]:
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: not a CIFAR python batch ({e}); only numpy arrays and lists are accepted") from None
     except Exception as e:  # a damaged pickle fails in many ways (EOFError, KeyError, struct.error...)
-        raise DataError(f"{path}: cannot read CIFAR python batch ({type(e).__name__}: {e}); "
-                        "it may be truncated") from None
+        raise DataError(
+            f"{path}: cannot read CIFAR python batch ({type(e).__name__}: {e}); it may be truncated"
+        ) from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: not a CIFAR python batch (a pickled {type(d).__name__}, expected a dict)")
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in d.items()}
@@ -345,8 +360,13 @@ def read_cifar(folder: Path, kind: str, split: str, limit: int) -> Arrays:
 # ---------------------------------------------------------------- STL-10 binaries
 
 _STL_SIDE = 96
-_STL_SPLITS = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"],
-               "all": ["train", "test", "unlabeled"], "auto": ["train", "test"]}
+_STL_SPLITS = {
+    "train": ["train"],
+    "test": ["test"],
+    "unlabeled": ["unlabeled"],
+    "all": ["train", "test", "unlabeled"],
+    "auto": ["train", "test"],
+}
 
 
 def _stl_images(path: Path) -> np.ndarray:

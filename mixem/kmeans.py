@@ -285,7 +285,7 @@ def _lloyd_torch(x: np.ndarray, c0: np.ndarray, niter: int, spherical: bool, mpp
 
     def blocks(t: torch.Tensor):
         for s in range(0, len(t), TORCH_BLOCK):
-            yield s, t[s: s + TORCH_BLOCK].to(device)
+            yield s, t[s : s + TORCH_BLOCK].to(device)
 
     train_t = held(train)
 
@@ -318,8 +318,8 @@ def _lloyd_torch(x: np.ndarray, c0: np.ndarray, niter: int, spherical: bool, mpp
         a, best = nearest(xb, c, c_sq)
         x_sq = (xb * xb).sum(1)
         d = x_sq - 2.0 * best + c_sq[a] if spherical else x_sq - best
-        assign[s: s + len(xb)] = a.cpu().numpy()
-        dist[s: s + len(xb)] = d.clamp(min=0).cpu().numpy()
+        assign[s : s + len(xb)] = a.cpu().numpy()
+        dist[s : s + len(xb)] = d.clamp(min=0).cpu().numpy()
     return c.cpu().numpy(), assign, dist
 
 
@@ -392,8 +392,9 @@ def mixture_init_centroids(
     # Seed the missing centres after the given ones (from the same sample kmeans() seeds from: k-means++
     # over all N points is O(N k D), 36 s at 1M x 64), then put every centre back into its slot.
     rng = np.random.default_rng(seed)
-    centres = kmeans_plus_plus(_seeding_sample(features, k, rng), k, seed=int(rng.integers(2**31)),
-                               centers=given if len(given) else None)
+    centres = kmeans_plus_plus(
+        _seeding_sample(features, k, rng), k, seed=int(rng.integers(2**31)), centers=given if len(given) else None
+    )
     if K != k:
         return centres
     out = np.empty_like(centres)

@@ -90,8 +90,10 @@ def _same(m: Manifest, want: dict, out: Path) -> Manifest:
     have = m.to_dict()
     diff = [f"{k}: {have[k]!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v]
     if diff:
-        raise ConfigError(f"{out} holds an embedding run with other settings ({'; '.join(diff)}); "
-                          "rerun with the same ones to resume it, or choose a new --out")
+        raise ConfigError(
+            f"{out} holds an embedding run with other settings ({'; '.join(diff)}); "
+            "rerun with the same ones to resume it, or choose a new --out"
+        )
     return m
 
 
@@ -107,8 +109,7 @@ def load(out: Path) -> Manifest | None:
         raise DataError(f"{path}: not a mixem-fast embedding manifest ({e})") from None
 
 
-def wait_for(root: Path, out: Path, settings: dict, shard_size: int, timeout_s: float,
-             poll_s: float = 0.2) -> Manifest:
+def wait_for(root: Path, out: Path, settings: dict, shard_size: int, timeout_s: float, poll_s: float = 0.2) -> Manifest:
     """Ranks > 0 wait for rank 0's manifest rather than listing the folder W times, then check it matches."""
     want = dict(root=str(Path(root).resolve()), shard_size=shard_size, **settings)
     deadline = time.monotonic() + timeout_s
@@ -117,6 +118,8 @@ def wait_for(root: Path, out: Path, settings: dict, shard_size: int, timeout_s: 
         if m is not None:
             return _same(m, want, out)
         if time.monotonic() > deadline:
-            raise DataError(f"{out}/{MANIFEST}: not written by rank 0 within {timeout_s:.0f} s; "
-                            "check that rank 0 runs and can list the image folder")
+            raise DataError(
+                f"{out}/{MANIFEST}: not written by rank 0 within {timeout_s:.0f} s; "
+                "check that rank 0 runs and can list the image folder"
+            )
         time.sleep(poll_s)

@@ -49,9 +49,19 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-register(Method("mixem", "MIX'EM", "mixture", "mixem.objectives:mixem_objective", "mixture",
-                "k-means from the mixture components"))
-register(Method("simclr", "SimCLR", "mixture", "mixem.objectives:simclr_objective", "kmeans++",
-                "k-means++ on the embedding"))
-register(Method("ccp", "ccp", "centers", "mixem.objectives:ccp_objective", "mixture",
-                "k-means from the predicted centres"))
+register(
+    Method(
+        "mixem",
+        "MIX'EM",
+        "mixture",
+        "mixem.objectives:mixem_objective",
+        "mixture",
+        "k-means from the mixture components",
+    )
+)
+register(
+    Method("simclr", "SimCLR", "mixture", "mixem.objectives:simclr_objective", "kmeans++", "k-means++ on the embedding")
+)
+register(
+    Method("ccp", "ccp", "centers", "mixem.objectives:ccp_objective", "mixture", "k-means from the predicted centres")
+)

@@ -63,7 +63,9 @@ def mixture_terms(logits: torch.Tensor, impl: str = "auto") -> dict[str, torch.T
     return losses.mixture_terms_torch(logits)
 
 
-def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
+def mixem_objective(
+    o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE
+) -> dict[str, torch.Tensor]:
     """MIX'EM loss for two views: NT-Xent on the mixture embedding, (i)-(iii) per view, summed over views
     as the released code does. Returns every term by name and 'loss', the total to minimise.
     Under torchrun every term covers the global batch (mixem.distributed)."""
@@ -79,7 +81,7 @@ def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: Dis
             p, q = losses.pull_push_torch(z, m["pi"].detach().argmax(1), K)
             pull, push = pull + p, push + q
     terms.update(marginal_entropy=marginal / 2, instance=instance / 2)
-    total = (terms["ntxent"] - cfg.w_marginal * marginal + cfg.w_instance * instance)
+    total = terms["ntxent"] - cfg.w_marginal * marginal + cfg.w_instance * instance
     if cfg.w_pull or cfg.w_push:
         terms.update(pull=pull / 2, push=push / 2)
         total = total + cfg.w_pull * pull + cfg.w_push * push
@@ -87,7 +89,9 @@ def mixem_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: Dis
     return terms
 
 
-def ccp_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
+def ccp_objective(
+    o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE
+) -> dict[str, torch.Tensor]:
     """ccp loss for two views from the centers head (README "The second method (ccp)"):
 
         loss = instance + w_cluster * (consistency - w_balance * balance) + w_anchor * (anchoring + separation)
@@ -107,13 +111,21 @@ def ccp_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistC
     z = torch.cat([gather(o.embedding.detach().float(), ctx) for o in (o1, o2)])  # (2Bg, D)
     anchoring = losses.center_anchor_torch(centers, z, torch.softmax(torch.cat([a1, a2]).detach(), dim=1))
     separation = losses.center_separation_torch(centers, cfg.anchor_temperature)
-    terms.update(cluster=consistency - cfg.w_balance * balance, consistency=consistency, balance=balance,
-                 anchor=anchoring + separation, anchoring=anchoring, separation=separation)
+    terms.update(
+        cluster=consistency - cfg.w_balance * balance,
+        consistency=consistency,
+        balance=balance,
+        anchor=anchoring + separation,
+        anchoring=anchoring,
+        separation=separation,
+    )
     terms["loss"] = terms["instance"] + cfg.w_cluster * terms["cluster"] + cfg.w_anchor * terms["anchor"]
     return terms
 
 
-def simclr_objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE) -> dict[str, torch.Tensor]:
+def simclr_objective(
+    o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE
+) -> dict[str, torch.Tensor]:
     """Plain SimCLR: NT-Xent on the embedding alone (the head's gate is not trained)."""
     ntxent = nt_xent_global(o1.embedding, o2.embedding, cfg.temperature, cfg.impl, ctx)
     return {"ntxent": ntxent, "loss": ntxent}
@@ -126,5 +138,3 @@ def objective(o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistConte
 
 def detach_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
-
-

@@ -46,12 +46,21 @@ def _pick(assign: np.ndarray, distances: np.ndarray, k: int, per: int) -> list[n
     """Per cluster, the `per` rows closest to its centroid: the most typical members first."""
     order = np.lexsort((distances, assign))  # by cluster, then distance
     starts = np.searchsorted(assign[order], np.arange(k + 1))
-    return [order[starts[c]: min(starts[c + 1], starts[c] + per)] for c in range(k)]
+    return [order[starts[c] : min(starts[c + 1], starts[c] + per)] for c in range(k)]
 
 
-def write_report(path: Path, rel: list[str], root: str, assign: np.ndarray, distances: np.ndarray, k: int,
-                 metrics: dict, labels: np.ndarray | None = None, classes: list[str] | None = None,
-                 per_cluster: int = 24):
+def write_report(
+    path: Path,
+    rel: list[str],
+    root: str,
+    assign: np.ndarray,
+    distances: np.ndarray,
+    k: int,
+    metrics: dict,
+    labels: np.ndarray | None = None,
+    classes: list[str] | None = None,
+    per_cluster: int = 24,
+):
     """Write the page: summary, a size table (with the majority label when labels exist), then the grids."""
     per = max(1, min(per_cluster, MAX_THUMBS // max(k, 1)))
     picks = _pick(assign, distances, k, per)
@@ -61,15 +70,18 @@ def write_report(path: Path, rel: list[str], root: str, assign: np.ndarray, dist
         uris = dict(zip(flat.tolist(), pool.map(thumbnail, [f"{root}/{rel[i]}" for i in flat])))
     esc = html.escape
     head = ", ".join(f"{key} {metrics[key]:.4f}" for key in ("acc", "nmi", "ari") if key in metrics)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>mixem-fast clusters ({k})</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>{k} clusters of {len(assign):,} images</h1>",
-             f"<div class='meta'>init {esc(str(metrics.get('init')))}; features {esc(str(metrics.get('features')))}; "
-             f"k-means {esc(str(metrics.get('kmeans')))}; objective {metrics.get('objective', 0):.6g}"
-             + (f"; vs {esc(str(metrics.get('labels')))}: {head}" if head else "") + "</div>",
-             "<table><tr><th>cluster</th><th>images</th><th></th>"
-             + ("<th>majority label</th>" if labels is not None else "")
-             + "</tr>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>mixem-fast clusters ({k})</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{k} clusters of {len(assign):,} images</h1>",
+        f"<div class='meta'>init {esc(str(metrics.get('init')))}; features {esc(str(metrics.get('features')))}; "
+        f"k-means {esc(str(metrics.get('kmeans')))}; objective {metrics.get('objective', 0):.6g}"
+        + (f"; vs {esc(str(metrics.get('labels')))}: {head}" if head else "")
+        + "</div>",
+        "<table><tr><th>cluster</th><th>images</th><th></th>"
+        + ("<th>majority label</th>" if labels is not None else "")
+        + "</tr>",
+    ]
     top = max(int(sizes.max()), 1) if k else 1
     if labels is not None:  # (k, L) cluster-by-label counts in one pass over the N rows
         n_lab = int(labels.max()) + 1
@@ -80,17 +92,24 @@ def write_report(path: Path, rel: list[str], root: str, assign: np.ndarray, dist
             best = int(table[c].argmax())
             name = classes[best] if classes else str(best)
             cell = f"<td>{esc(name)} ({table[c, best] / sizes[c]:.0%})</td>"
-        parts.append(f"<tr><td><a href='#c{c}'>{c}</a></td><td>{sizes[c]:,}</td>"
-                     f"<td class='b'><span class='bar' style='width:{200 * sizes[c] // top}px'></span></td>{cell}</tr>")
+        parts.append(
+            f"<tr><td><a href='#c{c}'>{c}</a></td><td>{sizes[c]:,}</td>"
+            f"<td class='b'><span class='bar' style='width:{200 * sizes[c] // top}px'></span></td>{cell}</tr>"
+        )
     parts.append("</table>")
     for c in range(k):
-        parts.append(f"<h2 id='c{c}'>cluster {c} <span class='sub'>{sizes[c]:,} images; "
-                     f"{len(picks[c])} closest to the centre shown</span></h2><div class='grid'>")
+        parts.append(
+            f"<h2 id='c{c}'>cluster {c} <span class='sub'>{sizes[c]:,} images; "
+            f"{len(picks[c])} closest to the centre shown</span></h2><div class='grid'>"
+        )
         for i in picks[c].tolist():
             uri = uris.get(i)
             title = esc(rel[i], quote=True)
-            parts.append(f"<img src='{uri}' title='{title}' alt='{title}'>" if uri else
-                         f"<span class='sub' title='{title}'>unreadable</span>")
+            parts.append(
+                f"<img src='{uri}' title='{title}' alt='{title}'>"
+                if uri
+                else f"<span class='sub' title='{title}'>unreadable</span>"
+            )
         parts.append("</div>")
     parts.append("</body></html>\n")
     atomic_write_text(path, "\n".join(parts))

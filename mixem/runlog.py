@@ -48,10 +48,17 @@ class _Bar:
         self.progress = None
         if not log.quiet:
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[postfix]}"), console=log.console, transient=not sys.stdout.isatty(),
-                disable=False)
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[postfix]}"),
+                console=log.console,
+                transient=not sys.stdout.isatty(),
+                disable=False,
+            )
             self.task = self.progress.add_task(description, total=total, rate="", postfix="")
 
     def __enter__(self):

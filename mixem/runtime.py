@@ -32,7 +32,9 @@ def resolve_device(name: str = "auto"):
     except RuntimeError:
         raise ConfigError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible to PyTorch on this machine; use --device cpu (or auto)")
+        raise ConfigError(
+            f"--device {name}: no CUDA GPU is visible to PyTorch on this machine; use --device cpu (or auto)"
+        )
     return dev
 
 

@@ -14,8 +14,9 @@ from mixem.errors import ConfigError, DataError
 from mixem.rundir import CLUSTERS, INDEX, load_complete
 
 
-def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None = None,
-           device: str = "auto") -> list[dict]:
+def search(
+    out: str | Path, image: str | Path, k: int = 10, *, model: str | None = None, device: str = "auto"
+) -> list[dict]:
     """The k images of run `out` closest to `image` (cosine similarity), best first.
 
     The query is embedded the way the run embedded its images (manifest.json: model, engine, features);
@@ -41,11 +42,25 @@ def search(out: str | Path, image: str | Path, k: int = 10, *, model: str | None
     scores, ids = index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, index.ntotal))
     hit = [(rank, i, s) for rank, (i, s) in enumerate(zip(ids[0].tolist(), scores[0].tolist()), 1) if i >= 0]
     # Only the hits' rows: clusters.parquet is written in row groups, so the id filter skips most of the file.
-    table = pq.read_table(out / CLUSTERS, columns=["id", "image_path", "cluster"],
-                          filters=[("id", "in", [i for _, i, _ in hit])]) if hit else None
-    row = {} if table is None else {
-        int(i): (p, int(c)) for i, p, c in zip(table.column("id").to_numpy(), table.column("image_path").to_pylist(),
-                                              table.column("cluster").to_numpy())}
+    table = (
+        pq.read_table(
+            out / CLUSTERS, columns=["id", "image_path", "cluster"], filters=[("id", "in", [i for _, i, _ in hit])]
+        )
+        if hit
+        else None
+    )
+    row = (
+        {}
+        if table is None
+        else {
+            int(i): (p, int(c))
+            for i, p, c in zip(
+                table.column("id").to_numpy(),
+                table.column("image_path").to_pylist(),
+                table.column("cluster").to_numpy(),
+            )
+        }
+    )
     hits = []
     for rank, i, s in hit:
         path, cluster = row[i]

@@ -16,8 +16,9 @@ from mixem.runlog import RunLog
 from mixem.runtime import resolve_device
 
 
-def build_configs(preset_name: str, config_file: Path | None, model_over: dict,
-                  train_over: dict) -> tuple[MixEMConfig, TrainConfig, str]:
+def build_configs(
+    preset_name: str, config_file: Path | None, model_over: dict, train_over: dict
+) -> tuple[MixEMConfig, TrainConfig, str]:
     """preset -> config file -> CLI overrides, each later one winning; returns the resolved preset name too."""
     if preset_name == "auto":
         dev = train_over.get("device") or "auto"
@@ -49,28 +50,51 @@ def _apply_model_options(cfg: MixEMConfig, over: dict) -> MixEMConfig:
     return replace(cfg, **over)
 
 
-def load_data(train_cfg: TrainConfig, model_cfg: MixEMConfig, log: RunLog, data: str | None = None,
-              split: str | None = None, max_images: int | None = None):
+def load_data(
+    train_cfg: TrainConfig,
+    model_cfg: MixEMConfig,
+    log: RunLog,
+    data: str | None = None,
+    split: str | None = None,
+    max_images: int | None = None,
+):
     from mixem.data import load_images
 
     t0 = time.perf_counter()
     source = data if data is not None else train_cfg.data
-    ds = load_images(source, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
-                     split=split or train_cfg.split, max_images=max_images if max_images is not None else train_cfg.max_images)
+    ds = load_images(
+        source,
+        image_size=model_cfg.image_size,
+        in_channels=model_cfg.in_channels,
+        split=split or train_cfg.split,
+        max_images=max_images if max_images is not None else train_cfg.max_images,
+    )
     n_cls = _n_classes(ds)
-    log.print(f"data: {ds.source}: {len(ds.images):,} images {tuple(ds.images.shape[1:])}"
-              + (f", {n_cls} classes" if n_cls else ", no labels")
-              + (f", {len(ds.skipped)} unreadable files skipped" if ds.skipped else "")
-              + f" ({time.perf_counter() - t0:.1f} s)")
+    log.print(
+        f"data: {ds.source}: {len(ds.images):,} images {tuple(ds.images.shape[1:])}"
+        + (f", {n_cls} classes" if n_cls else ", no labels")
+        + (f", {len(ds.skipped)} unreadable files skipped" if ds.skipped else "")
+        + f" ({time.perf_counter() - t0:.1f} s)"
+    )
     for path, reason in ds.skipped[:5]:
         log.print(f"  skipped {path}: {reason}")
     log.event("data", source=ds.source, images=len(ds.images), classes=n_cls, skipped=len(ds.skipped))
     return ds
 
 
-def train_command(preset_name: str, config_file, model_over: dict, train_over: dict, *, resume: bool,
-                  evaluate: bool, quiet: bool, json_log) -> dict:
+def train_command(
+    preset_name: str,
+    config_file,
+    model_over: dict,
+    train_over: dict,
+    *,
+    resume: bool,
+    evaluate: bool,
+    quiet: bool,
+    json_log,
+) -> dict:
     from mixem.distributed import barrier, init_from_env, shutdown
+
     if resume:
         out = Path(train_over.get("out") or TrainConfig().out)
         _, model_cfg, saved_train = ckpt.load_configs(out)
@@ -78,7 +102,9 @@ def train_command(preset_name: str, config_file, model_over: dict, train_over: d
             raise ConfigError(f"{out}: the latest checkpoint has no train_config.json; cannot resume")
         extra = {k: v for k, v in train_over.items() if v is not None and k not in ("out", "epochs", "device")}
         if extra or any(v is not None for v in model_over.values()) or config_file:
-            raise ConfigError("--resume continues a run with its saved configs; only --out, --epochs and --device may be given")
+            raise ConfigError(
+                "--resume continues a run with its saved configs; only --out, --epochs and --device may be given"
+            )
         train_cfg = replace(saved_train, epochs=train_over.get("epochs"), device=train_over.get("device"))
         name = "resumed"
     else:
@@ -87,8 +113,9 @@ def train_command(preset_name: str, config_file, model_over: dict, train_over: d
             train_cfg = replace(train_cfg, out=str(_fresh_run_dir(Path(train_cfg.out))))
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
-        summary = _train_and_report(model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate,
-                                    quiet=quiet, json_log=json_log)
+        summary = _train_and_report(
+            model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log
+        )
         barrier(ctx)  # ranks wait for rank 0's evaluation; none tears the group down under another
         return summary
     finally:
@@ -101,9 +128,11 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
     log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet, enabled=ctx.main)
     if ctx.enabled:
         log.print(f"torchrun: {ctx.world} processes ({device.type}), global batch {train_cfg.batch_size}")
-    log.print(f"mixem-fast train: preset {name}, {model_cfg.backbone} {model_cfg.in_channels}x{model_cfg.image_size}px, "
-              f"K={model_cfg.components}, method {train_cfg.method}, {train_cfg.epochs} epochs x batch {train_cfg.batch_size} "
-              f"-> {train_cfg.out}")
+    log.print(
+        f"mixem-fast train: preset {name}, {model_cfg.backbone} {model_cfg.in_channels}x{model_cfg.image_size}px, "
+        f"K={model_cfg.components}, method {train_cfg.method}, {train_cfg.epochs} epochs x batch {train_cfg.batch_size} "
+        f"-> {train_cfg.out}"
+    )
     ds = load_data(train_cfg, model_cfg, log)
     k = _num_clusters(ds, model_cfg)
     t0 = time.perf_counter()
@@ -111,22 +140,46 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
 
     def on_epoch(model, epoch, record):
         trained["s"] += record["seconds"]
-        if train_cfg.eval_every and epoch % train_cfg.eval_every == 0 and epoch < train_cfg.epochs and ds.labels is not None:
-            row = _headline(_score(model, ds, k, str(device), seed=train_cfg.seed, quick=train_cfg.method),
-                            train_cfg.method)
+        if (
+            train_cfg.eval_every
+            and epoch % train_cfg.eval_every == 0
+            and epoch < train_cfg.epochs
+            and ds.labels is not None
+        ):
+            row = _headline(
+                _score(model, ds, k, str(device), seed=train_cfg.seed, quick=train_cfg.method), train_cfg.method
+            )
             point = {"epoch": epoch, "train_minutes": round(trained["s"] / 60, 3), **row}
             curve.append(point)
             log.event("eval", **point)
             log.print(f"  eval epoch {epoch}: ACC {row['acc']:.3f} NMI {row['nmi']:.3f} ARI {row['ari']:.3f}")
 
-    model, result = train(model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch, ctx=ctx,
-                          device=device)
-    summary = {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "epochs": result.epochs,
-               "train_seconds": round(result.seconds, 1), "preset": name}
+    model, result = train(
+        model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch, ctx=ctx, device=device
+    )
+    summary = {
+        "run_dir": str(result.run_dir),
+        "checkpoint": str(result.checkpoint),
+        "epochs": result.epochs,
+        "train_seconds": round(result.seconds, 1),
+        "preset": name,
+    }
     if evaluate and ctx.main:
-        summary.update(_evaluate_and_report(model, ds, k, str(device), train_cfg.seed, result.run_dir, log,
-                                            method=train_cfg.method, minutes=(time.perf_counter() - t0) / 60,
-                                            curve=curve, train_minutes=result.seconds / 60))
+        summary.update(
+            _evaluate_and_report(
+                model,
+                ds,
+                k,
+                str(device),
+                train_cfg.seed,
+                result.run_dir,
+                log,
+                method=train_cfg.method,
+                minutes=(time.perf_counter() - t0) / 60,
+                curve=curve,
+                train_minutes=result.seconds / 60,
+            )
+        )
     return summary
 
 
@@ -139,8 +192,21 @@ def _fresh_run_dir(out: Path) -> Path:
     return out.with_name(f"{out.name}-{n}")
 
 
-def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, quiet, json_log,
-                 feature_types=EVAL_FEATURES, inits=EVAL_INITS, normalize=True) -> dict:
+def eval_command(
+    checkpoint_path,
+    data,
+    *,
+    k,
+    split,
+    max_images,
+    device,
+    seed,
+    quiet,
+    json_log,
+    feature_types=EVAL_FEATURES,
+    inits=EVAL_INITS,
+    normalize=True,
+) -> dict:
     dev = resolve_device(device or "auto")
     model, model_cfg = ckpt.load_model(checkpoint_path, device=dev)
     _, _, train_cfg = ckpt.load_configs(checkpoint_path)
@@ -149,8 +215,17 @@ def eval_command(checkpoint_path, data, *, k, split, max_images, device, seed, q
     ds = load_data(train_cfg, model_cfg, log, data=data, split=split, max_images=max_images)
     k = k or _num_clusters(ds, model_cfg)
     out_dir = ckpt.resolve(checkpoint_path)
-    return _evaluate_and_report(model, ds, k, str(dev), seed, out_dir, log, method=train_cfg.method,
-                                choices=dict(feature_types=feature_types, inits=inits, normalize=normalize))
+    return _evaluate_and_report(
+        model,
+        ds,
+        k,
+        str(dev),
+        seed,
+        out_dir,
+        log,
+        method=train_cfg.method,
+        choices=dict(feature_types=feature_types, inits=inits, normalize=normalize),
+    )
 
 
 def _n_classes(ds) -> int:
@@ -165,7 +240,9 @@ def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
     return _n_classes(ds) or model_cfg.components
 
 
-def _score(model, ds, k: int, device: str, seed: int, quick: str | None = None, choices: dict | None = None) -> list[dict]:
+def _score(
+    model, ds, k: int, device: str, seed: int, quick: str | None = None, choices: dict | None = None
+) -> list[dict]:
     """Rows of evaluate(); quick=METHOD scores only that method's headline clustering (in-training curve)."""
     from mixem.evaluate import evaluate, extract_features
 
@@ -185,13 +262,26 @@ def _headline(rows: list[dict], method: str) -> dict:
     return rows[0]
 
 
-def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog, method: str,
-                         minutes: float | None = None, curve: list | None = None, train_minutes: float | None = None,
-                         choices: dict | None = None) -> dict:
+def _evaluate_and_report(
+    model,
+    ds,
+    k,
+    device,
+    seed,
+    out_dir: Path,
+    log: RunLog,
+    method: str,
+    minutes: float | None = None,
+    curve: list | None = None,
+    train_minutes: float | None = None,
+    choices: dict | None = None,
+) -> dict:
     from mixem.evaluate import format_table, raw_pixel_baseline
 
     if ds.labels is None:
-        log.print("no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here")
+        log.print(
+            "no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here"
+        )
         return {}
     rows = _score(model, ds, k, device, seed, choices=choices)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
@@ -202,15 +292,24 @@ def _evaluate_and_report(model, ds, k, device, seed, out_dir: Path, log: RunLog,
     else:  # the prescribed row was deselected (eval --features/--init): name the row shown instead
         name = f"{m.display} ({head.get('features')}, {head.get('init')})"
     headline = {"method": method, "name": name, **head}
-    metrics = {"k": k, "images": len(ds.images), "source": ds.source, "rows": rows, "raw_pixel_kmeans": base,
-               "headline": headline, "curve": curve or [],
-               "minutes": round(minutes, 3) if minutes is not None else None,
-               "train_minutes": round(train_minutes, 3) if train_minutes is not None else None}
+    metrics = {
+        "k": k,
+        "images": len(ds.images),
+        "source": ds.source,
+        "rows": rows,
+        "raw_pixel_kmeans": base,
+        "headline": headline,
+        "curve": curve or [],
+        "minutes": round(minutes, 3) if minutes is not None else None,
+        "train_minutes": round(train_minutes, 3) if train_minutes is not None else None,
+    }
     save_json(metrics, Path(out_dir) / "metrics.json")
     log.event("metrics", **metrics)
     log.print(format_table(rows + [base]))
-    line = (f"{name}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
-            f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
-            f"  ({len(ds.images):,} images, k={k})")
+    line = (
+        f"{name}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
+        f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
+        f"  ({len(ds.images):,} images, k={k})"
+    )
     print(line)
     return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json")}

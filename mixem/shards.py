@@ -35,8 +35,17 @@ def _replace(tmp: Path, final: Path):
     os.replace(tmp, final)
 
 
-def write_shard(out: Path, shard: int, ids: np.ndarray, paths: list[str], vectors: np.ndarray, probs: np.ndarray,
-                status: list[str], errors: list[str | None], stats: dict):
+def write_shard(
+    out: Path,
+    shard: int,
+    ids: np.ndarray,
+    paths: list[str],
+    vectors: np.ndarray,
+    probs: np.ndarray,
+    status: list[str],
+    errors: list[str | None],
+    stats: dict,
+):
     """One shard: embeddings npy, then metadata parquet, each via a temporary name; stats json last = done.
 
     vectors (n, D) float16 (zero rows where status != ok); probs (n, K) float32 (ignored where not ok).
@@ -60,14 +69,16 @@ def write_shard(out: Path, shard: int, ids: np.ndarray, paths: list[str], vector
     flat = pa.array(np.ascontiguousarray(probs, dtype=np.float32).ravel(), pa.float32())
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * K, pa.int32())
     plist = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~ok))
-    table = pa.table({
-        "id": pa.array(ids, pa.int64()),
-        "image_path": pa.array(paths, pa.string()),
-        "status": pa.array(status, pa.string()),
-        "error": pa.array(errors, pa.string()),
-        "mixture_argmax": pa.array(argmax, pa.int32()),
-        "mixture_probs": plist,
-    })
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "image_path": pa.array(paths, pa.string()),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "mixture_argmax": pa.array(argmax, pa.int32()),
+            "mixture_probs": plist,
+        }
+    )
     m_tmp = m_final.with_name(f".{m_final.name}.tmp{pid}")
     pq.write_table(table, m_tmp)
     _replace(m_tmp, m_final)

@@ -49,6 +49,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _split(out: MixEMOutput, B: int) -> tuple[MixEMOutput, MixEMOutput]:
     """Two views' outputs; the embedding keeps its autocast dtype (bf16 feeds the fused kernel's tensor
     cores, which accumulate in fp32), the small terms are computed in fp32."""
+
     def half(sl):
         return MixEMOutput(out.embedding[sl], *(t[sl].float() for t in out[1:]))
 
@@ -60,8 +61,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def step(fwd_model, views: torch.Tensor, opt, sched, train_cfg: TrainConfig, ctx: DistContext = SINGLE,
-         autocast=None) -> dict[str, torch.Tensor]:
+def step(
+    fwd_model, views: torch.Tensor, opt, sched, train_cfg: TrainConfig, ctx: DistContext = SINGLE, autocast=None
+) -> dict[str, torch.Tensor]:
     """One optimisation step on two views stacked [view 1; view 2] (2B, C, S, S); returns the loss terms.
 
     A non-finite loss still steps: the caller stops the run, and what is on disk is the last good checkpoint.
@@ -77,9 +79,17 @@ def step(fwd_model, views: torch.Tensor, opt, sched, train_cfg: TrainConfig, ctx
     return terms
 
 
-def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, *, resume: bool = False,
-          log: RunLog | None = None, on_epoch=None, ctx: DistContext = SINGLE,
-          device: torch.device | None = None) -> tuple[MixEM, TrainResult]:
+def train(
+    model_cfg: MixEMConfig,
+    train_cfg: TrainConfig,
+    images: torch.Tensor,
+    *,
+    resume: bool = False,
+    log: RunLog | None = None,
+    on_epoch=None,
+    ctx: DistContext = SINGLE,
+    device: torch.device | None = None,
+) -> tuple[MixEM, TrainResult]:
     """Train on `images` (uint8 (N, C, H, W) at model_cfg.image_size); returns the model and a summary.
 
     `on_epoch(model, epoch, record)` is called on rank 0 after each epoch's checkpoint (evaluation hooks).
@@ -93,13 +103,17 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
     N, C, H, W = images.shape
     B = train_cfg.batch_size
     if (C, H, W) != (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size):
-        raise ConfigError(f"images are {C}x{H}x{W} but the model expects "
-                          f"{model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size}; "
-                          "reload the data at the model's --image-size/--channels")
+        raise ConfigError(
+            f"images are {C}x{H}x{W} but the model expects "
+            f"{model_cfg.in_channels}x{model_cfg.image_size}x{model_cfg.image_size}; "
+            "reload the data at the model's --image-size/--channels"
+        )
     need = methods.get(train_cfg.method).head
     if model_cfg.head != need:
-        raise ConfigError(f"method {train_cfg.method} needs head {need!r} but the model config has head "
-                          f"{model_cfg.head!r}; set the model head to {need!r} (--method alone picks its head)")
+        raise ConfigError(
+            f"method {train_cfg.method} needs head {need!r} but the model config has head "
+            f"{model_cfg.head!r}; set the model head to {need!r} (--method alone picks its head)"
+        )
     mine = local_slice(B, ctx)
     if N < B:
         raise ConfigError(f"--batch-size {B} is larger than the {N} training images; pass --batch-size {N} or less")
@@ -130,15 +144,24 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
         if device.type == "cuda":  # SimCLR's global BN; SyncBatchNorm has no CPU implementation
             fwd_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         fwd_model = torch.nn.parallel.DistributedDataParallel(
-            fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+            fwd_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if train_cfg.compile:
         fwd_model = torch.compile(fwd_model)
     augment = build_augment(model_cfg, train_cfg).to(device)
     images = images.to(device)
     use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-    log.event("start", device=str(device), images=N, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch,
-              parameters=sum(p.numel() for p in model.parameters()), model=model_cfg.__dict__, train=train_cfg.__dict__)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    log.event(
+        "start",
+        device=str(device),
+        images=N,
+        steps_per_epoch=steps_per_epoch,
+        start_epoch=start_epoch,
+        parameters=sum(p.numel() for p in model.parameters()),
+        model=model_cfg.__dict__,
+        train=train_cfg.__dict__,
+    )
 
     history, t_train = [], 0.0
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -151,36 +174,62 @@ def train(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, 
         desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
         with log.progress(steps_per_epoch * B, desc) as bar:
             for s in range(steps_per_epoch):
-                x = images[perm[s * B:(s + 1) * B][mine]]
-                views = torch.cat([augment(x), augment(x)]).contiguous(memory_format=torch.channels_last)  # (2B, C, S, S)
+                x = images[perm[s * B : (s + 1) * B][mine]]
+                views = torch.cat([augment(x), augment(x)]).contiguous(
+                    memory_format=torch.channels_last
+                )  # (2B, C, S, S)
                 terms = step(fwd_model, views, opt, sched, train_cfg, ctx, autocast)
                 vals = mean_over_ranks(detach_terms(terms), ctx)
                 if not math.isfinite(vals["loss"]):  # the averaged value: every rank stops together
                     last = run_dir / "checkpoints" / "latest"
-                    keep = f"the last good checkpoint is {last.parent / last.read_text().strip()}" if last.exists() else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"loss became {vals['loss']} at epoch {epoch + 1}, step {s + 1}; {keep}; "
-                                           "lower --lr or raise --temperature and resume")
+                    keep = (
+                        f"the last good checkpoint is {last.parent / last.read_text().strip()}"
+                        if last.exists()
+                        else "no checkpoint was written yet"
+                    )
+                    raise TrainingDiverged(
+                        f"loss became {vals['loss']} at epoch {epoch + 1}, step {s + 1}; {keep}; "
+                        "lower --lr or raise --temperature and resume"
+                    )
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.advance(B, **{k: v for k, v in vals.items() if k in ("loss", "ntxent", "marginal_entropy")})
             rate = bar.rate
         dt = time.perf_counter() - t0
         t_train += dt
-        record = {"epoch": epoch + 1, "seconds": round(dt, 3), "images_per_s": round(rate, 1),
-                  "lr": sched.get_last_lr()[0], **{k: v / steps_per_epoch for k, v in sums.items()}}
+        record = {
+            "epoch": epoch + 1,
+            "seconds": round(dt, 3),
+            "images_per_s": round(rate, 1),
+            "lr": sched.get_last_lr()[0],
+            **{k: v / steps_per_epoch for k, v in sums.items()},
+        }
         name = f"epoch_{epoch + 1:04d}"
         if ctx.main:
-            ckpt.save_checkpoint(run_dir / "checkpoints" / name, model, model_cfg, train_cfg=train_cfg,
-                                 state={"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "record": record,
-                                        "world_size": ctx.world},
-                                 trainer_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            ckpt.save_checkpoint(
+                run_dir / "checkpoints" / name,
+                model,
+                model_cfg,
+                train_cfg=train_cfg,
+                state={
+                    "epoch": epoch + 1,
+                    "step": (epoch + 1) * steps_per_epoch,
+                    "record": record,
+                    "world_size": ctx.world,
+                },
+                trainer_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            )
             ckpt.mark_latest(run_dir, name)
             ckpt.prune(run_dir, keep=2)
         barrier(ctx)
         log.event("epoch", **record)
-        log.print(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  " + "  ".join(
-            f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr", "seconds", "images_per_s"))
-            + f"  {record['images_per_s']:,.0f} img/s")
+        log.print(
+            f"epoch {epoch + 1:>3}/{train_cfg.epochs}  "
+            + "  ".join(
+                f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr", "seconds", "images_per_s")
+            )
+            + f"  {record['images_per_s']:,.0f} img/s"
+        )
         history.append(record)
         if on_epoch is not None and ctx.main:
             on_epoch(model, epoch + 1, record)

@@ -50,15 +50,23 @@ class Engine:
             dtype, shape = str(x.dtype).replace("torch.", ""), tuple(x.shape)
             ok_dtype = x.dtype == torch.uint8
         else:
-            raise DataError(f"{self.name} engine: expected a {want} torch.Tensor or numpy array, got {type(x).__name__}")
+            raise DataError(
+                f"{self.name} engine: expected a {want} torch.Tensor or numpy array, got {type(x).__name__}"
+            )
         if not ok_dtype or len(shape) != 4 or shape[1:] != (C, S, S) or shape[0] < 1:
-            raise DataError(f"{self.name} engine: expected {want} images (NCHW, at the model's size, "
-                            f"no resizing is done), got {dtype} {shape}")
+            raise DataError(
+                f"{self.name} engine: expected {want} images (NCHW, at the model's size, "
+                f"no resizing is done), got {dtype} {shape}"
+            )
         if self.max_batch is not None and shape[0] > self.max_batch:
-            raise DataError(f"{self.name} engine: batch {shape[0]} exceeds this engine's max batch {self.max_batch}; "
-                            f"split the input or rebuild with a larger --max-batch")
+            raise DataError(
+                f"{self.name} engine: batch {shape[0]} exceeds this engine's max batch {self.max_batch}; "
+                f"split the input or rebuild with a larger --max-batch"
+            )
         return x
 
     def __repr__(self):
-        return (f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r}, provider={self.provider!r}, "
-                f"image_size={self.image_size}, in_channels={self.in_channels})")
+        return (
+            f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r}, provider={self.provider!r}, "
+            f"image_size={self.image_size}, in_channels={self.in_channels})"
+        )

@@ -41,8 +41,10 @@ class OnnxEngine(Engine):
             device = "cpu"  # a GPU without onnxruntime's CUDA provider: onnxruntime runs on the CPU
         self.device = resolve_device(device)
         if self.device.type == "cuda" and not has_cuda_ep:
-            raise MissingDependencyError(f"the onnx engine on {self.device} needs onnxruntime's CUDA provider, "
-                                         f"which this onnxruntime lacks; install it with: {_ORT_GPU_INSTALL}")
+            raise MissingDependencyError(
+                f"the onnx engine on {self.device} needs onnxruntime's CUDA provider, "
+                f"which this onnxruntime lacks; install it with: {_ORT_GPU_INSTALL}"
+            )
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or torch.get_num_threads()
         so.log_severity_level = 3  # fp16 graphs on CPU log one cast-insertion warning per node otherwise
@@ -61,12 +63,16 @@ class OnnxEngine(Engine):
         self.provider = self.sess.get_providers()[0]
         if self.device.type == "cuda" and self.provider != "CUDAExecutionProvider":
             # ORT falls back to the CPU with only a log line when its CUDA/cuDNN libraries fail to load.
-            raise MissingDependencyError(f"onnxruntime could not start its CUDA provider on {self.device} (it fell back "
-                                         f"to {self.provider}); check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+            raise MissingDependencyError(
+                f"onnxruntime could not start its CUDA provider on {self.device} (it fell back "
+                f"to {self.provider}); check the CUDA and cuDNN libraries onnxruntime-gpu needs"
+            )
         inp = self.sess.get_inputs()[0]
         self.input_name = inp.name
         if inp.name != INPUT or len(inp.shape) != 4:
-            raise DataError(f"{p}: not a mixem-fast export (input {inp.name!r} {inp.shape}, expected {INPUT!r} (batch, C, S, S))")
+            raise DataError(
+                f"{p}: not a mixem-fast export (input {inp.name!r} {inp.shape}, expected {INPUT!r} (batch, C, S, S))"
+            )
         _, self.in_channels, self.image_size, _ = inp.shape
         self.outputs = tuple(o.name for o in self.sess.get_outputs())
         self._widths = [o.shape[1] for o in self.sess.get_outputs()]

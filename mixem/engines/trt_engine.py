@@ -20,8 +20,10 @@ from mixem.errors import ConfigError, DataError, MixEMError, require
 from mixem.runtime import resolve_device
 
 PLAN = "model.plan"
-TRT_INSTALL = ("pip install 'mixem-fast[trt]' (TensorRT wheels come from NVIDIA's index: "
-               "pip install --extra-index-url https://pypi.nvidia.com tensorrt)")
+TRT_INSTALL = (
+    "pip install 'mixem-fast[trt]' (TensorRT wheels come from NVIDIA's index: "
+    "pip install --extra-index-url https://pypi.nvidia.com tensorrt)"
+)
 
 
 def require_trt(feature: str = "TensorRT export"):
@@ -53,7 +55,8 @@ def check_compatible(sidecar: dict, here: dict, plan: str | os.PathLike = PLAN) 
             raise MixEMError(
                 f"{plan}: built for {what} {sidecar.get(key)} ({sidecar.get('gpu')}, TensorRT {sidecar.get('tensorrt')}), "
                 f"this machine has {here[key]} ({here['gpu']}, TensorRT {here['tensorrt']}); "
-                f"rebuild it here with `mixem-fast export CKPT --format trt`")
+                f"rebuild it here with `mixem-fast export CKPT --format trt`"
+            )
 
 
 class TrtEngine(Engine):
@@ -68,8 +71,10 @@ class TrtEngine(Engine):
         p = p / PLAN if p.is_dir() else p
         side_file = sidecar_path(p)
         if not p.is_file() or (sidecar is None and not side_file.is_file()):
-            raise DataError(f"{p}: a TensorRT plan needs {p.name} and {side_file.name}; "
-                            f"build them with `mixem-fast export CKPT --format trt --out DIR`")
+            raise DataError(
+                f"{p}: a TensorRT plan needs {p.name} and {side_file.name}; "
+                f"build them with `mixem-fast export CKPT --format trt --out DIR`"
+            )
         side = sidecar if sidecar is not None else json.loads(side_file.read_text())
         self.device = resolve_device(device)
         if self.device.type != "cuda":
@@ -111,8 +116,12 @@ class TrtEngine(Engine):
 
 
 def _torch_dtype(trt, dt) -> torch.dtype:
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.UINT8: torch.uint8,
-             trt.DataType.INT32: torch.int32}
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.UINT8: torch.uint8,
+        trt.DataType.INT32: torch.int32,
+    }
     if hasattr(trt.DataType, "BF16"):
         table[trt.DataType.BF16] = torch.bfloat16
     if dt not in table:

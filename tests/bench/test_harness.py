@@ -25,6 +25,7 @@ def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, devi
     def setup(case, dev):
         cands = real_setup(case, dev)
         if case["variant"] == "oom":
+
             def boom():
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
@@ -33,12 +34,19 @@ def test_harness_records_checks_ooms_and_writes_json(tmp_path, monkeypatch, devi
 
     monkeypatch.setattr(mod, "_compiled", lambda: mixture_terms_torch)  # keep the smoke test free of compiles
     monkeypatch.setattr(mod, "setup", setup)
-    monkeypatch.setattr(mod, "cases", lambda quick: [
-        {"B": B, "K": 3, "dtype": "float32", "phase": "fwd", "variant": v} for B, v in ((7, "oom"), (7, "wrong"), (9, "wrong"))
-    ])
+    monkeypatch.setattr(
+        mod,
+        "cases",
+        lambda quick: [
+            {"B": B, "K": 3, "dtype": "float32", "phase": "fwd", "variant": v}
+            for B, v in ((7, "oom"), (7, "wrong"), (9, "wrong"))
+        ],
+    )
     res = run("kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device=device.type, settings={"B": "7"})
 
-    assert re.fullmatch(r"kernel_mixture_entropy__[a-z0-9-]+__pt[0-9.a-z]+__\d{4}-\d\d-\d\d\.json", res["path"].split("/")[-1])
+    assert re.fullmatch(
+        r"kernel_mixture_entropy__[a-z0-9-]+__pt[0-9.a-z]+__\d{4}-\d\d-\d\d\.json", res["path"].split("/")[-1]
+    )
     on_disk = json.loads(open(res["path"]).read())
     assert on_disk["bench"] == "kernel_mixture_entropy" and on_disk["versions"]["torch"] == torch.__version__
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)

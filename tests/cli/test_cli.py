@@ -8,8 +8,7 @@ from typer.testing import CliRunner
 from mixem.cli.app import app
 
 runner = CliRunner()
-TINY = {"model": dict(backbone="convnet", width=8, head_hidden=16),
-        "train": dict(batch_size=64, epochs=1)}
+TINY = {"model": dict(backbone="convnet", width=8, head_hidden=16), "train": dict(batch_size=64, epochs=1)}
 
 
 def _one_error_line(result):
@@ -25,21 +24,51 @@ def test_train_then_eval_prints_comparison(tmp_path):
     conf = tmp_path / "tiny.json"
     conf.write_text(json.dumps(TINY))
     out = tmp_path / "run"
-    r = runner.invoke(app, ["train", "--preset", "cpu", "--config", str(conf), "--max-images", "640",
-                            "--out", str(out), "--quiet", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "cpu",
+            "--config",
+            str(conf),
+            "--max-images",
+            "640",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     last = r.output.strip().splitlines()[-1]
     metrics = json.loads((out / "metrics.json").read_text())
     head = metrics["headline"]
     assert head["method"] == "mixem" and head["name"] == "MIX'EM (k-means from the mixture components)"
-    assert last.startswith(f"{head['name']}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}") and "raw-pixel k-means" in last
+    assert (
+        last.startswith(f"{head['name']}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}") and "raw-pixel k-means" in last
+    )
     same = [row for row in metrics["rows"] if (row["features"], row["init"]) == ("embedding", "mixture")]
     assert same == [{k: v for k, v in head.items() if k not in ("method", "name")}] and metrics["images"] == 640
     r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "raw-pixel k-means" in r.output.strip().splitlines()[-1]
-    r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet", "--features", "top_component",
-                            "--init", "random", "--raw"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            str(out),
+            "--max-images",
+            "300",
+            "--quiet",
+            "--features",
+            "top_component",
+            "--init",
+            "random",
+            "--raw",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines()[-1].startswith("MIX'EM (top_component, random)")
     rows = json.loads((out / "checkpoints" / "epoch_0001" / "metrics.json").read_text())["rows"]
@@ -51,24 +80,44 @@ def test_each_method_names_its_own_headline(tmp_path):
     conf = tmp_path / "tiny.json"
     conf.write_text(json.dumps(TINY))
     out = tmp_path / "run"
-    r = runner.invoke(app, ["train", "--preset", "cpu", "--config", str(conf), "--max-images", "256", "--method",
-                            "simclr", "--out", str(out), "--quiet", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "cpu",
+            "--config",
+            str(conf),
+            "--max-images",
+            "256",
+            "--method",
+            "simclr",
+            "--out",
+            str(out),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     head = json.loads((out / "metrics.json").read_text())["headline"]
     assert (head["method"], head["name"], head["init"]) == ("simclr", "SimCLR (k-means++ on the embedding)", "kmeans++")
     assert r.output.strip().splitlines()[-1].startswith("SimCLR (k-means++ on the embedding)  ACC")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "/no/such/dir"], "/no/such/dir"),
-    (["train", "--backbone", "vgg11"], "unknown backbone"),
-    (["train", "-k", "1"], "at least 2"),
-    (["train", "--image-size", "4"], "image_size"),
-    (["train", "--resume", "--out", "/no/such/run"], "/no/such/run"),
-    (["eval", "/no/such/ckpt"], "checkpoint not found"),
-    (["bench", "nope"], "unknown benchmark"),
-    (["eval", "/no/such/ckpt", "--features", "pixels"], "--features"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "/no/such/dir"], "/no/such/dir"),
+        (["train", "--backbone", "vgg11"], "unknown backbone"),
+        (["train", "-k", "1"], "at least 2"),
+        (["train", "--image-size", "4"], "image_size"),
+        (["train", "--resume", "--out", "/no/such/run"], "/no/such/run"),
+        (["eval", "/no/such/ckpt"], "checkpoint not found"),
+        (["bench", "nope"], "unknown benchmark"),
+        (["eval", "/no/such/ckpt", "--features", "pixels"], "--features"),
+    ],
+)
 def test_bad_input_one_line(args, needle):
     assert needle in _one_error_line(runner.invoke(app, args))
 
@@ -80,7 +129,9 @@ def test_default_out_never_collides(tmp_path, monkeypatch):
     args = ["train", "--preset", "cpu", "--config", str(conf), "--max-images", "128", "--no-eval", "--quiet"]
     for _ in range(2):
         assert runner.invoke(app, args).exit_code == 0
-    assert (tmp_path / "runs/mixem/checkpoints/latest").exists() and (tmp_path / "runs/mixem-2/checkpoints/latest").exists()
+    assert (tmp_path / "runs/mixem/checkpoints/latest").exists() and (
+        tmp_path / "runs/mixem-2/checkpoints/latest"
+    ).exists()
     # An explicit --out is the user's choice: an existing run there is refused, never overwritten.
     assert "--resume" in _one_error_line(runner.invoke(app, args + ["--out", "runs/mixem"]))
 
@@ -92,8 +143,11 @@ def test_empty_folder(tmp_path):
 
 
 def test_batch_larger_than_data(tmp_path):
-    line = _one_error_line(runner.invoke(app, ["train", "--max-images", "10", "--batch-size", "64",
-                                               "--out", str(tmp_path / "r"), "--no-eval"]))
+    line = _one_error_line(
+        runner.invoke(
+            app, ["train", "--max-images", "10", "--batch-size", "64", "--out", str(tmp_path / "r"), "--no-eval"]
+        )
+    )
     assert "--batch-size 64" in line
 
 

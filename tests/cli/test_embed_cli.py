@@ -39,8 +39,9 @@ def setup(tmp_path_factory):
         (root / f"c{k % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(root / f"c{k % 3}/{k:02d}.jpg", quality=95)
     (root / "c0/broken.jpg").write_bytes(b"\xff\xd8\xff not really")
-    cfg = MixEMConfig(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16,
-                      mean=(0.29,), std=(0.35,))
+    cfg = MixEMConfig(
+        backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.29,), std=(0.35,)
+    )
     torch.manual_seed(0)
     save_checkpoint(tmp / "ckpt", MixEM(cfg), cfg)
     return tmp, root
@@ -49,8 +50,23 @@ def setup(tmp_path_factory):
 def test_embed_cluster_search(setup):
     tmp, root = setup
     out = tmp / "out"
-    r = runner.invoke(app, ["embed", str(tmp / "ckpt"), str(root), "--out", str(out), "--shard-size", "16",
-                            "-b", "8", "--quiet", "--json-log", str(tmp / "log.jsonl")])
+    r = runner.invoke(
+        app,
+        [
+            "embed",
+            str(tmp / "ckpt"),
+            str(root),
+            "--out",
+            str(out),
+            "--shard-size",
+            "16",
+            "-b",
+            "8",
+            "--quiet",
+            "--json-log",
+            str(tmp / "log.jsonl"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
     assert s["complete"] and s["embedded"] == 60 and s["skipped"] == 1 and s["shards_total"] == 4
@@ -66,14 +82,17 @@ def test_embed_cluster_search(setup):
     assert [h["rank"] for h in hits] == [1, 2, 3] and all(h["image_path"].startswith(str(root)) for h in hits)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["embed", "{tmp}/nope", "{root}", "--out", "{tmp}/o1"], "nope"),
-    (["embed", "{tmp}/ckpt", "{tmp}/no_images", "--out", "{tmp}/o2"], "no_images"),
-    (["embed", "{tmp}/ckpt", "{root}", "--out", "{tmp}/o3", "--engine", "onnx"], "mixem-fast export"),
-    (["embed", "{tmp}/ckpt", "{root}", "--out", "{tmp}/o4", "--decoder", "nvjpeg"], "--decoder"),
-    (["cluster", "{tmp}/not_a_run", "--k", "3"], "mixem-fast embed"),
-    (["search", "{tmp}/not_a_run", "{root}/c0/00.jpg"], "mixem-fast embed"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["embed", "{tmp}/nope", "{root}", "--out", "{tmp}/o1"], "nope"),
+        (["embed", "{tmp}/ckpt", "{tmp}/no_images", "--out", "{tmp}/o2"], "no_images"),
+        (["embed", "{tmp}/ckpt", "{root}", "--out", "{tmp}/o3", "--engine", "onnx"], "mixem-fast export"),
+        (["embed", "{tmp}/ckpt", "{root}", "--out", "{tmp}/o4", "--decoder", "nvjpeg"], "--decoder"),
+        (["cluster", "{tmp}/not_a_run", "--k", "3"], "mixem-fast embed"),
+        (["search", "{tmp}/not_a_run", "{root}/c0/00.jpg"], "mixem-fast embed"),
+    ],
+)
 def test_bad_input_is_one_line(setup, args, needle):
     tmp, root = setup
     r = runner.invoke(app, [a.format(tmp=tmp, root=root) for a in args])

@@ -47,7 +47,7 @@ def test_dynamic_batch_matches_pytorch(onnx_fp32, small_ckpt, batch):
 
     out, _ = onnx_fp32
     model, cfg = load_model(small_ckpt)
-    x = real_images(256, 28, 1)[100: 100 + batch]  # images the export check did not start with
+    x = real_images(256, 28, 1)[100 : 100 + batch]  # images the export check did not start with
     emb, probs = onnx_export.ort_runner(out / "model.onnx")(x)
     ref_emb, ref_probs = (t.numpy() for t in onnx_export.onnx_reference(model)(x))
     assert emb.shape == (batch, 32) and probs.shape == (batch, 10)

@@ -13,8 +13,14 @@ from mixem.export import export_checkpoint
 from mixem.export.parity import real_images
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-_missing = [m for m, ok in (("TensorRT (not installed; pip install --extra-index-url https://pypi.nvidia.com tensorrt)", HAS_TRT),
-                            ("a CUDA GPU (none visible to PyTorch)", torch.cuda.is_available())) if not ok]
+_missing = [
+    m
+    for m, ok in (
+        ("TensorRT (not installed; pip install --extra-index-url https://pypi.nvidia.com tensorrt)", HAS_TRT),
+        ("a CUDA GPU (none visible to PyTorch)", torch.cuda.is_available()),
+    )
+    if not ok
+]
 TRT_SKIP = "needs " + " and ".join(_missing)
 
 
@@ -31,12 +37,15 @@ def test_trt_without_tensorrt_names_the_install_line(small_ckpt, tmp_path):
 SIDE = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
 
-@pytest.mark.parametrize("here, refused", [
-    (dict(SIDE), None),
-    (dict(SIDE, gpu="NVIDIA H100 PCIe"), None),  # same architecture: plans are shared
-    (dict(SIDE, compute_capability="8.0", gpu="NVIDIA A100-SXM4-80GB"), "GPU compute capability 9.0"),
-    (dict(SIDE, tensorrt="11.4.0.106"), "TensorRT version 10.13.0.35"),
-])
+@pytest.mark.parametrize(
+    "here, refused",
+    [
+        (dict(SIDE), None),
+        (dict(SIDE, gpu="NVIDIA H100 PCIe"), None),  # same architecture: plans are shared
+        (dict(SIDE, compute_capability="8.0", gpu="NVIDIA A100-SXM4-80GB"), "GPU compute capability 9.0"),
+        (dict(SIDE, tensorrt="11.4.0.106"), "TensorRT version 10.13.0.35"),
+    ],
+)
 def test_plan_compatibility(here, refused):
     if refused is None:
         check_compatible(SIDE, here, "x/model.plan")

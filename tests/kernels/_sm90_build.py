@@ -31,10 +31,23 @@ def build(fn, sig: dict, consts: dict, opts: dict, label: dict) -> None:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-    print(json.dumps({**label, "kernel": fn.__name__, "regs": int(regs), "stack": int(stack), "shared": k.metadata.shared,
-                      "wgmma": k.asm["ptx"].count("wgmma.mma_async"), **{c: v for c, v in consts.items() if c.isupper() and c != "ACC"}}))
+    print(
+        json.dumps(
+            {
+                **label,
+                "kernel": fn.__name__,
+                "regs": int(regs),
+                "stack": int(stack),
+                "shared": k.metadata.shared,
+                "wgmma": k.asm["ptx"].count("wgmma.mma_async"),
+                **{c: v for c, v in consts.items() if c.isupper() and c != "ACC"},
+            }
+        )
+    )
 
 
 def nt_xent(dtype, M, D, kind):
@@ -47,8 +60,17 @@ def nt_xent(dtype, M, D, kind):
     if kind == "fwd":
         sig = {"A": "*" + t, "Bm": "*" + t, "LSE": "*" + lt, **i32, "scale2": "fp32"}
         return build(nx._ntxent_lse_fwd_kernel, sig, {**cfg, "ACC": acc}, opts, label)
-    sig = {"A": "*" + t, "Bm": "*" + t, "DA": "*" + t, **dict.fromkeys(("LSE_A", "DLSE_A", "LSE_B", "DLSE_B"), "*" + lt),
-           **i32, "stride_da": "i32", "DSCALE": "*" + lt, "scale2": "fp32", "inv_tau": "fp32"}
+    sig = {
+        "A": "*" + t,
+        "Bm": "*" + t,
+        "DA": "*" + t,
+        **dict.fromkeys(("LSE_A", "DLSE_A", "LSE_B", "DLSE_B"), "*" + lt),
+        **i32,
+        "stride_da": "i32",
+        "DSCALE": "*" + lt,
+        "scale2": "fp32",
+        "inv_tau": "fp32",
+    }
     terms = {"bwd": (True, True), "bwd_rows": (True, False), "bwd_cols": (False, True)}[kind]
     build(nx._ntxent_lse_bwd_kernel, sig, {**cfg, "ROW_TERM": terms[0], "COL_TERM": terms[1], "ACC": acc}, opts, label)
 
@@ -60,10 +82,29 @@ def mixture(dtype, B, K, kind):
     consts = {**cfg, "ACC": tl.float64 if dtype == torch.float64 else tl.float32}
     label = {"dtype": t, "B": B, "K": K, "kind": kind}
     if kind == "fwd":
-        sig = {"A": "*" + t, "PI": "*" + ot, "PART": "*" + ot, "B": "i32", "K": "i32", "stride_a": "i32", "stride_pi": "i32"}
+        sig = {
+            "A": "*" + t,
+            "PI": "*" + ot,
+            "PART": "*" + ot,
+            "B": "i32",
+            "K": "i32",
+            "stride_a": "i32",
+            "stride_pi": "i32",
+        }
         return build(me._mixture_fwd_kernel, sig, consts, opts, label)
-    sig = {"A": "*" + t, "GPI": "*" + ot, "GPBAR": "*" + ot, "GSTAT": "*" + ot, "DA": "*" + t, "B": "i32", "K": "i32",
-           "stride_a": "i32", "stride_g": "i32", "stride_da": "i32", "inv_b": "fp32"}
+    sig = {
+        "A": "*" + t,
+        "GPI": "*" + ot,
+        "GPBAR": "*" + ot,
+        "GSTAT": "*" + ot,
+        "DA": "*" + t,
+        "B": "i32",
+        "K": "i32",
+        "stride_a": "i32",
+        "stride_g": "i32",
+        "stride_da": "i32",
+        "inv_b": "fp32",
+    }
     build(me._mixture_bwd_kernel, sig, consts, opts, label)
 
 

@@ -35,7 +35,9 @@ def _assert_close(out, ref_hi, ref_lowp=None, dtype=torch.float32, what="value",
     torch_err = (ref_lowp.detach().double() - ref_hi).abs().max().item()
     scale = ref_hi.abs().max().item() if scale is None else max(scale, ref_hi.abs().max().item())
     bound = tol["factor"] * torch_err + tol["atol"] * max(1.0, scale)
-    assert err <= bound, f"{what}: error {err:.3g} > {tol['factor']} x torch's {dtype} error {torch_err:.3g} + atol (bound {bound:.3g})"
+    assert err <= bound, (
+        f"{what}: error {err:.3g} > {tol['factor']} x torch's {dtype} error {torch_err:.3g} + atol (bound {bound:.3g})"
+    )
 
 
 @pytest.fixture

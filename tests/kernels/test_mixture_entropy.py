@@ -91,13 +91,20 @@ def test_finite_with_extreme_logits(device):
 def test_opcheck(device):
     a = torch.randn(37, 10, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.mixem.mixture_stats.default, (a,))
-    args = (a.detach(), torch.randn(37, 10, device=device), torch.randn(10, device=device), torch.randn(2, device=device))
+    args = (
+        a.detach(),
+        torch.randn(37, 10, device=device),
+        torch.randn(10, device=device),
+        torch.randn(2, device=device),
+    )
     torch.library.opcheck(torch.ops.mixem.mixture_stats_bwd.default, args)
 
 
 def test_torch_compile(device):
     logits = torch.randn(37, 10, device=device)
-    compiled = torch.compile(mixture_terms_triton, backend="aot_eager" if device.type == "cpu" else "inductor", fullgraph=True)
+    compiled = torch.compile(
+        mixture_terms_triton, backend="aot_eager" if device.type == "cpu" else "inductor", fullgraph=True
+    )
 
     def run(fn):
         a = logits.clone().requires_grad_()

@@ -177,7 +177,9 @@ def test_equivariant_under_batch_permutation(device):
 def test_opcheck(device):
     z = F.normalize(torch.randn(37, 17, device=device), dim=1).requires_grad_()
     torch.library.opcheck(torch.ops.mixem.ntxent_lse.default, (z, 0.5))
-    torch.library.opcheck(torch.ops.mixem.ntxent_lse_rows.default, (z[:20].detach().requires_grad_(), z.detach().requires_grad_(), 0, 0.5))
+    torch.library.opcheck(
+        torch.ops.mixem.ntxent_lse_rows.default, (z[:20].detach().requires_grad_(), z.detach().requires_grad_(), 0, 0.5)
+    )
     zd = z.detach()
     lse = ntxent_lse_triton(zd, 0.5)
     torch.library.opcheck(torch.ops.mixem.ntxent_lse_bwd.default, (torch.randn(37, device=device), zd, lse, 0.5))
@@ -188,7 +190,9 @@ def test_opcheck(device):
 
 def test_torch_compile(device):
     z1, z2 = torch.randn(2, 37, 17, device=device).unbind(0)
-    compiled = torch.compile(nt_xent_triton, backend="aot_eager" if device.type == "cpu" else "inductor", fullgraph=True)
+    compiled = torch.compile(
+        nt_xent_triton, backend="aot_eager" if device.type == "cpu" else "inductor", fullgraph=True
+    )
     a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     loss = compiled(a1, a2, 0.5)
     loss.backward()
@@ -226,7 +230,9 @@ def test_errors_are_one_line_mixem_errors(device):
     with pytest.raises(MixEMError, match="float16/bfloat16/float32/float64"):
         ntxent_lse_triton(torch.randint(0, 3, (8, 8), device=device), 0.5)
     with pytest.raises(MixEMError, match="learnable"):
-        nt_xent_triton(torch.randn(4, 8, device=device), torch.randn(4, 8, device=device), torch.tensor(0.5, requires_grad=True))
+        nt_xent_triton(
+            torch.randn(4, 8, device=device), torch.randn(4, 8, device=device), torch.tensor(0.5, requires_grad=True)
+        )
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the bf16 refusal is for the CPU interpreter only")

@@ -16,15 +16,17 @@ def _parse_idx(path: Path) -> np.ndarray:
     # Parsed here independently of mixem.formats so the loader is checked against a second reading.
     raw = gzip.decompress(path.read_bytes())
     dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 @pytest.fixture(scope="session")
 def fashion() -> tuple[np.ndarray, np.ndarray]:
     """The embedded Fashion-MNIST test split: (10000, 28, 28) uint8 images and (10000,) labels."""
-    return (_parse_idx(DATA_FILES / "t10k-images-idx3-ubyte.gz"),
-            _parse_idx(DATA_FILES / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    return (
+        _parse_idx(DATA_FILES / "t10k-images-idx3-ubyte.gz"),
+        _parse_idx(DATA_FILES / "t10k-labels-idx1-ubyte.gz").astype(np.int64),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +50,7 @@ def tiles(photos):
                 crop = 100 + (37 * k) % 300  # crop sides 100..399 px, so tiles differ in scale too
                 top = (53 * k) % (photo.shape[0] - crop)
                 left = (91 * k) % (photo.shape[1] - crop)
-                im = Image.fromarray(photo[top: top + crop, left: left + crop])
+                im = Image.fromarray(photo[top : top + crop, left : left + crop])
                 out[k] = np.asarray(im.resize((side, side), Image.BICUBIC))
             cache[(n, side)] = out
         return cache[(n, side)]

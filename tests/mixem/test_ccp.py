@@ -19,12 +19,14 @@ from mixem.model import InferenceModel, MixEM, MixEMOutput
 from mixem.objectives import objective
 from mixem.session import build_configs
 
-TINY = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.3,), std=(0.3,),
-            head="centers")
+TINY = dict(
+    backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.3,), std=(0.3,), head="centers"
+)
 f64 = dict(dtype=torch.float64)
 
 
 # --- losses -------------------------------------------------------------------------------------
+
 
 def test_soft_cross_entropy_hand_case():
     logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]], **f64)  # p = (1/4, 3/4) and (1/2, 1/2)
@@ -64,8 +66,9 @@ def test_soft_cluster_means_and_anchor_hand_case():
     torch.testing.assert_close(losses.soft_cluster_means_torch(z, hard), torch.eye(2, **f64))
     soft = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.0, 1.0]], **f64)  # sums (1/2, 1/2) and (3/2, 1/2)
     s = 1 / math.sqrt(2)
-    torch.testing.assert_close(losses.soft_cluster_means_torch(z, soft),
-                               torch.tensor([[s, s], [3 / math.sqrt(10), 1 / math.sqrt(10)]], **f64))
+    torch.testing.assert_close(
+        losses.soft_cluster_means_torch(z, soft), torch.tensor([[s, s], [3 / math.sqrt(10), 1 / math.sqrt(10)]], **f64)
+    )
     # Centres on their clusters' means: 0; swapped: each at 90 degrees, 1 - 0 = 1; one at 60 degrees: 1/2.
     eye = torch.eye(2, **f64)
     assert losses.center_anchor_torch(eye, z, hard).item() == pytest.approx(0.0, abs=1e-12)
@@ -130,11 +133,23 @@ def test_gradcheck_float64():
 
 # --- head and objective ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [
-    MixEMConfig(**TINY),
-    MixEMConfig(backbone="resnet18", width=8, image_size=32, head_hidden=16, embed_dim=8, components=3,
-                head="centers", center_temperature=0.2),
-])
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MixEMConfig(**TINY),
+        MixEMConfig(
+            backbone="resnet18",
+            width=8,
+            image_size=32,
+            head_hidden=16,
+            embed_dim=8,
+            components=3,
+            head="centers",
+            center_temperature=0.2,
+        ),
+    ],
+)
 def test_centers_head_output_contract(cfg):
     model = MixEM(cfg).eval()
     B, K, D = 5, cfg.components, cfg.embed_dim
@@ -188,22 +203,28 @@ def test_ccp_objective_terms_and_total():
     model = MixEM(MixEMConfig(**TINY))
     out = model(torch.randn(12, 1, 28, 28))
     o1, o2 = MixEMOutput(*(t[:6] for t in out)), MixEMOutput(*(t[6:] for t in out))
-    cfg = TrainConfig(method="ccp", temperature=0.3, w_cluster=0.7, w_balance=1.5, w_anchor=0.4, sharpen=0.6,
-                      anchor_temperature=0.25)
+    cfg = TrainConfig(
+        method="ccp", temperature=0.3, w_cluster=0.7, w_balance=1.5, w_anchor=0.4, sharpen=0.6, anchor_temperature=0.25
+    )
     terms = objective(o1, o2, cfg)
     assert set(terms) == {"instance", "cluster", "consistency", "balance", "anchor", "anchoring", "separation", "loss"}
     centers = out.components[0]
     torch.testing.assert_close(terms["instance"], losses.nt_xent_torch(o1.embedding, o2.embedding, 0.3))
-    torch.testing.assert_close(terms["consistency"],
-                               losses.assignment_consistency_torch(o1.mixture_logits, o2.mixture_logits, 0.6))
+    torch.testing.assert_close(
+        terms["consistency"], losses.assignment_consistency_torch(o1.mixture_logits, o2.mixture_logits, 0.6)
+    )
     h = [losses.mixture_terms_torch(o.mixture_logits)["marginal_entropy"] for o in (o1, o2)]
     torch.testing.assert_close(terms["balance"], (h[0] + h[1]) / 2)
     p = torch.softmax(torch.cat([o1.mixture_logits, o2.mixture_logits]), 1)
-    torch.testing.assert_close(terms["anchoring"],
-                               losses.center_anchor_torch(centers, torch.cat([o1.embedding, o2.embedding]), p))
+    torch.testing.assert_close(
+        terms["anchoring"], losses.center_anchor_torch(centers, torch.cat([o1.embedding, o2.embedding]), p)
+    )
     torch.testing.assert_close(terms["separation"], losses.center_separation_torch(centers, 0.25))
-    expected = (terms["instance"] + 0.7 * (terms["consistency"] - 1.5 * terms["balance"])
-                + 0.4 * (terms["anchoring"] + terms["separation"]))
+    expected = (
+        terms["instance"]
+        + 0.7 * (terms["consistency"] - 1.5 * terms["balance"])
+        + 0.4 * (terms["anchoring"] + terms["separation"])
+    )
     torch.testing.assert_close(terms["loss"], expected)
     terms["loss"].backward()
     # Every parameter of the head, the centre seeds included, is trained by the objective.
@@ -231,10 +252,31 @@ def test_ccp_objective_takes_a_bf16_embedding():
 # 0-2 with 15 epochs) against 0.493 for raw-pixel k-means on the same 16 px images; 8 epochs of 2048 images
 # at 28 px and batch 256 did not beat raw pixels (0.45 vs 0.50).
 N_RUN = 2048
-RUN_MODEL = dict(backbone="convnet", width=16, image_size=16, in_channels=1, head_hidden=64, embed_dim=32,
-                 components=10, mean=(0.29,), std=(0.35,), head="centers")
-RUN_TRAIN = dict(epochs=10, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=1e-4, warmup_epochs=1.0,
-                 temperature=0.2, crop_scale=(0.35, 1.0), color_jitter=0.5, grayscale_p=0.0, blur=False)
+RUN_MODEL = dict(
+    backbone="convnet",
+    width=16,
+    image_size=16,
+    in_channels=1,
+    head_hidden=64,
+    embed_dim=32,
+    components=10,
+    mean=(0.29,),
+    std=(0.35,),
+    head="centers",
+)
+RUN_TRAIN = dict(
+    epochs=10,
+    batch_size=64,
+    optimizer="adamw",
+    lr=2e-3,
+    weight_decay=1e-4,
+    warmup_epochs=1.0,
+    temperature=0.2,
+    crop_scale=(0.35, 1.0),
+    color_jitter=0.5,
+    grayscale_p=0.0,
+    blur=False,
+)
 NMI_MARGIN = 0.05
 
 

@@ -34,7 +34,7 @@ def labelled(tmp_path_factory, fashion):
     x = np.zeros((N, SIDE, SIDE), np.uint8)
     for i in range(N):
         t, left = rng.integers(0, SIDE - 28 + 1, 2)
-        x[i, t: t + 28, left: left + 28] = fashion[0][i]
+        x[i, t : t + 28, left : left + 28] = fashion[0][i]
     y = fashion[1][:N]
     root = tmp_path_factory.mktemp("shifted") / "imgs"
     for i in range(N):
@@ -46,10 +46,22 @@ def labelled(tmp_path_factory, fashion):
 def run(labelled, tmp_path_factory):
     root, x, _ = labelled
     tmp = tmp_path_factory.mktemp("cl")
-    cfg = MixEMConfig(backbone="convnet", width=8, image_size=SIDE, in_channels=1, head_hidden=16,
-                      mean=(0.29,), std=(0.35,))
-    tc = TrainConfig(out=str(tmp / "train"), batch_size=128, epochs=2, optimizer="adamw", lr=2e-3, warmup_epochs=0.5,
-                     temperature=0.5, crop_scale=(0.35, 1.0), blur=False, grayscale_p=0.0, eval_every=0)
+    cfg = MixEMConfig(
+        backbone="convnet", width=8, image_size=SIDE, in_channels=1, head_hidden=16, mean=(0.29,), std=(0.35,)
+    )
+    tc = TrainConfig(
+        out=str(tmp / "train"),
+        batch_size=128,
+        epochs=2,
+        optimizer="adamw",
+        lr=2e-3,
+        warmup_epochs=0.5,
+        temperature=0.5,
+        crop_scale=(0.35, 1.0),
+        blur=False,
+        grayscale_p=0.0,
+        eval_every=0,
+    )
     train(cfg, tc, torch.from_numpy(x[:, None]))
     out = tmp / "emb"
     embed_folder(str(tmp / "train"), root, out, EmbedOptions(batch_size=256, shard_size=700))

@@ -33,8 +33,18 @@ def test_embedded_default_is_fashion_mnist_test_split(fashion):
     assert isinstance(s, ImageSet) and len(s) == 10_000
     assert s.images.shape == (10_000, 1, 28, 28) and s.images.dtype == torch.uint8
     assert s.labels.dtype == np.int64 and np.bincount(s.labels).tolist() == [1000] * 10
-    assert s.class_names == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert s.class_names == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     assert s.paths is None and s.skipped == []
     np.testing.assert_array_equal(s.images[:, 0].numpy(), fashion[0])
     np.testing.assert_array_equal(s.labels, fashion[1])
@@ -50,8 +60,9 @@ def test_embedded_as_rgb_replicates_and_resizes(fashion):
     assert s.labels.tolist() == fashion[1][:64].tolist()
 
 
-@pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(),
-                    reason="dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not DEBIAN_FMNIST.is_dir(), reason="dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)"
+)
 def test_fashion_mnist_debian_package_matches_embedded_split(fashion):
     full = load_images("fashion-mnist", image_size=28, in_channels=1)
     assert full.images.shape == (70_000, 1, 28, 28) and np.bincount(full.labels).tolist() == [7000] * 10
@@ -89,8 +100,9 @@ def idx_dir(tmp_path, fashion):
     return d
 
 
-@pytest.mark.parametrize("split,rows", [("train", (0, 300)), ("test", (300, 500)),
-                                        ("all", (0, 500)), ("auto", (0, 500))])
+@pytest.mark.parametrize(
+    "split,rows", [("train", (0, 300)), ("test", (300, 500)), ("all", (0, 500)), ("auto", (0, 500))]
+)
 def test_idx_splits(idx_dir, fashion, split, rows):
     s = load_images(str(idx_dir), image_size=28, in_channels=1, split=split)
     np.testing.assert_array_equal(s.images[:, 0].numpy(), fashion[0][slice(*rows)])
@@ -357,11 +369,19 @@ def cifar10(tmp_path, tiles):
         name = f"data_batch_{b + 1}" if b < 5 else "test_batch"
         rows = slice(8 * b, 8 * b + 8)
         # The real files are Python 2 pickles (protocol 2); protocol 5 is what a re-save under numpy 2 gives.
-        write_cifar_batch(d / name, {"batch_label": f"batch {b}".encode(), "labels": y[rows].tolist(),
-                                     "data": cifar_rows(x[rows]), "filenames": [b"x.png"] * 8},
-                          protocol=2 if b % 2 == 0 else 5)
-    names = [n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer",
-                                  "dog", "frog", "horse", "ship", "truck"]]
+        write_cifar_batch(
+            d / name,
+            {
+                "batch_label": f"batch {b}".encode(),
+                "labels": y[rows].tolist(),
+                "data": cifar_rows(x[rows]),
+                "filenames": [b"x.png"] * 8,
+            },
+            protocol=2 if b % 2 == 0 else 5,
+        )
+    names = [
+        n.encode() for n in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    ]
     write_cifar_batch(d / "batches.meta", {"label_names": names, "num_cases_per_batch": 8, "num_vis": 3072})
     return d, x, y
 
@@ -431,10 +451,22 @@ def cifar100(tmp_path, tiles):
     d = tmp_path / "cifar-100-python"
     d.mkdir()
     for name, rows in (("train", slice(0, 20)), ("test", slice(20, 30))):
-        write_cifar_batch(d / name, {"data": cifar_rows(x[rows]), "fine_labels": fine[rows].tolist(),
-                                     "coarse_labels": coarse[rows].tolist(), "filenames": [b"x.png"] * 10})
-    write_cifar_batch(d / "meta", {"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                                   "coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+        write_cifar_batch(
+            d / name,
+            {
+                "data": cifar_rows(x[rows]),
+                "fine_labels": fine[rows].tolist(),
+                "coarse_labels": coarse[rows].tolist(),
+                "filenames": [b"x.png"] * 10,
+            },
+        )
+    write_cifar_batch(
+        d / "meta",
+        {
+            "fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            "coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
+    )
     return d, x, fine, coarse
 
 
@@ -467,9 +499,16 @@ def stl10(tmp_path, tiles):
     return d, x, y
 
 
-@pytest.mark.parametrize("split,rows,labelled", [("train", (0, 10), True), ("test", (10, 16), True),
-                                                 ("unlabeled", (16, 22), False), ("auto", (0, 16), True),
-                                                 ("all", (0, 22), False)])
+@pytest.mark.parametrize(
+    "split,rows,labelled",
+    [
+        ("train", (0, 10), True),
+        ("test", (10, 16), True),
+        ("unlabeled", (16, 22), False),
+        ("auto", (0, 16), True),
+        ("all", (0, 22), False),
+    ],
+)
 def test_stl10_splits_and_orientation(stl10, split, rows, labelled):
     d, x, y = stl10
     s = load_images(str(d.parent), image_size=96, in_channels=3, split=split)

@@ -18,8 +18,17 @@ from mixem.objectives import detach_terms, objective
 
 pytestmark = pytest.mark.distributed
 
-MODEL = MixEMConfig(backbone="convnet", width=4, image_size=16, in_channels=1, head_hidden=8, embed_dim=8,
-                    components=4, mean=(0.29,), std=(0.35,))
+MODEL = MixEMConfig(
+    backbone="convnet",
+    width=4,
+    image_size=16,
+    in_channels=1,
+    head_hidden=8,
+    embed_dim=8,
+    components=4,
+    mean=(0.29,),
+    std=(0.35,),
+)
 W, B = 2, 12  # ranks, global batch (6 images per rank)
 
 

@@ -34,8 +34,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarn
 
 
 def make_model(path: Path, channels: int = 3) -> Path:
-    cfg = MixEMConfig(backbone="convnet", width=8, image_size=28, in_channels=channels, head_hidden=16,
-                      mean=(0.29,) * channels, std=(0.35,) * channels)
+    cfg = MixEMConfig(
+        backbone="convnet",
+        width=8,
+        image_size=28,
+        in_channels=channels,
+        head_hidden=16,
+        mean=(0.29,) * channels,
+        std=(0.35,) * channels,
+    )
     torch.manual_seed(0)
     save_checkpoint(path, MixEM(cfg), cfg)
     return path
@@ -131,7 +138,7 @@ def test_every_file_accounted_for(messy, messy_run, model):
     assert rel == sorted(good + list(bad)) and m.n_files == len(rel)
     rows = [r for s in range(m.n_shards) for r in shards.read_shard(out, s)[1].to_pylist()]
     assert [r["id"] for r in rows] == list(range(len(rel)))
-    by_path = {r["image_path"][len(str(root)) + 1:]: r for r in rows}
+    by_path = {r["image_path"][len(str(root)) + 1 :]: r for r in rows}
     assert len(by_path) == len(rows)  # each file exactly once
     assert {p for p, r in by_path.items() if r["status"] == "ok"} == set(good)
     assert {p: r["status"] for p, r in by_path.items() if r["status"] != "ok"} == bad
@@ -175,8 +182,12 @@ def test_shards_read_back_with_pyarrow_numpy_and_embedding_reader(messy_run):
     ok = np.array([r["status"] == "ok" for r in meta])
     np.testing.assert_allclose(np.linalg.norm(vec[ok].astype(np.float32), axis=1), 1.0, atol=2e-3)
     er = pytest.importorskip("embedding_reader", reason="embedding-reader not installed (pip install embedding-reader)")
-    reader = er.EmbeddingReader(embeddings_folder=str(out / "embeddings"), metadata_folder=str(out / "metadata"),
-                                meta_columns=["image_path", "status"], file_format="parquet_npy")
+    reader = er.EmbeddingReader(
+        embeddings_folder=str(out / "embeddings"),
+        metadata_folder=str(out / "metadata"),
+        meta_columns=["image_path", "status"],
+        file_format="parquet_npy",
+    )
     assert reader.count == m.n_files
     got, paths = [], []
     for emb, df in reader(batch_size=5, start=0, end=reader.count, parallel_pieces=1, show_progress=False):
@@ -225,8 +236,23 @@ def plain(tmp_path_factory, fashion, model):
 
 def _cli(model, root, out, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "mixem.cli", "embed", str(model), str(root), "--out", str(out), "-b", "4",
-           "--shard-size", "4", "--workers", "2", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mixem.cli",
+        "embed",
+        str(model),
+        str(root),
+        "--out",
+        str(out),
+        "-b",
+        "4",
+        "--shard-size",
+        "4",
+        "--workers",
+        "2",
+        "-q",
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

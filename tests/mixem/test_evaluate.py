@@ -72,11 +72,19 @@ def test_evaluate_rows_on_a_real_model(fashion, tiny_model):
         ("mixture argmax", "-"),
     ]
     # Each row is what its own pieces give: the argmax row scores probs.argmax, a k-means row its k-means.
-    assert rows[-1] == {"features": "mixture argmax", "init": "-", "objective": None,
-                        **clustering_metrics(labels, f["probs"].argmax(1))}
+    assert rows[-1] == {
+        "features": "mixture argmax",
+        "init": "-",
+        "objective": None,
+        **clustering_metrics(labels, f["probs"].argmax(1)),
+    }
     km = kmeans(l2_normalize(f["embedding"]), 10, init="kmeans++", niter=10, nredo=2, seed=0)
-    assert rows[3] == {"features": "embedding", "init": "kmeans++", "objective": km.objective,
-                       **clustering_metrics(labels, km.assign)}
+    assert rows[3] == {
+        "features": "embedding",
+        "init": "kmeans++",
+        "objective": km.objective,
+        **clustering_metrics(labels, km.assign),
+    }
     assert rows[-1]["objective"] is None and all(r["objective"] > 0 for r in rows[:-1])
     # untrained backbone features still carry the pixels' structure: well above chance (0.1)
     assert rows[1]["acc"] > 0.3

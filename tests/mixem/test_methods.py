@@ -33,8 +33,9 @@ def test_a_registered_method_trains_and_logs_its_terms(align_method, tmp_path):
     from mixem.data import load_images
 
     images = load_images(None, image_size=28, in_channels=1, max_images=256).images
-    model_cfg, train_cfg, _ = build_configs("cpu", None, TINY_MODEL, dict(method="align", epochs=2, batch_size=64,
-                                                                          out=str(tmp_path / "run"), device="cpu"))
+    model_cfg, train_cfg, _ = build_configs(
+        "cpu", None, TINY_MODEL, dict(method="align", epochs=2, batch_size=64, out=str(tmp_path / "run"), device="cpu")
+    )
     assert model_cfg.head == "centers"  # the registry's head, picked by --method alone
     model, result = train(model_cfg, train_cfg, images)
     assert [set(r) >= {"ntxent", "align", "loss"} for r in result.history] == [True, True]

@@ -11,11 +11,16 @@ from mixem.model import InferenceModel, MixEM
 TINY = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.3,), std=(0.3,))
 
 
-@pytest.mark.parametrize("cfg", [
-    MixEMConfig(**TINY),
-    MixEMConfig(backbone="resnet18", width=8, image_size=32, head_hidden=16, embed_dim=8, components=3),
-    MixEMConfig(backbone="resnet18", width=8, image_size=96, in_channels=1, mean=(0.5,), std=(0.25,), head_hidden=8),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MixEMConfig(**TINY),
+        MixEMConfig(backbone="resnet18", width=8, image_size=32, head_hidden=16, embed_dim=8, components=3),
+        MixEMConfig(
+            backbone="resnet18", width=8, image_size=96, in_channels=1, mean=(0.5,), std=(0.25,), head_hidden=8
+        ),
+    ],
+)
 def test_output_contract(cfg):
     model = MixEM(cfg).eval()
     B = 3
@@ -27,7 +32,9 @@ def test_output_contract(cfg):
     torch.testing.assert_close(out.components.norm(dim=-1), torch.ones(B, cfg.components))
     pi = torch.softmax(out.mixture_logits, 1)
     torch.testing.assert_close(out.embedding, (pi.unsqueeze(-1) * out.components).sum(1))
-    emb, probs = InferenceModel(model)(torch.randint(0, 256, (B, cfg.in_channels, cfg.image_size, cfg.image_size), dtype=torch.uint8))
+    emb, probs = InferenceModel(model)(
+        torch.randint(0, 256, (B, cfg.in_channels, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    )
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(B))
     torch.testing.assert_close(probs.sum(1), torch.ones(B))
 
@@ -40,10 +47,10 @@ def test_batched_head_equals_per_component_mlps():
     comp, logits = out.components, out.mixture_logits
     H = head.H
     for k in range(head.K):
-        w1, b1 = head.fc1.weight[k * H:(k + 1) * H], head.fc1.bias[k * H:(k + 1) * H]
+        w1, b1 = head.fc1.weight[k * H : (k + 1) * H], head.fc1.bias[k * H : (k + 1) * H]
         e = F.relu(h @ w1.T + b1) @ head.w2[k] + head.b2[k]
         torch.testing.assert_close(comp[:, k], F.normalize(e, dim=-1))
-    g = F.relu(h @ head.fc1.weight[head.K * H:].T + head.fc1.bias[head.K * H:])
+    g = F.relu(h @ head.fc1.weight[head.K * H :].T + head.fc1.bias[head.K * H :])
     torch.testing.assert_close(logits, head.gate2(g))
 
 
@@ -55,13 +62,16 @@ def test_inference_model_normalises_inside():
     torch.testing.assert_close(emb, F.normalize(out.embedding, dim=1))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(backbone="vgg"), "unknown backbone"),
-    (dict(components=1), "at least 2"),
-    (dict(in_channels=2), "in_channels"),
-    (dict(image_size=4), "image_size"),
-    (dict(in_channels=1), "mean and std"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(backbone="vgg"), "unknown backbone"),
+        (dict(components=1), "at least 2"),
+        (dict(in_channels=2), "in_channels"),
+        (dict(image_size=4), "image_size"),
+        (dict(in_channels=1), "mean and std"),
+    ],
+)
 def test_bad_model_config(bad, match):
     with pytest.raises(ConfigError, match=match):
         MixEMConfig(**bad)
@@ -74,7 +84,14 @@ def test_config_strict_and_presets():
         replace(TrainConfig(), epochz=3)
     assert replace(TrainConfig(), epochs=None).epochs == TrainConfig().epochs  # None keeps the value
     m, t = preset("paper")
-    assert (m.backbone, m.components, m.embed_dim, t.batch_size, t.lr, t.temperature) == ("resnet18", 10, 32, 512, 1e-4, 0.5)
+    assert (m.backbone, m.components, m.embed_dim, t.batch_size, t.lr, t.temperature) == (
+        "resnet18",
+        10,
+        32,
+        512,
+        1e-4,
+        0.5,
+    )
     assert m.small_stem  # 32 px -> CIFAR stem
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("fast")

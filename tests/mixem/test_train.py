@@ -20,8 +20,17 @@ from mixem.errors import CheckpointError, TrainingDiverged
 from mixem.model import MixEM
 
 TINY_MODEL = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.29,), std=(0.35,))
-TINY_TRAIN = dict(batch_size=64, epochs=3, optimizer="adamw", lr=2e-3, warmup_epochs=0.5, temperature=0.2,
-                  crop_scale=(0.35, 1.0), blur=False, grayscale_p=0.0)
+TINY_TRAIN = dict(
+    batch_size=64,
+    epochs=3,
+    optimizer="adamw",
+    lr=2e-3,
+    warmup_epochs=0.5,
+    temperature=0.2,
+    crop_scale=(0.35, 1.0),
+    blur=False,
+    grayscale_p=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,18 @@ def _cli(*args, cwd):
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     conf = tmp_path / "tiny.json"
     conf.write_text(json.dumps({"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 4}}))
-    common = ["--preset", "cpu", "--config", str(conf), "--max-images", "768", "--no-eval", "--quiet", "--device", "cpu"]
+    common = [
+        "--preset",
+        "cpu",
+        "--config",
+        str(conf),
+        "--max-images",
+        "768",
+        "--no-eval",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     cmd, kw = _cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
     subprocess.run(cmd, check=True, timeout=300, **kw)
 
