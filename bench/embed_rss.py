@@ -38,25 +38,54 @@ def _rss_kb(pid: int) -> int | None:
     return None
 
 
+def write_fashion_jpegs(root: Path, n: int) -> None:
+    """n small real JPEGs (the embedded Fashion-MNIST items, cycled), 1,000 per folder."""
+    fm = fashion_images(10_000)
+    for i in range(n):
+        d = root / f"{i // 1000:05d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True)
+        Image.fromarray(fm[i % len(fm)]).save(d / f"{i:07d}.jpg", quality=90)
+
+
+def run_sampled(cmd: list[str], log: Path, t0: float) -> tuple[dict, list[tuple[float, int, int]]]:
+    """Run a `mixem-fast` command that prints JSON; sample its VmRSS every 0.1 s with the shards it has finished
+    (its --json-log shard events). Returns (its JSON, [(seconds, shards done, RSS kB)])."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            rss = _rss_kb(proc.pid)
+            shards = log.read_text().count('"event": "shard"') if log.exists() else 0
+            if rss is not None:
+                samples.append((round(time.perf_counter() - t0, 2), shards, rss))
+            time.sleep(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    stop.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(err.decode()[-2000:])
+    return json.loads(out), samples
+
+
 def study(params: dict, quick: bool, device) -> dict:
     """Embed `files` small real JPEGs (Fashion-MNIST, 28 px) with `mixem-fast embed` in a child process; sample
     its VmRSS every 0.1 s together with the number of finished shards (from the JSON log)."""
     import torch
 
-    n, shard_size = params["files"], params["shard_size"]
     from mixem.checkpoint import save_checkpoint
     from mixem.config import PRESETS, MixEMConfig
     from mixem.model import MixEM
 
+    n, shard_size = params["files"], params["shard_size"]
     tmp = Path(tempfile.mkdtemp(prefix="mixem_rss_"))
     try:
         t0 = time.perf_counter()
-        fm = fashion_images(10_000)
-        for i in range(n):
-            d = tmp / "imgs" / f"{i // 1000:05d}"
-            if i % 1000 == 0:
-                d.mkdir(parents=True)
-            Image.fromarray(fm[i % len(fm)]).save(d / f"{i:07d}.jpg", quality=90)
+        write_fashion_jpegs(tmp / "imgs", n)
         t_write = time.perf_counter() - t0
         cfg = MixEMConfig(**PRESETS["cpu"]["model"])
         torch.manual_seed(0)
@@ -77,26 +106,7 @@ def study(params: dict, quick: bool, device) -> dict:
             "--json-log",
             str(log),
         ]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        samples = []
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                rss = _rss_kb(proc.pid)
-                shards = log.read_text().count('"event": "shard"') if log.exists() else 0
-                if rss is not None:
-                    samples.append((round(time.perf_counter() - t0, 2), shards, rss))
-                time.sleep(0.1)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        out, err = proc.communicate()
-        stop.set()
-        th.join()
-        if proc.returncode != 0:
-            raise RuntimeError(err.decode()[-2000:])
-        summary = json.loads(out)
+        summary, samples = run_sampled(cmd, log, t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     per_shard = {}

@@ -16,10 +16,7 @@ import torch
 
 NAME = "train_step"
 
-_MODELS = {
-    "cpu-preset": dict(preset="cpu"),
-    "resnet18-32px": dict(preset="paper"),
-}
+_MODELS = {"cpu-preset": dict(preset="cpu"), "resnet18-32px": dict(preset="paper")}
 
 
 def cases(quick: bool) -> list[dict]:

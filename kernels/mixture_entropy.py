@@ -37,17 +37,10 @@ MAX_K = 16384  # one row of K logits is held in registers
 
 @triton.jit
 def _mixture_fwd_kernel(
-    A,
-    PI,
-    PART,  # (B, K) logits, (B, K) out π, (programs, K + 2) out: Σ_i π_i, Σ_i H_i, Σ_i x_i
-    B,
-    K,
-    stride_a,
-    stride_pi,
-    BB: tl.constexpr,
-    BK: tl.constexpr,
-    ACC: tl.constexpr,
-):
+    A, PI, PART,  # (B, K) logits, (B, K) out π, (programs, K + 2) out: Σ_i π_i, Σ_i H_i, Σ_i x_i
+    B, K, stride_a, stride_pi,
+    BB: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)  # (BB,)
     cols = tl.arange(0, BK)
@@ -73,21 +66,10 @@ def _mixture_fwd_kernel(
 
 @triton.jit
 def _mixture_bwd_kernel(
-    A,
-    GPI,
-    GPBAR,
-    GSTAT,
-    DA,  # (B, K) logits, (B, K) grad of π, (K,) grad of p̄, (2,) grads of H and x, (B, K) out
-    B,
-    K,
-    stride_a,
-    stride_g,
-    stride_da,
-    inv_b,
-    BB: tl.constexpr,
-    BK: tl.constexpr,
-    ACC: tl.constexpr,
-):
+    A, GPI, GPBAR, GSTAT, DA,  # (B, K) logits, (B, K) grad of π, (K,) grad of p̄, (2,) grads of H and x, (B, K) out
+    B, K, stride_a, stride_g, stride_da, inv_b,
+    BB: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
     cols = tl.arange(0, BK)

@@ -43,22 +43,11 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _ntxent_lse_fwd_kernel(
-    A,
-    Bm,
-    LSE,  # (RA, D) rows, (RB, D) columns, (RA,) out
-    RA,
-    RB,
-    D,
-    a_off,
-    b_off,
-    stride_a,
-    stride_b,
+    A, Bm, LSE,  # (RA, D) rows, (RB, D) columns, (RA,) out
+    RA, RB, D, a_off, b_off, stride_a, stride_b,
     scale2,  # log2(e) / τ
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BD: tl.constexpr,
-    ACC: tl.constexpr,
-):
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)  # (BM,)
     offs_n = tl.arange(0, BN)
@@ -91,31 +80,13 @@ def _ntxent_lse_fwd_kernel(
 
 @triton.jit
 def _ntxent_lse_bwd_kernel(
-    A,
-    Bm,
-    DA,  # (RA, D) program rows, (RB, D) looped rows, (RA, D) out
-    LSE_A,
-    DLSE_A,
-    LSE_B,
-    DLSE_B,  # (RA,), (RA,), (RB,), (RB,); dlse pre-divided by a power of two
-    RA,
-    RB,
-    D,
-    a_off,
-    b_off,
-    stride_a,
-    stride_b,
-    stride_da,
-    DSCALE,
-    scale2,
-    inv_tau,  # (1,) the power of two dlse was divided by; log2(e) / τ; 1 / τ
-    ROW_TERM: tl.constexpr,
-    COL_TERM: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BD: tl.constexpr,
-    ACC: tl.constexpr,
-):
+    A, Bm, DA,  # (RA, D) program rows, (RB, D) looped rows, (RA, D) out
+    LSE_A, DLSE_A, LSE_B, DLSE_B,  # (RA,), (RA,), (RB,), (RB,); dlse pre-divided by a power of two
+    RA, RB, D, a_off, b_off, stride_a, stride_b, stride_da,
+    DSCALE, scale2, inv_tau,  # (1,) the power of two dlse was divided by; log2(e) / τ; 1 / τ
+    ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < RA

@@ -109,6 +109,55 @@ def cluster_run(
             f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "
             "every point is still assigned"
         )
+    _write_assignments(out, x, cols, res)
+    rel = _rel(cols["image_path"], m.root)
+    y, label_source, classes = find_labels(rel, labels_file)
+    settings = dict(k=k, init=init, spherical=spherical, niter=niter, seed=seed)
+    metrics = _metrics(settings, res, m.features, cols, y, label_source, seconds=t_km)
+    atomic_write_text(out / METRICS, json.dumps(metrics, indent=2) + "\n")
+    if report:
+        from mixem.report import write_report
+
+        write_report(
+            out / REPORT, rel, m.root, res.assign, res.distances, k, metrics, y, classes, per_cluster=per_cluster
+        )
+    summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "kmeans", "sampled", "empty_clusters")}
+    summary.update({key: metrics[key] for key in ("acc", "nmi", "ari", "labels") if key in metrics})
+    summary["outputs"] = [str(out / f) for f in (CLUSTERS, CENTROIDS, INDEX, METRICS) + ((REPORT,) if report else ())]
+    log.event("cluster", **summary)
+    return summary
+
+
+def _metrics(settings: dict, res, features: str, cols: dict, y, label_source, seconds: float) -> dict:
+    """metrics.json: the settings, what k-means did, cluster sizes, and ACC/NMI/ARI when labels exist."""
+    N, D = len(res.assign), res.centroids.shape[1]
+    sizes = np.bincount(res.assign, minlength=settings["k"])
+    metrics = {
+        **settings,
+        "points": N,
+        "dim": D,
+        "features": features,
+        "objective": res.objective,
+        "device": res.device,
+        "kmeans": res.where,
+        "sampled": res.sampled,
+        "points_used_for_training": res.n_points_used,
+        "cluster_sizes": sizes.tolist(),
+        "empty_clusters": int((sizes == 0).sum()),
+        "seconds_kmeans": round(seconds, 3),
+    }
+    if y is not None:
+        metrics.update(
+            labels=label_source,
+            classes=int(y.max()) + 1,
+            **clustering_metrics(y, res.assign),
+            mixture_argmax=clustering_metrics(y, cols["mixture_probs"].argmax(1)),
+        )
+    return metrics
+
+
+def _write_assignments(out: Path, x: np.ndarray, cols: dict, res) -> None:
+    """clusters.parquet (path, id, cluster, distance per row), centroids.npy and the search index."""
     ids, paths = cols["id"], cols["image_path"]
     table = pa.table(
         {
@@ -121,53 +170,9 @@ def cluster_run(
     atomic_write(out / CLUSTERS, lambda p: pq.write_table(table, p, row_group_size=CLUSTERS_ROW_GROUP))
     atomic_write(out / CENTROIDS, lambda p: _save_npy(p, res.centroids))
     # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(x.shape[1]))
     index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids.astype(np.int64))
     atomic_write(out / INDEX, lambda p: faiss.write_index(index, str(p)))
-    sizes = np.bincount(res.assign, minlength=k)
-    rel = _rel(paths, m.root)
-    y, label_source, classes = find_labels(rel, labels_file)
-    metrics = {
-        "k": k,
-        "init": init,
-        "spherical": spherical,
-        "niter": niter,
-        "seed": seed,
-        "points": N,
-        "dim": D,
-        "features": m.features,
-        "objective": res.objective,
-        "device": res.device,
-        "kmeans": res.where,
-        "sampled": res.sampled,
-        "points_used_for_training": res.n_points_used,
-        "cluster_sizes": sizes.tolist(),
-        "empty_clusters": int((sizes == 0).sum()),
-        "seconds_kmeans": round(t_km, 3),
-    }
-    if y is not None:
-        metrics.update(
-            {
-                "labels": label_source,
-                "classes": int(y.max()) + 1,
-                **clustering_metrics(y, res.assign),
-                "mixture_argmax": clustering_metrics(y, cols["mixture_probs"].argmax(1)),
-            }
-        )
-    atomic_write_text(out / METRICS, json.dumps(metrics, indent=2) + "\n")
-    if report:
-        from mixem.report import write_report
-
-        write_report(
-            out / REPORT, rel, m.root, res.assign, res.distances, k, metrics, y, classes, per_cluster=per_cluster
-        )
-    summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "kmeans", "sampled", "empty_clusters")}
-    for key in ("acc", "nmi", "ari", "labels"):
-        if key in metrics:
-            summary[key] = metrics[key]
-    summary["outputs"] = [str(out / f) for f in (CLUSTERS, CENTROIDS, INDEX, METRICS) + ((REPORT,) if report else ())]
-    log.event("cluster", **summary)
-    return summary
 
 
 def _save_npy(path: Path, a: np.ndarray):

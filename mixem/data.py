@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixem import folders, formats
+from mixem import cifar_stl, folders, formats
 from mixem.config import DATA_FORMATS, SPLITS
 from mixem.errors import DataError
 
@@ -190,9 +190,9 @@ def load_images(
     elif detected == "npz":
         arrays = formats.read_npz(where, split, max_images)
     elif detected == "stl10":
-        arrays = formats.read_stl10(where, split, max_images)
+        arrays = cifar_stl.read_stl10(where, split, max_images)
     else:
-        arrays = formats.read_cifar(where, detected, split, max_images)
+        arrays = cifar_stl.read_cifar(where, detected, split, max_images)
     return _finish(arrays, image_size, in_channels, labels, progress)
 
 

@@ -232,11 +232,46 @@ def embed_folder(
     log.event("embed_start", rank=rank, world=world, shards=len(mine), todo=len(todo), images=total, decoder=how)
 
     t0 = time.perf_counter()
+    with log.progress(total, f"embed r{rank}") as bar:
+        counts = _stream(engine, m, out, todo, opts, how, workers, bar, log)
+    seconds = time.perf_counter() - t0
+    summary = dict(
+        rank=rank,
+        world=world,
+        shards=len(mine),
+        shards_done_now=len(todo),
+        shards_already_done=len(mine) - len(todo),
+        images_this_run=counts["images"],
+        embedded_this_run=counts["ok"],
+        bad_this_run=counts["bad"],
+        seconds=round(seconds, 3),
+        images_per_s=round(counts["images"] / seconds, 1) if seconds > 0 else None,
+        engine=engine.name,
+        provider=engine.provider,
+        device=str(engine.device),
+        decoder=how,
+    )
+    summary.update(summarize(out, m))
+    log.event("embed_end", **summary)
+    return summary
+
+
+def _stream(
+    engine,
+    m: manifest.Manifest,
+    out: Path,
+    todo: list[int],
+    opts: EmbedOptions,
+    how: str,
+    workers: int,
+    bar,
+    log: RunLog,
+) -> dict[str, int]:
+    """Decode (threads, prefetch + 1 batches ahead), run the engine, and hand each full shard to one writer thread."""
     counts = {"images": 0, "ok": 0, "bad": 0}
     with (
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer,
-        log.progress(total, f"embed r{rank}") as bar,
     ):
         dec = _Decoder(pool, workers, engine.image_size, engine.in_channels, how, engine.device)
         specs = _batch_specs(m, out, todo, opts.batch_size)
@@ -261,26 +296,7 @@ def embed_folder(
                 write = writer.submit(_finish_shard, out, shard, log)
         if write is not None:
             write.result()
-    seconds = time.perf_counter() - t0
-    summary = {
-        "rank": rank,
-        "world": world,
-        "shards": len(mine),
-        "shards_done_now": len(todo),
-        "shards_already_done": len(mine) - len(todo),
-        "images_this_run": counts["images"],
-        "embedded_this_run": counts["ok"],
-        "bad_this_run": counts["bad"],
-        "seconds": round(seconds, 3),
-        "images_per_s": round(counts["images"] / seconds, 1) if seconds > 0 else None,
-        "engine": engine.name,
-        "provider": engine.provider,
-        "device": str(engine.device),
-        "decoder": how,
-    }
-    summary.update(summarize(out, m))
-    log.event("embed_end", **summary)
-    return summary
+    return counts
 
 
 def _batch_specs(m: manifest.Manifest, out: Path, todo: list[int], batch_size: int):

@@ -9,17 +9,9 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
 from mixem.errors import ConfigError, DataError
-from mixem.kmeans import (
-    SPLIT_EPS,
-    _split_empty,
-    faiss_num_gpus,
-    kmeans,
-    kmeans_plus_plus,
-    l2_normalize,
-    mixture_init_centroids,
-    resolve_backend,
-)
+from mixem.kmeans import SPLIT_EPS, _split_empty, faiss_num_gpus, kmeans, l2_normalize, resolve_backend
 from mixem.metrics import cluster_accuracy
+from mixem.seeding import kmeans_plus_plus, mixture_init_centroids
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +60,11 @@ def test_subsampling_is_reported_and_all_points_still_assigned(digits):
 
 
 def test_seeding_from_a_sample_at_scale(digits, monkeypatch):
-    import mixem.kmeans
+    import mixem.seeding
 
     x, _ = digits
     full = kmeans(x, 10, niter=30, nredo=3, seed=2)
-    monkeypatch.setattr(mixem.kmeans, "SEED_POINTS_PER_CENTROID", 20)  # seeds from 200 of 1797 points
+    monkeypatch.setattr(mixem.seeding, "SEED_POINTS_PER_CENTROID", 20)  # seeds from 200 of 1797 points
     sub = kmeans(x, 10, niter=30, nredo=3, seed=2)
     assert sub.n_points_used == len(x) and sub.assign.shape == (len(x),)
     assert sub.objective < full.objective * 1.1

@@ -1,0 +1,129 @@
+"""The shape of the code a newcomer reads: small modules and functions, no import circle, no private reach-ins."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Source folder -> the import package it installs as (pyproject.toml's package-dir).
+PACKAGES = {
+    "mixem": "mixem",
+    "kernels": "mixem.kernels",
+    "export": "mixem.export",
+    "cli": "mixem.cli",
+    "bench": "mixem.bench",
+}
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, list[str], int]]:
+    """(imported module, names taken from it, line) for every import in the file, nested ones included."""
+    is_pkg = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package of this module
+                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
+                base = ".".join(pkg + ([base] if base else []))
+            out.append((base, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def _edges(name: str, path: Path) -> set[str]:
+    edges = set()
+    for mod, names, _ in _imports(name, path):
+        subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in MODULES]  # `from pkg import submodule`
+        edges.update(subs)
+        if mod in MODULES and len(subs) < len(names) or (mod in MODULES and not names):
+            edges.add(mod)
+    edges.discard(name)
+    return edges
+
+
+def test_the_package_is_what_the_test_reads():
+    assert {
+        "mixem.config",
+        "mixem.methods",
+        "mixem.engines",
+        "mixem.kmeans",
+        "mixem.cluster",
+        "mixem.kernels.nt_xent",
+        "mixem.export.onnx",
+        "mixem.cli.app",
+        "mixem.bench.harness",
+    } <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_and_function_sizes(name):
+    path = MODULES[name]
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{path.relative_to(ROOT)}: split it (one job per file)"
+    long = [
+        f"{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+        for n in ast.walk(ast.parse(text))
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"{path.relative_to(ROOT)}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    bad = []
+    for name, path in MODULES.items():
+        for mod, names, line in _imports(name, path):
+            if mod.startswith("mixem") and mod != name:
+                bad += [
+                    f"{path.relative_to(ROOT)}:{line} imports {mod}.{n}"
+                    for n in names
+                    if n.startswith("_") and not n.startswith("__")
+                ]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle():
+    graph = {name: _edges(name, path) for name, path in MODULES.items()}
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                circles.append(sorted(part))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not circles, f"import circles: {circles}"
