@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every loss term: the specification the Triton kernels must match.
 
-Notation (STYLE.md): B images, N = 2B views stacked as [view 1; view 2] (M rows in the kernels),
+Notation: B images, N = 2B views stacked as [view 1; view 2] (M rows in the kernels),
 D embedding dim, K mixture components, tau the temperature.
 
 NT-Xent (SimCLR), rows z_i L2-normalised, s_ik = z_i . z_k / tau, positive p(i) = (i + B) mod N:
@@ -14,7 +14,7 @@ MIX'EM terms on the gate logits a (rows: instances), pi = softmax(a):
           c_n = argmax_k pi_nk (no gradient), mu_k = mean of z_n with c_n = k.
 The released MIX'EM code appends K zero vectors (one per component) before taking the means so
 that no component is empty; that drags every mu_k toward the origin and adds K fake points to the
-pull term. Here empty components are left out of both terms instead (methods.md 2.4).
+pull term. Here empty components are left out of both terms instead (README, "The method as implemented").
 """
 
 from __future__ import annotations

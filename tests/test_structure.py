@@ -1,6 +1,7 @@
 """The shape of the code a newcomer reads: small modules and functions, no import circle, no private reach-ins."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,12 @@ def test_no_import_circle():
         if v not in index:
             visit(v)
     assert not circles, f"import circles: {circles}"
+
+
+def test_the_readme_map_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Map of the code", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`((?:mixem|kernels|export|cli|bench|scripts)/[\w/]+\.(?:py|sh))`", section))
+    files = {str(p.relative_to(ROOT)) for p in MODULES.values()} - {"cli/__init__.py", "bench/__init__.py"}
+    assert not files - listed, f"modules missing from the README's map: {sorted(files - listed)}"
+    assert all((ROOT / f).is_file() for f in listed), f"the map names files that do not exist: {sorted(listed)}"

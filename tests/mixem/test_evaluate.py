@@ -110,7 +110,7 @@ def test_evaluate_with_an_oracle_mixture(fashion):
 def test_raw_pixel_baseline_on_fashion_test_split(fashion):
     images, labels = fashion
     row = raw_pixel_baseline(images, labels, 10, seed=0)
-    # DATA.md (sklearn, n_init=10, 3 seeds): ACC 0.483-0.491, NMI 0.515-0.516. Observed here (faiss,
+    # scikit-learn KMeans on the same images (n_init=10, 3 seeds): ACC 0.483-0.491, NMI 0.515-0.516. Observed here (faiss,
     # 10 k-means++ redos, 50 iterations), seeds 0/1/2: ACC 0.4829/0.4830/0.4830, NMI 0.5143/0.5145/0.5146,
     # objective 316754.8-316755.3 vs sklearn's 316755.2-316769.9: the same local minima, so the band is
     # the sklearn range widened by one such minimum on either side.
