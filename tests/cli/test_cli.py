@@ -20,54 +20,31 @@ def _one_error_line(result):
     return lines[0]
 
 
-def test_train_then_eval_prints_comparison(tmp_path):
+def _train(tmp_path, *args: str):
+    """`mixem-fast train` on the embedded data with a tiny convnet into tmp_path/run: (result, run folder)."""
     conf = tmp_path / "tiny.json"
     conf.write_text(json.dumps(TINY))
     out = tmp_path / "run"
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            "--preset",
-            "cpu",
-            "--config",
-            str(conf),
-            "--max-images",
-            "640",
-            "--out",
-            str(out),
-            "--quiet",
-            "--device",
-            "cpu",
-        ],
-    )
+    cmd = ["train", "--preset", "cpu", "--config", str(conf), "--out", str(out), "--quiet", "--device", "cpu", *args]
+    return runner.invoke(app, cmd), out
+
+
+def test_train_then_eval_prints_comparison(tmp_path):
+    r, out = _train(tmp_path, "--max-images", "640")
     assert r.exit_code == 0, r.output
     last = r.output.strip().splitlines()[-1]
     metrics = json.loads((out / "metrics.json").read_text())
     head = metrics["headline"]
     assert head["method"] == "mixem" and head["name"] == "MIX'EM (k-means from the mixture components)"
-    assert (
-        last.startswith(f"{head['name']}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}") and "raw-pixel k-means" in last
-    )
+    assert last.startswith(f"{head['name']}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}")
+    assert "raw-pixel k-means" in last
     same = [row for row in metrics["rows"] if (row["features"], row["init"]) == ("embedding", "mixture")]
     assert same == [{k: v for k, v in head.items() if k not in ("method", "name")}] and metrics["images"] == 640
     r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "raw-pixel k-means" in r.output.strip().splitlines()[-1]
     r = runner.invoke(
-        app,
-        [
-            "eval",
-            str(out),
-            "--max-images",
-            "300",
-            "--quiet",
-            "--features",
-            "top_component",
-            "--init",
-            "random",
-            "--raw",
-        ],
+        app, ["eval", str(out), *"--max-images 300 --quiet --features top_component --init random --raw".split()]
     )
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines()[-1].startswith("MIX'EM (top_component, random)")
@@ -77,28 +54,7 @@ def test_train_then_eval_prints_comparison(tmp_path):
 
 def test_each_method_names_its_own_headline(tmp_path):
     """`--method simclr` once ended with MIX'EM's headline, stored under the key "mixem"."""
-    conf = tmp_path / "tiny.json"
-    conf.write_text(json.dumps(TINY))
-    out = tmp_path / "run"
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            "--preset",
-            "cpu",
-            "--config",
-            str(conf),
-            "--max-images",
-            "256",
-            "--method",
-            "simclr",
-            "--out",
-            str(out),
-            "--quiet",
-            "--device",
-            "cpu",
-        ],
-    )
+    r, out = _train(tmp_path, "--max-images", "256", "--method", "simclr")
     assert r.exit_code == 0, r.output
     head = json.loads((out / "metrics.json").read_text())["headline"]
     assert (head["method"], head["name"], head["init"]) == ("simclr", "SimCLR (k-means++ on the embedding)", "kmeans++")
