@@ -100,7 +100,7 @@ def setup(case, device) -> dict:
     def make_step():
         torch.manual_seed(0)
         model = MixEM(model_cfg).to(device).to(memory_format=torch.channels_last).train()
-        opt = make_optimizer(model, train_cfg)
+        opt = make_optimizer(model.parameters(), train_cfg.lr, train_cfg)
 
         def one_step(views: torch.Tensor):  # mixem.train.step: the training loop's own step
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -6,7 +6,8 @@ A checkpoint is a directory:
     train_config.json   TrainConfig of the run (optional)
     state.json          epoch, step, metrics (written by training)
     trainer.pt          optimizer / scheduler / RNG state, tensors only (torch.load(weights_only=True))
-A run directory holds checkpoints/epoch_NNNN/ and a `latest` file naming the newest complete one;
+A run directory holds checkpoints/STAGE_NNNN/ (epoch_ for the representation, then neighbors_ and
+selflabel_ for the refinement stages) and a `latest` file naming the newest complete one;
 each checkpoint is written to a hidden temporary directory first and renamed into place, so a
 killed run never leaves a half-written checkpoint that looks complete.
 """
@@ -155,9 +156,19 @@ def mark_latest(run_dir: str | os.PathLike, name: str):
     atomic_write_text(Path(run_dir) / "checkpoints" / "latest", name + "\n")
 
 
-def prune(run_dir: str | os.PathLike, keep: int = 2):
-    """Delete all but the newest `keep` epoch checkpoints (the latest is always kept)."""
+def _stage_checkpoints(run_dir: str | os.PathLike, prefix: str) -> list[Path]:
+    """A stage's complete checkpoints (PREFIX_NNNN with weights), oldest first."""
     root = Path(run_dir) / "checkpoints"
-    ckpts = sorted(d for d in root.glob("epoch_*") if d.is_dir())
-    for d in ckpts[:-keep]:
+    return sorted(d for d in root.glob(f"{prefix}_[0-9]*") if (d / WEIGHTS).is_file())
+
+
+def newest(run_dir: str | os.PathLike, prefix: str) -> Path | None:
+    """The newest complete checkpoint of one stage ("epoch", "neighbors", "selflabel"), or None."""
+    found = _stage_checkpoints(run_dir, prefix)
+    return found[-1] if found else None
+
+
+def prune(run_dir: str | os.PathLike, prefix: str = "epoch", keep: int = 2):
+    """Delete all but one stage's newest `keep` checkpoints (the latest is always among them)."""
+    for d in _stage_checkpoints(run_dir, prefix)[:-keep]:
         shutil.rmtree(d, ignore_errors=True)

@@ -56,9 +56,9 @@ def _split(out: MixEMOutput, B: int) -> tuple[MixEMOutput, MixEMOutput]:
     return half(slice(0, B)), half(slice(B, None))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def step(
@@ -79,8 +79,8 @@ def step(
     return terms
 
 
-def check_inputs(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, ctx: DistContext) -> slice:
-    """One-line errors for images, head and batch that do not fit the run; returns this rank's rows of a batch."""
+def check_inputs(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.Tensor, ctx: DistContext) -> None:
+    """One-line errors for images, head and batch that do not fit the run."""
     N, C, H, W = images.shape
     S = model_cfg.image_size
     if (C, H, W) != (model_cfg.in_channels, S, S):
@@ -94,12 +94,11 @@ def check_inputs(model_cfg: MixEMConfig, train_cfg: TrainConfig, images: torch.T
             f"method {train_cfg.method} needs head {need!r} but the model config has head "
             f"{model_cfg.head!r}; set the model head to {need!r} (--method alone picks its head)"
         )
-    mine = local_slice(train_cfg.batch_size, ctx)
+    local_slice(train_cfg.batch_size, ctx)  # the global batch must divide over the processes
     if N < train_cfg.batch_size:
         raise ConfigError(
             f"--batch-size {train_cfg.batch_size} is larger than the {N} training images; pass --batch-size {N} or less"
         )
-    return mine
 
 
 def wrap_for_training(model: MixEM, train_cfg: TrainConfig, ctx: DistContext, device: torch.device):
@@ -112,6 +111,18 @@ def wrap_for_training(model: MixEM, train_cfg: TrainConfig, ctx: DistContext, de
             fwd_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     return torch.compile(fwd_model) if train_cfg.compile else fwd_model
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage. Its checkpoints are PREFIX_NNNN in the run's checkpoints/ (the newest two kept), it
+    resumes from its own newest one, and its epochs draw their own shuffles and augmentations."""
+
+    prefix: str  # "epoch" (representation), "neighbors", "selflabel"
+    epochs: int
+    batch_size: int
+    seed: int  # the run's seed; each stage offsets it by its index so stages never share a permutation
+    index: int = 0
 
 
 def train(
@@ -135,104 +146,146 @@ def train(
     device = device or resolve_device(train_cfg.device)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
-    mine = check_inputs(model_cfg, train_cfg, images, ctx)
+    check_inputs(model_cfg, train_cfg, images, ctx)
     run_dir = Path(train_cfg.out)
-    steps_per_epoch = len(images) // train_cfg.batch_size  # drop_last, as SimCLR and the released MIX'EM code do
-    total_steps = steps_per_epoch * train_cfg.epochs
+    stage = Stage("epoch", train_cfg.epochs, train_cfg.batch_size, train_cfg.seed)
+    steps_per_epoch = len(images) // stage.batch_size  # drop_last, as SimCLR and the released MIX'EM code do
     warmup_steps = max(1, round(train_cfg.warmup_epochs * steps_per_epoch))
 
     torch.manual_seed(train_cfg.seed)
     # channels_last: tensor-core friendly on GPUs, and 1.25-1.4x faster training with oneDNN on CPUs (measured).
     model = MixEM(model_cfg).to(device).to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, train_cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps))
-    start_epoch = open_run(run_dir, model_cfg, train_cfg, resume, ctx, log, (model, opt, sched, device))
+    opt = make_optimizer(model.parameters(), train_cfg.lr, train_cfg)
+    sched = make_schedule(opt, warmup_steps, steps_per_epoch * stage.epochs)
+    open_run(run_dir, model_cfg, train_cfg, resume, ctx)
 
     fwd_model = wrap_for_training(model, train_cfg, ctx, device)
     augment = build_augment(model_cfg, train_cfg).to(device)
     images = images.to(device)
-    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_for(train_cfg, device)
     params = sum(p.numel() for p in model.parameters())
     log.event(
         "start",
         device=str(device),
         images=len(images),
         steps_per_epoch=steps_per_epoch,
-        start_epoch=start_epoch,
         parameters=params,
         model=model_cfg.__dict__,
         train=train_cfg.__dict__,
     )
 
-    def one_step(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images[idx]
         views = torch.cat([augment(x), augment(x)]).contiguous(memory_format=torch.channels_last)  # (2B, C, S, S)
         return step(fwd_model, views, opt, sched, train_cfg, ctx, autocast)
 
-    history, t_train = [], 0.0
-    for epoch in range(start_epoch, train_cfg.epochs):
+    history, seconds = run_stage(
+        stage,
+        model,
+        (opt, sched),
+        one_step,
+        len(images),
+        model_cfg,
+        train_cfg,
+        run_dir=run_dir,
+        log=log,
+        ctx=ctx,
+        resume=resume,
+        on_epoch=on_epoch,
+    )
+    return model, TrainResult(run_dir, ckpt.resolve(run_dir), train_cfg.epochs, seconds, history)
+
+
+def make_schedule(opt, warmup_steps: int, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps))
+
+
+def autocast_for(train_cfg: TrainConfig, device: torch.device):
+    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def run_stage(
+    stage: Stage,
+    model,
+    trainer,
+    one_step,
+    n_images: int,
+    model_cfg: MixEMConfig,
+    train_cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    log: RunLog,
+    ctx: DistContext,
+    resume: bool,
+    on_epoch=None,
+) -> tuple[list, float]:
+    """The epochs of one stage: one_step(indices) per batch, a checkpoint per epoch (rank 0), resumable.
+
+    trainer = (optimizer, scheduler); with resume, both and the model are restored from the stage's newest
+    checkpoint and the stage continues after it (a finished stage only restores). Returns (records, seconds).
+    """
+    opt, sched = trainer
+    start = restore_stage(run_dir, stage.prefix, model, opt, sched) if resume else 0
+    if start:
+        log.print(f"resuming {run_dir}: {stage.prefix} {start}/{stage.epochs} done")
+    mine = local_slice(stage.batch_size, ctx)
+    history, seconds = [], 0.0
+    for epoch in range(start, stage.epochs):
         model.train()
-        record = run_epoch(one_step, images, train_cfg, epoch, mine, log, ctx, run_dir)
+        record = run_epoch(one_step, n_images, stage, epoch, mine, log, ctx, run_dir)
         record["lr"] = sched.get_last_lr()[0]
-        t_train += record["seconds"]
+        seconds += record["seconds"]
         if ctx.main:
             trainer_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-            save_epoch(run_dir, model, model_cfg, train_cfg, epoch, record, steps_per_epoch, ctx, trainer_state)
+            state = {
+                "stage": stage.prefix,
+                "epoch": epoch + 1,
+                "step": (epoch + 1) * (n_images // stage.batch_size),
+                "record": record,
+                "world_size": ctx.world,
+            }
+            save_epoch(run_dir, f"{stage.prefix}_{epoch + 1:04d}", model, model_cfg, train_cfg, state, trainer_state)
         barrier(ctx)
-        log.event("epoch", **record)
+        log.event(stage.prefix, **record)
         shown = "  ".join(
             f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr", "seconds", "images_per_s")
         )
-        log.print(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  {shown}  {record['images_per_s']:,.0f} img/s")
+        log.print(f"{stage.prefix} {epoch + 1:>3}/{stage.epochs}  {shown}  {record['images_per_s']:,.0f} img/s")
         history.append(record)
         if on_epoch is not None and ctx.main:
             on_epoch(model, epoch + 1, record)
-    return model, TrainResult(run_dir, ckpt.resolve(run_dir), train_cfg.epochs, t_train, history)
+    return history, seconds
 
 
-def open_run(
-    run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resume: bool, ctx: DistContext, log: RunLog, state
-) -> int:
-    """Restore the latest checkpoint into state (model, optimizer, scheduler, device) when resuming, or refuse
-    a folder that already holds a run; rank 0 writes the configs. Returns the epoch to start from."""
-    start_epoch = 0
-    if resume:
-        start_epoch = _restore(run_dir, *state)
-        log.print(f"resuming {run_dir} at epoch {start_epoch + 1}/{train_cfg.epochs}")
-    elif (run_dir / "checkpoints" / "latest").exists():
+def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resume: bool, ctx: DistContext) -> None:
+    """Refuse a folder that already holds a run unless resuming it; rank 0 writes the configs."""
+    if not resume and (run_dir / "checkpoints" / "latest").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     barrier(ctx)  # every rank has checked the run directory before rank 0 writes into it
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json(model_cfg, run_dir / "config.json")
         save_json(train_cfg, run_dir / "train_config.json")
-    return start_epoch
 
 
 def run_epoch(
-    one_step,
-    images: torch.Tensor,
-    train_cfg: TrainConfig,
-    epoch: int,
-    mine: slice,
-    log: RunLog,
-    ctx: DistContext,
-    run_dir: Path,
+    one_step, n_images: int, stage: Stage, epoch: int, mine: slice, log: RunLog, ctx: DistContext, run_dir: Path
 ) -> dict:
-    """One pass over `images` in the epoch's own shuffled order; returns the epoch's record (mean loss terms)."""
+    """One pass over the images in the epoch's own shuffled order; returns the epoch's record (mean loss terms)."""
     t0 = time.perf_counter()
-    N, B = len(images), train_cfg.batch_size
-    steps = N // B
-    g = torch.Generator().manual_seed(_epoch_seed(train_cfg.seed, epoch))
-    perm = torch.randperm(N, generator=g).to(images.device)
-    torch.manual_seed(_epoch_seed(train_cfg.seed, epoch))  # kornia draws from the global RNG
+    B = stage.batch_size
+    steps = n_images // B
+    seed = _epoch_seed(stage.seed, epoch + 100_000 * stage.index)
+    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)  # kornia (and the stages' own draws) use the global RNG
     sums: dict[str, float] = {}
-    with log.progress(steps * B, f"epoch {epoch + 1}/{train_cfg.epochs}") as bar:
+    with log.progress(steps * B, f"{stage.prefix} {epoch + 1}/{stage.epochs}") as bar:
         for s in range(steps):
-            vals = mean_over_ranks(detach_terms(one_step(images[perm[s * B : (s + 1) * B][mine]])), ctx)
+            vals = mean_over_ranks(detach_terms(one_step(perm[s * B : (s + 1) * B][mine])), ctx)
             if not math.isfinite(vals["loss"]):  # the averaged value: every rank stops together
                 raise TrainingDiverged(
-                    f"loss became {vals['loss']} at epoch {epoch + 1}, step {s + 1}; "
+                    f"loss became {vals['loss']} in {stage.prefix} {epoch + 1}, step {s + 1}; "
                     f"{_last_good(run_dir)}; lower --lr or raise --temperature and resume"
                 )
             for k, v in vals.items():
@@ -255,30 +308,24 @@ def _last_good(run_dir: Path) -> str:
 
 
 def save_epoch(
-    run_dir: Path,
-    model,
-    model_cfg: MixEMConfig,
-    train_cfg: TrainConfig,
-    epoch: int,
-    record: dict,
-    steps_per_epoch: int,
-    ctx: DistContext,
-    trainer_state: dict,
+    run_dir: Path, name: str, model, model_cfg: MixEMConfig, train_cfg: TrainConfig, state: dict, trainer_state: dict
 ) -> None:
-    """The epoch's checkpoint (atomic), then `latest` points at it; older ones beyond two are pruned."""
-    name = f"epoch_{epoch + 1:04d}"
-    state = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "record": record, "world_size": ctx.world}
+    """The epoch's checkpoint (atomic), then `latest` points at it; the stage's older ones beyond two are pruned."""
     ckpt.save_checkpoint(
         run_dir / "checkpoints" / name, model, model_cfg, train_cfg=train_cfg, state=state, trainer_state=trainer_state
     )
     ckpt.mark_latest(run_dir, name)
-    ckpt.prune(run_dir, keep=2)
+    ckpt.prune(run_dir, prefix=name.rsplit("_", 1)[0], keep=2)
 
 
-def _restore(run_dir: Path, model, opt, sched, device) -> int:
+def restore_stage(run_dir: Path, prefix: str, model, opt, sched) -> int:
+    """Load the stage's newest checkpoint into model, optimizer and scheduler; the epochs it had done (0: none)."""
     from safetensors.torch import load_file
 
-    path = ckpt.resolve(run_dir)
+    path = ckpt.newest(run_dir, prefix)
+    if path is None:
+        return 0
+    device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / ckpt.WEIGHTS), device=str(device)))
     state = ckpt.load_trainer_state(path)
     opt.load_state_dict(state["optimizer"])
