@@ -107,6 +107,15 @@ def train(
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", help="Evaluate every N epochs (0: at the end only).")
     ] = None,
+    refine: Annotated[
+        bool | None,
+        typer.Option(
+            "--refine/--no-refine",
+            help="After the representation, train the head's classes: neighbour consistency, then self-labelling.",
+        ),
+    ] = None,
+    refine_epochs: Annotated[int | None, typer.Option("--refine-epochs", help="Neighbour-stage epochs.")] = None,
+    selflabel_epochs: Annotated[int | None, typer.Option("--selflabel-epochs", help="Self-label epochs.")] = None,
     evaluate: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Cluster and score the data after training.")
     ] = True,
@@ -133,6 +142,9 @@ def train(
         impl=impl.value if impl else None,
         compile=compile,
         eval_every=eval_every,
+        refine=refine,
+        refine_epochs=refine_epochs,
+        selflabel_epochs=selflabel_epochs,
         device=device,
         seed=seed,
     )

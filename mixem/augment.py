@@ -8,12 +8,14 @@ from torch import nn
 from mixem.config import MixEMConfig, TrainConfig
 
 
-def build_augment(model_cfg: MixEMConfig, train_cfg: TrainConfig) -> nn.Module:
+def build_augment(model_cfg: MixEMConfig, train_cfg: TrainConfig, erase: float = 0.0) -> nn.Module:
     """uint8 (B, C, H, W) -> normalised float views (B, C, S, S), S = model_cfg.image_size.
 
     SimCLR's recipe: random resized crop, horizontal flip, colour jitter (brightness/contrast and, for
     RGB, saturation/hue) w.p. jitter_p, random grayscale (RGB), gaussian blur (on by default >= 64 px,
-    kernel ~10 % of the side as in SimCLR). All parameters are drawn per sample from torch's RNG.
+    kernel ~10 % of the side as in SimCLR). erase > 0 appends random erasing (Cutout-like, 2-25 % of the
+    area, filled with the mean) with that probability: self-labelling's strong view. All parameters are
+    drawn per sample from torch's RNG.
     """
     import kornia.augmentation as K
 
@@ -35,6 +37,8 @@ def build_augment(model_cfg: MixEMConfig, train_cfg: TrainConfig) -> nn.Module:
         k = max(3, int(0.1 * S) // 2 * 2 + 1)
         ops.append(K.RandomGaussianBlur((k, k), sigma=(0.1, 2.0), p=0.5))
     ops.append(K.Normalize(mean=torch.tensor(model_cfg.mean), std=torch.tensor(model_cfg.std)))
+    if erase > 0:  # after Normalize: the erased patch is 0, the mean pixel
+        ops.append(K.RandomErasing(scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0, p=erase))
     return _Augment(K.AugmentationSequential(*ops))
 
 

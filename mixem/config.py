@@ -117,6 +117,17 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = leave torch's default
     eval_every: int = 0  # epochs between in-training clustering evaluations; 0 = only at the end
     max_images: int = 0  # use only the first N images of the data (quick runs); 0 = all
+    # Refinement (README "Refinement"): after the representation, the head's K-way softmax becomes the classes.
+    refine: bool = True  # run the two refinement stages after representation learning
+    refine_neighbors: int = 20  # nearest neighbours mined per image (exact search on the L2-normalised embedding)
+    refine_epochs: int = 30  # epochs of the neighbour-consistency stage
+    refine_lr: float = 1e-4  # its learning rate (Adam(W) as --optimizer, --weight-decay)
+    refine_entropy: float = 5.0  # weight of the batch-marginal entropy that keeps every class in use
+    refine_backbone: bool = True  # train the backbone too in the neighbour stage (False: the head only)
+    selflabel_epochs: int = 30  # epochs of self-labelling (the whole network)
+    selflabel_threshold: float = 0.99  # class probability an image needs to become a pseudo-label
+    selflabel_lr: float = 1e-4
+    refine_batch_size: int = 0  # images per step of both stages; 0 = --batch-size
 
     def __post_init__(self):
         methods.get(self.method)  # a one-line error naming the registered methods
@@ -136,6 +147,12 @@ class TrainConfig:
             raise ConfigError(
                 f"sharpen and anchor_temperature must be > 0, got {self.sharpen}, {self.anchor_temperature}"
             )
+        if self.refine_neighbors < 1 or self.refine_epochs < 0 or self.selflabel_epochs < 0:
+            raise ConfigError("refine_neighbors must be >= 1, refine_epochs and selflabel_epochs >= 0")
+        if not 0 < self.selflabel_threshold < 1:
+            raise ConfigError(f"selflabel_threshold must be between 0 and 1, got {self.selflabel_threshold}")
+        if self.refine_batch_size < 0 or self.refine_batch_size == 1:
+            raise ConfigError(f"refine_batch_size must be 0 (= batch_size) or >= 2, got {self.refine_batch_size}")
         self.crop_scale = tuple(float(c) for c in self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")

@@ -12,6 +12,9 @@ MIX'EM terms on the gate logits a (rows: instances), pi = softmax(a):
     (iii) pull = mean over non-empty components k of mean_{n: c_n = k} ||z_n - mu_k||,
           push = -mean over ordered pairs k != k' of non-empty components of ||mu_k - mu_k'||,
           c_n = argmax_k pi_nk (no gradient), mu_k = mean of z_n with c_n = k.
+Refinement on the class logits a (rows: instances), p = softmax(a):
+    neighbour consistency  -mean_i log <p_i, p_n(i)>, n(i) a mined nearest neighbour of i
+    balanced cross-entropy  CE against confident pseudo-labels, each class weighted by 1 / its share
 The released MIX'EM code appends K zero vectors (one per component) before taking the means so
 that no component is empty; that drags every mu_k toward the origin and adds K fake points to the
 pull term. Here empty components are left out of both terms instead (README, "The method as implemented").
@@ -170,3 +173,31 @@ def center_separation_torch(centers: torch.Tensor, tau: float) -> torch.Tensor:
     Gradient: d/dc_k = (1/(K tau)) [sum_{l != k} (w_kl + w_lk) c_l], w_kl = softmax_{l != k}(c_k . c_l / tau).
     """
     return ntxent_lse_torch(centers, tau).mean()  # the same masked log-sum-exp NT-Xent uses, over K rows
+
+
+# Refinement (README "Refinement"): classes from the representation, after SCAN (Van Gansbeke et al. 2020).
+
+
+def neighbor_consistency_torch(logits: torch.Tensor, neighbor_logits: torch.Tensor) -> torch.Tensor:
+    """-mean_i log <p_i, q_i>: an image and one of its mined neighbours should get the same class.
+
+    logits, neighbor_logits (B, K); p = softmax(logits), q = softmax(neighbor_logits); both get gradients.
+    Computed as -mean_i logsumexp_k(log p_ik + log q_ik), which stays finite where <p, q> underflows.
+    Gradient: d/da_ik = (p_ik - r_ik) / B, r_i = p_i * q_i / <p_i, q_i> (symmetrically for the neighbour).
+    """
+    lp = torch.log_softmax(logits.float(), dim=1)
+    lq = torch.log_softmax(neighbor_logits.float(), dim=1)
+    return -torch.logsumexp(lp + lq, dim=1).mean()
+
+
+def balanced_cross_entropy_torch(logits: torch.Tensor, target: torch.Tensor, K: int) -> torch.Tensor:
+    """Cross-entropy of logits (B, K) against integer targets (B,), each class weighted by the inverse of its
+    share of the targets, normalised by the total weight: every class present counts equally, so the classes
+    with the most confident images do not swallow the rest (self-labelling's pseudo-labels are unbalanced).
+    Empty target set: 0 (with a gradient path, so the step is a no-op rather than an error).
+    """
+    if target.numel() == 0:
+        return logits.sum() * 0.0
+    counts = torch.bincount(target, minlength=K).to(logits.dtype)
+    weight = torch.where(counts > 0, target.numel() / counts.clamp_min(1), torch.zeros_like(counts))
+    return F.cross_entropy(logits.float(), target, weight=weight.float())

@@ -157,6 +157,24 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
     model, result = train(
         model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch, ctx=ctx, device=device
     )
+    scored = evaluate and ctx.main and ds.labels is not None
+    rows, stages = None, []
+    if train_cfg.refine:
+        from mixem.refine import refine
+
+        if scored:  # the representation's rows, before refinement changes the model in place
+            rows = _score(model, ds, k, str(device), seed=train_cfg.seed)
+            stages = _representation_stages(rows, train_cfg.method)
+
+        def on_stage(name, m):
+            if scored:
+                stages.append(_argmax_row(m, ds, device, name))
+                log.print(f"  after {name}: ACC {stages[-1]['acc']:.3f} NMI {stages[-1]['nmi']:.3f}")
+
+        run_dir = Path(train_cfg.out)
+        refine(model, ds.images, model_cfg, train_cfg, run_dir=run_dir, log=log, device=device, ctx=ctx,
+               resume=resume, labels=ds.labels, on_stage=on_stage)  # fmt: skip
+        result.checkpoint = ckpt.resolve(run_dir)
     summary = {
         "run_dir": str(result.run_dir),
         "checkpoint": str(result.checkpoint),
@@ -178,6 +196,8 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
                 minutes=(time.perf_counter() - t0) / 60,
                 curve=curve,
                 train_minutes=result.seconds / 60,
+                rows=rows,
+                stages=stages,
             )
         )
     return summary
@@ -215,6 +235,8 @@ def eval_command(
     ds = load_data(train_cfg, model_cfg, log, data=data, split=split, max_images=max_images)
     k = k or _num_clusters(ds, model_cfg)
     out_dir = ckpt.resolve(checkpoint_path)
+    stage = ckpt.read_state(out_dir).get("stage", "epoch")
+    refined = [_argmax_row(model, ds, dev, stage)] if stage in STAGE_NAMES and ds.labels is not None else []
     return _evaluate_and_report(
         model,
         ds,
@@ -225,6 +247,7 @@ def eval_command(
         log,
         method=train_cfg.method,
         choices=dict(feature_types=feature_types, inits=inits, normalize=normalize),
+        stages=refined,
     )
 
 
@@ -253,6 +276,41 @@ def _score(
     return evaluate(feats, ds.labels, k, seed=seed, **(choices or {}))
 
 
+STAGE_NAMES = {"neighbors": "after neighbour consistency", "selflabel": "after self-labelling"}
+
+
+def _representation_stages(rows: list[dict], method: str) -> list[dict]:
+    """The stage table's first rows: k-means on the embedding from MIX'EM's start, k-means++, the lower objective."""
+    out = []
+    for r in rows:
+        if r.get("features") == "embedding":
+            how = {"mixture": "k-means from the head's groups", "kmeans++": "k-means++"}.get(r["init"], r["init"])
+            out.append({**r, "features": "representation", "init": how})
+    return out
+
+
+def _argmax_row(model, ds, device, stage: str) -> dict:
+    """The refined classes as they are served: argmax of the head's probabilities."""
+    from mixem.evaluate import extract_features
+    from mixem.metrics import clustering_metrics
+
+    probs = extract_features(model, ds.images, device=str(device))["probs"]
+    return {"features": STAGE_NAMES.get(stage, stage), "init": "argmax of the head", "stage": stage,
+            **clustering_metrics(ds.labels, probs.argmax(1)), "objective": None}  # fmt: skip
+
+
+def _headline_row(rows: list[dict], stages: list[dict], method: str) -> tuple[dict, str]:
+    """The row the run ends with, and its name: the last refinement stage's classes when refined, else the
+    method's prescribed k-means (or, when eval deselected it, the row shown instead)."""
+    m = methods.get(method)
+    if stages and stages[-1].get("stage"):
+        return stages[-1], f"{m.display} + refinement (argmax of the refined head)"
+    head = _headline(rows, method)
+    if head.get("features") == "embedding" and head.get("init") == m.headline_init:
+        return head, m.headline_name
+    return head, f"{m.display} ({head.get('features')}, {head.get('init')})"
+
+
 def _headline(rows: list[dict], method: str) -> dict:
     """The method's prescribed clustering (mixem.methods): k-means on the embedding from its headline start."""
     init = methods.get(method).headline_init
@@ -275,6 +333,8 @@ def _evaluate_and_report(
     curve: list | None = None,
     train_minutes: float | None = None,
     choices: dict | None = None,
+    rows: list[dict] | None = None,
+    stages: list[dict] | None = None,
 ) -> dict:
     from mixem.evaluate import format_table, raw_pixel_baseline
 
@@ -283,14 +343,10 @@ def _evaluate_and_report(
             "no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here"
         )
         return {}
-    rows = _score(model, ds, k, device, seed, choices=choices)
+    rows = rows if rows is not None else _score(model, ds, k, device, seed, choices=choices)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
-    head = _headline(rows, method)
-    m = methods.get(method)
-    if head.get("features") == "embedding" and head.get("init") == m.headline_init:
-        name = m.headline_name
-    else:  # the prescribed row was deselected (eval --features/--init): name the row shown instead
-        name = f"{m.display} ({head.get('features')}, {head.get('init')})"
+    stages = stages or []
+    head, name = _headline_row(rows, stages, method)
     headline = {"method": method, "name": name, **head}
     metrics = {
         "k": k,
@@ -299,6 +355,7 @@ def _evaluate_and_report(
         "rows": rows,
         "raw_pixel_kmeans": base,
         "headline": headline,
+        "stages": stages,
         "curve": curve or [],
         "minutes": round(minutes, 3) if minutes is not None else None,
         "train_minutes": round(train_minutes, 3) if train_minutes is not None else None,
@@ -306,6 +363,8 @@ def _evaluate_and_report(
     save_json(metrics, Path(out_dir) / "metrics.json")
     log.event("metrics", **metrics)
     log.print(format_table(rows + [base]))
+    if stages:
+        log.print("\nwhat each stage adds:\n" + format_table(stages))
     line = (
         f"{name}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
         f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"

@@ -1,0 +1,196 @@
+"""Refinement: after the representation, the head's K-way softmax is trained into the classes (README "Refinement").
+
+Two stages, each a `train.Stage` with its own checkpoints and resume:
+  neighbors  every image and one of its mined nearest neighbours (both augmented) should get the same
+             class; the batch-marginal entropy keeps every class in use (SCAN's objective);
+  selflabel  images whose weakly augmented view is classified with probability > threshold become
+             pseudo-labels for their strongly augmented view (class-balanced cross-entropy, whole network).
+The classes are the head the model already has (MIX'EM's gate pi, ccp's centre assignments), so what
+export, embed and cluster return as `mixture_probs` become class probabilities with no change of contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mixem.augment import build_augment
+from mixem.config import MixEMConfig, TrainConfig, replace
+from mixem.distributed import SINGLE, DistContext, barrier
+from mixem.errors import ConfigError
+from mixem.files import atomic_write
+from mixem.losses import balanced_cross_entropy_torch, mixture_terms_torch, neighbor_consistency_torch
+from mixem.runlog import RunLog
+from mixem.train import Stage, autocast_for, make_optimizer, make_schedule, run_stage, wrap_for_training
+
+NEIGHBORS = "neighbors.npy"  # (N, k) int64 in the run directory: the mined neighbours, reused on resume
+
+
+def mine_neighbors(x: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) indices of each row's k nearest other rows by inner product (cosine for unit rows), exact.
+
+    FAISS IndexFlatIP (brute force); a row never lists itself, duplicates of it are kept as neighbours.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    N = len(x)
+    if N < 2:
+        raise ConfigError(f"neighbour mining needs at least 2 images, got {N}")
+    k = min(k, N - 1)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    _, found = index.search(x, k + 1)  # (N, k+1), usually self first
+    is_self = found == np.arange(N)[:, None]
+    drop = is_self.copy()
+    drop[~is_self.any(1), -1] = True  # self not among them (ties with duplicates): drop the farthest instead
+    return found[~drop].reshape(N, k).astype(np.int64)
+
+
+def embeddings(model, images: torch.Tensor, device, batch_size: int = 512) -> np.ndarray:
+    """L2-normalised embeddings of uint8 images, model in eval mode (restored afterwards)."""
+    from mixem.evaluate import extract_features
+
+    return extract_features(model, images, batch_size=batch_size, device=device)["embedding"]
+
+
+def load_or_mine(model, images, train_cfg: TrainConfig, run_dir: Path, log: RunLog, ctx: DistContext, device):
+    """The run's neighbours: read from run_dir/neighbors.npy when resuming a run that has them, else mined
+    (every rank mines the same ones; rank 0 writes the file atomically)."""
+    path = Path(run_dir) / NEIGHBORS
+    k = min(train_cfg.refine_neighbors, len(images) - 1)
+    if path.exists():
+        nb = np.load(path, allow_pickle=False)
+        if nb.shape == (len(images), k):
+            return nb
+    x = embeddings(model, images, device)
+    nb = mine_neighbors(x, k)
+    if ctx.main:
+        atomic_write(path, lambda tmp: _save_npy(tmp, nb))
+    barrier(ctx)
+    log.event("neighbors", k=k, images=len(images))
+    return nb
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save given a name would append ".npy" to the temporary one
+        np.save(f, array, allow_pickle=False)
+
+
+def refine(
+    model,
+    images: torch.Tensor,
+    model_cfg: MixEMConfig,
+    train_cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    log: RunLog,
+    device: torch.device,
+    ctx: DistContext = SINGLE,
+    resume: bool = False,
+    labels: np.ndarray | None = None,
+    on_stage: Callable | None = None,
+) -> list[dict]:
+    """Both refinement stages on the trained model (in place); returns their epoch records.
+
+    on_stage(name, model) is called on rank 0 after each stage (the session scores it there).
+    `labels` are only reported (neighbour agreement in the log), never trained on.
+    """
+    images = images.to(device)
+    B = min(train_cfg.refine_batch_size or train_cfg.batch_size, len(images))
+    nb = load_or_mine(model, images, train_cfg, run_dir, log, ctx, device)
+    if labels is not None:
+        agree = float((np.asarray(labels)[nb] == np.asarray(labels)[:, None]).mean())
+        log.print(f"refine: {nb.shape[1]} neighbours per image mined; {agree:.1%} share the image's label")
+        log.event("neighbor_agreement", value=agree)
+    common = dict(run_dir=run_dir, log=log, ctx=ctx, resume=resume)
+    history = []
+    stages = (
+        (Stage("neighbors", train_cfg.refine_epochs, B, train_cfg.seed, index=1), _neighbor_step, nb),
+        (Stage("selflabel", train_cfg.selflabel_epochs, B, train_cfg.seed, index=2), _selflabel_step, None),
+    )
+    for stage, make_step, extra in stages:
+        if stage.epochs == 0:
+            continue
+        trainer, one_step = make_step(model, images, extra, model_cfg, train_cfg, ctx, device, stage)
+        records, _ = run_stage(stage, model, trainer, one_step, len(images), model_cfg, train_cfg, **common)
+        history += records
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if on_stage is not None and ctx.main:
+            on_stage(stage.prefix, model)
+    return history
+
+
+def _trainer(params, lr: float, train_cfg: TrainConfig, stage: Stage, n_images: int):
+    opt = make_optimizer(params, lr, train_cfg)
+    steps = (n_images // stage.batch_size) * stage.epochs
+    return opt, make_schedule(opt, max(1, steps // 20), steps)  # 5 % warm-up, cosine decay
+
+
+def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
+    """One step: anchors and a random one of each anchor's neighbours, augmented, pass together;
+    loss = consistency - refine_entropy * H(mean anchor class probabilities)."""
+    if not train_cfg.refine_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = _trainer(params, train_cfg.refine_lr, train_cfg, stage, len(images))
+    fwd = wrap_for_training(model, train_cfg, ctx, device)
+    augment = build_augment(model_cfg, train_cfg).to(device)
+    autocast = autocast_for(train_cfg, device)
+    neighbors = torch.from_numpy(nb).to(device)
+
+    def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not train_cfg.refine_backbone:
+            model.backbone.eval()  # frozen: its BatchNorm statistics stay those of the representation
+        idx = idx.to(device)
+        pick = torch.randint(neighbors.shape[1], (len(idx),), device=device)
+        views = torch.cat([augment(images[idx]), augment(images[neighbors[idx, pick]])])
+        with autocast:
+            out = fwd(views.contiguous(memory_format=torch.channels_last))
+        a, b = out.mixture_logits.float().chunk(2)
+        consistency = neighbor_consistency_torch(a, b)
+        marginal = mixture_terms_torch(a)["marginal_entropy"]
+        loss = consistency - train_cfg.refine_entropy * marginal
+        _update(opt, sched, loss)
+        return {"loss": loss, "consistency": consistency, "marginal_entropy": marginal}
+
+    return (opt, sched), one_step
+
+
+def _selflabel_step(model, images, _, model_cfg, train_cfg, ctx, device, stage):
+    """One step: the weak view's confident argmax (no gradient) is the target of the strong view.
+
+    The strong view of every image is computed and the loss masked, so all ranks run the same graph."""
+    opt, sched = _trainer(model.parameters(), train_cfg.selflabel_lr, train_cfg, stage, len(images))
+    fwd = wrap_for_training(model, train_cfg, ctx, device)
+    weak_cfg = replace(train_cfg, crop_scale=(0.8, 1.0), color_jitter=0.0, jitter_p=0.0, grayscale_p=0.0, blur=False)
+    weak = build_augment(model_cfg, weak_cfg).to(device)
+    strong = build_augment(model_cfg, train_cfg, erase=0.5).to(device)
+    autocast = autocast_for(train_cfg, device)
+    K, threshold = model_cfg.components, train_cfg.selflabel_threshold
+
+    def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images[idx.to(device)]
+        with torch.no_grad(), autocast:
+            p = torch.softmax(fwd(weak(x).contiguous(memory_format=torch.channels_last)).mixture_logits.float(), 1)
+        conf, target = p.max(1)
+        mask = conf > threshold
+        with autocast:
+            logits = fwd(strong(x).contiguous(memory_format=torch.channels_last)).mixture_logits.float()
+        loss = balanced_cross_entropy_torch(logits[mask], target[mask], K)
+        _update(opt, sched, loss)
+        return {"loss": loss, "confident": mask.float().mean()}
+
+    return (opt, sched), one_step
+
+
+def _update(opt, sched, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
