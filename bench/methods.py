@@ -7,7 +7,9 @@ Not a timing benchmark: each method is trained once per seed, from the same seed
 the preset's settings (`--method` is the only difference; each gets its head from the registry), then
 scored by mixem.evaluate: k-means on the L2-normalised embedding from the method's own groups
 ("mixture") and from k-means++ (best of 10), plus the argmax assignment itself, next to raw-pixel
-k-means. The headline of each method is its registry's. Training times are conditions only.
+k-means. The headline of each method is its registry's. Then the same run continues with refinement
+(`--set refine=0` skips it) and its refined head's argmax is a second row, "METHOD + refinement".
+Training times are conditions only.
 """
 
 from __future__ import annotations
@@ -25,14 +27,32 @@ from mixem import methods
 from mixem.config import to_dict
 from mixem.errors import ConfigError, DataError
 from mixem.evaluate import evaluate, extract_features, raw_pixel_baseline
+from mixem.metrics import clustering_metrics
+from mixem.refine import refine
 from mixem.runlog import RunLog
 from mixem.runtime import resolve_device
 from mixem.session import build_configs, load_data
 from mixem.train import train
 
 NAME = "methods"
-PARAMS = {"preset": "cpu", "methods": "", "seeds": "0", "jobs": 1, "epochs": 0, "max_images": 0, "data": ""}
-QUICK = {"epochs": 1, "max_images": 512}  # every method, one seed: a smoke test of the whole study
+PARAMS = {
+    "preset": "cpu",
+    "methods": "",
+    "seeds": "0",
+    "jobs": 1,
+    "epochs": 0,
+    "max_images": 0,
+    "data": "",
+    "refine": 1,  # 0: the representation only
+    "refine_epochs": -1,  # -1: the preset's
+    "selflabel_epochs": -1,
+}
+QUICK = {
+    "epochs": 1,
+    "max_images": 512,
+    "refine_epochs": 1,
+    "selflabel_epochs": 1,
+}  # every method, one seed: a smoke test of the whole study
 
 
 def run_method(
@@ -45,15 +65,25 @@ def run_method(
     t0 = time.perf_counter()
     model, result = train(model_cfg, train_cfg, images, log=RunLog(quiet=True))
     train_s = time.perf_counter() - t0
-    feats = extract_features(model, images, device=resolve_device(train_cfg.device))
+    device = resolve_device(train_cfg.device)
+    feats = extract_features(model, images, device=device)
     rows = evaluate(feats, labels, k, seed=seed, inits=("mixture", "kmeans++"), feature_types=("embedding",))
     init = methods.get(method).headline_init  # the clustering each method prescribes
     head = next(r for r in rows if r["features"] == "embedding" and r["init"] == init)
+    refined, refine_s = None, 0.0
+    if train_cfg.refine:  # the same run, continued: the headline with and without refinement
+        t0 = time.perf_counter()
+        refine(model, images, model_cfg, train_cfg, run_dir=out / method, log=RunLog(quiet=True), device=device)
+        refine_s = time.perf_counter() - t0
+        probs = extract_features(model, images, device=device)["probs"]
+        refined = {"features": "refined head", "init": "argmax", **clustering_metrics(labels, probs.argmax(1))}
     last = result.history[-1]
     return {
         "headline": head,
+        "refined": refined,
         "rows": rows,
         "train_seconds": round(train_s, 1),
+        "refine_seconds": round(refine_s, 1),
         "first_epoch_terms": {k: v for k, v in result.history[0].items() if k not in ("epoch", "seconds", "lr")},
         "last_epoch_terms": {k: v for k, v in last.items() if k not in ("epoch", "seconds", "lr")},
         "model": to_dict(model_cfg),
@@ -123,6 +153,9 @@ def study(params: dict, quick: bool, device) -> dict:
         max_images=params["max_images"] or None,
         data=params["data"] or None,
         device=str(device),
+        refine=bool(int(params["refine"])),
+        refine_epochs=None if int(params["refine_epochs"]) < 0 else int(params["refine_epochs"]),
+        selflabel_epochs=None if int(params["selflabel_epochs"]) < 0 else int(params["selflabel_epochs"]),
     )
     model_cfg, train_cfg, preset = build_configs(params["preset"], None, {}, over)
     ds = load_data(train_cfg, model_cfg, RunLog(quiet=True))
@@ -132,10 +165,20 @@ def study(params: dict, quick: bool, device) -> dict:
     bases = {s: raw_pixel_baseline(ds.images, ds.labels, k, seed=s) for s in seeds}
     runs = _train_all([(m, s) for s in seeds for m in chosen], preset, over, ds, k, params["jobs"])
     table = [{"method": m, **_summary([runs[(m, s)]["headline"] for s in seeds])} for m in chosen]
+    table += [
+        {"method": f"{m} + refinement", **_summary([runs[(m, s)]["refined"] for s in seeds])}
+        for m in chosen
+        if train_cfg.refine
+    ]
     table.append({"method": "raw-pixel k-means", **_summary([bases[s] for s in seeds])})
     lines = [
         f"{m} seed {s}: ACC {r['headline']['acc']:.4f}  NMI {r['headline']['nmi']:.4f}  ARI {r['headline']['ari']:.4f}"
         f"  ({r['train_seconds']:.0f} s training)"
+        + (
+            f"; refined ACC {r['refined']['acc']:.4f}  NMI {r['refined']['nmi']:.4f} ({r['refine_seconds']:.0f} s)"
+            if r["refined"]
+            else ""
+        )
         for (m, s), r in runs.items()
     ]
     lines += [
@@ -148,7 +191,13 @@ def study(params: dict, quick: bool, device) -> dict:
         "seeds": seeds,
         "jobs": params["jobs"],
         "conditions": (
-            f"{preset} preset, {train_cfg.epochs} epochs x batch {train_cfg.batch_size}, seeds "
+            f"{preset} preset, {train_cfg.epochs} epochs x batch {train_cfg.batch_size}"
+            + (
+                f" + refinement ({train_cfg.refine_epochs} neighbour + {train_cfg.selflabel_epochs} self-label epochs)"
+                if train_cfg.refine
+                else ", no refinement"
+            )
+            + ", seeds "
             f"{', '.join(map(str, seeds))} (mean and sample std over seeds), {len(ds.images):,} images of "
             f"{ds.source}, k={k}, scored on the training images; {params['jobs']} trainings at a time"
         ),

@@ -126,6 +126,7 @@ class TrainConfig:
     refine_backbone: bool = True  # train the backbone too in the neighbour stage (False: the head only)
     selflabel_epochs: int = 30  # epochs of self-labelling (the whole network)
     selflabel_threshold: float = 0.99  # class probability an image needs to become a pseudo-label
+    selflabel_share: float = 0.5  # ... or rank in this top share of the images of its class (every class keeps some)
     selflabel_lr: float = 1e-4
     refine_batch_size: int = 0  # images per step of both stages; 0 = --batch-size
 
@@ -149,6 +150,8 @@ class TrainConfig:
             )
         if self.refine_neighbors < 1 or self.refine_epochs < 0 or self.selflabel_epochs < 0:
             raise ConfigError("refine_neighbors must be >= 1, refine_epochs and selflabel_epochs >= 0")
+        if not 0 <= self.selflabel_share <= 1:
+            raise ConfigError(f"selflabel_share must be between 0 and 1, got {self.selflabel_share}")
         if not 0 < self.selflabel_threshold < 1:
             raise ConfigError(f"selflabel_threshold must be between 0 and 1, got {self.selflabel_threshold}")
         if self.refine_batch_size < 0 or self.refine_batch_size == 1:

@@ -196,6 +196,35 @@ def load_images(
     return _finish(arrays, image_size, in_channels, labels, progress)
 
 
+PROBE_FILES = 64  # images looked at by probe()
+
+
+def probe(source: str | None, split: str = "auto") -> tuple[int, int]:
+    """(channels, side) of a data source from a sample of its images: 3 when any sampled image has colour
+    (channels that differ, not gray stored as RGB), else 1; side = the median shorter side in pixels."""
+    if source is None:
+        return 1, 28
+    fmt, path, split = _parse(str(source), split, None)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; give {SUPPORTED}")
+    detected, where = detect(path)
+    if fmt in ("cifar100", "cifar100-20"):
+        detected = "cifar100"
+    if detected == "folder":
+        return folders.probe(path, PROBE_FILES)
+    if detected == "idx":
+        return 1, int(formats.read_idx(where, split, PROBE_FILES).parts[0].shape[-1])
+    if detected == "npz":
+        arrays = formats.read_npz(where, split, PROBE_FILES)
+    elif detected == "stl10":
+        arrays = cifar_stl.read_stl10(where, split, PROBE_FILES)
+    else:
+        arrays = cifar_stl.read_cifar(where, detected, split, PROBE_FILES)
+    x = np.concatenate([np.asarray(p[:PROBE_FILES]) for p in arrays.parts])[:PROBE_FILES]
+    colour = x.shape[1] == 3 and bool(np.abs(x.astype(np.int16) - x[:, :1]).max() > 8)
+    return (3 if colour else 1), int(min(x.shape[-2:]))
+
+
 def _finish(arrays: formats.Arrays, size: int, channels: int, labels: bool, progress) -> ImageSet:
     images = fit(arrays.parts, size, channels, progress)
     if not len(images):

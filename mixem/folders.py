@@ -54,6 +54,29 @@ def _to_mode(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
+def probe(root: Path, n: int) -> tuple[int, int]:
+    """(channels, median shorter side) of up to n images spread over the folder; unreadable files are passed over.
+
+    A file counts as colour when its channels differ by more than 8 levels somewhere in a 32 px thumbnail
+    (grayscale photos saved as RGB do not)."""
+    files = list_images(root)
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
+    picked = files[:: max(1, len(files) // n)][:n]
+    colour, sides = False, []
+    for rel in picked:
+        try:
+            with Image.open(root / rel) as im:
+                sides.append(min(im.size))
+                rgb = np.asarray(_to_mode(ImageOps.exif_transpose(im), "RGB").resize((32, 32)), dtype=np.int16)
+        except Exception:  # the full read reports it; a probe only skips it
+            continue
+        colour |= bool(np.abs(rgb - rgb[..., :1]).max() > 8)
+    if not sides:
+        raise DataError(f"{root}: none of {len(picked)} sampled image files could be read")
+    return (3 if colour else 1), int(np.median(sides))
+
+
 def decode(path: str, size: int, mode: str) -> np.ndarray:
     """One image file as (C, size, size) uint8: EXIF-upright, shorter side resized, centre-cropped."""
     # PIL rather than torchvision.io: draft() skips most of the JPEG work for small targets, and it

@@ -185,8 +185,8 @@ def neighbor_consistency_torch(logits: torch.Tensor, neighbor_logits: torch.Tens
     Computed as -mean_i logsumexp_k(log p_ik + log q_ik), which stays finite where <p, q> underflows.
     Gradient: d/da_ik = (p_ik - r_ik) / B, r_i = p_i * q_i / <p_i, q_i> (symmetrically for the neighbour).
     """
-    lp = torch.log_softmax(logits.float(), dim=1)
-    lq = torch.log_softmax(neighbor_logits.float(), dim=1)
+    lp = torch.log_softmax(_at_least_fp32(logits), dim=1)
+    lq = torch.log_softmax(_at_least_fp32(neighbor_logits), dim=1)
     return -torch.logsumexp(lp + lq, dim=1).mean()
 
 
@@ -198,6 +198,11 @@ def balanced_cross_entropy_torch(logits: torch.Tensor, target: torch.Tensor, K: 
     """
     if target.numel() == 0:
         return logits.sum() * 0.0
-    counts = torch.bincount(target, minlength=K).to(logits.dtype)
+    counts = torch.bincount(target, minlength=K).double()
     weight = torch.where(counts > 0, target.numel() / counts.clamp_min(1), torch.zeros_like(counts))
-    return F.cross_entropy(logits.float(), target, weight=weight.float())
+    logits = _at_least_fp32(logits)
+    return F.cross_entropy(logits, target, weight=weight.to(logits.dtype))
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

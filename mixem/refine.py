@@ -3,8 +3,9 @@
 Two stages, each a `train.Stage` with its own checkpoints and resume:
   neighbors  every image and one of its mined nearest neighbours (both augmented) should get the same
              class; the batch-marginal entropy keeps every class in use (SCAN's objective);
-  selflabel  images whose weakly augmented view is classified with probability > threshold become
-             pseudo-labels for their strongly augmented view (class-balanced cross-entropy, whole network).
+  selflabel  images classified with probability > threshold, or among the most confident share of their
+             class, become pseudo-labels for their strongly augmented view (class-balanced cross-entropy,
+             whole network); they are re-drawn every epoch.
 The classes are the head the model already has (MIX'EM's gate pi, ccp's centre assignments), so what
 export, embed and cluster return as `mixture_probs` become class probabilities with no change of contract.
 """
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 
 from mixem.augment import build_augment
-from mixem.config import MixEMConfig, TrainConfig, replace
+from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier
 from mixem.errors import ConfigError
+from mixem.evaluate import extract_features
 from mixem.files import atomic_write
 from mixem.losses import balanced_cross_entropy_torch, mixture_terms_torch, neighbor_consistency_torch
 from mixem.runlog import RunLog
@@ -52,8 +54,6 @@ def mine_neighbors(x: np.ndarray, k: int) -> np.ndarray:
 
 def embeddings(model, images: torch.Tensor, device, batch_size: int = 512) -> np.ndarray:
     """L2-normalised embeddings of uint8 images, model in eval mode (restored afterwards)."""
-    from mixem.evaluate import extract_features
-
     return extract_features(model, images, batch_size=batch_size, device=device)["embedding"]
 
 
@@ -162,29 +162,47 @@ def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
     return (opt, sched), one_step
 
 
-def _selflabel_step(model, images, _, model_cfg, train_cfg, ctx, device, stage):
-    """One step: the weak view's confident argmax (no gradient) is the target of the strong view.
+def pseudo_labels(probs: torch.Tensor, threshold: float, share: float) -> torch.Tensor:
+    """(N,) targets from class probabilities (N, K): an image's argmax where its probability passes `threshold`
+    or ranks in the top `share` of the images assigned to that class, else -1 (no target).
 
-    The strong view of every image is computed and the loss masked, so all ranks run the same graph."""
+    The per-class share keeps every class in the training set: with the threshold alone, a class the head is
+    not yet sure of has no pseudo-labels, the balanced loss no longer sees it, and it empties (measured).
+    """
+    conf, target = probs.max(1)
+    keep = conf > threshold
+    for c in target.unique():
+        members = (target == c).nonzero().squeeze(1)
+        top = members[conf[members].argsort(descending=True)[: int(share * len(members))]]
+        keep[top] = True
+    return torch.where(keep, target, torch.full_like(target, -1))
+
+
+def _selflabel_step(model, images, _, model_cfg, train_cfg, ctx, device, stage):
+    """One step: the strongly augmented view learns the epoch's pseudo-labels (class-balanced cross-entropy).
+
+    Pseudo-labels are drawn at the start of every epoch from the un-augmented images (model in eval mode);
+    images without one are masked out of the loss, so all ranks run the same graph."""
     opt, sched = _trainer(model.parameters(), train_cfg.selflabel_lr, train_cfg, stage, len(images))
     fwd = wrap_for_training(model, train_cfg, ctx, device)
-    weak_cfg = replace(train_cfg, crop_scale=(0.8, 1.0), color_jitter=0.0, jitter_p=0.0, grayscale_p=0.0, blur=False)
-    weak = build_augment(model_cfg, weak_cfg).to(device)
     strong = build_augment(model_cfg, train_cfg, erase=0.5).to(device)
     autocast = autocast_for(train_cfg, device)
-    K, threshold = model_cfg.components, train_cfg.selflabel_threshold
+    K, steps_per_epoch = model_cfg.components, len(images) // stage.batch_size
+    state = {"step": 0, "targets": None}
 
     def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images[idx.to(device)]
-        with torch.no_grad(), autocast:
-            p = torch.softmax(fwd(weak(x).contiguous(memory_format=torch.channels_last)).mixture_logits.float(), 1)
-        conf, target = p.max(1)
-        mask = conf > threshold
+        if state["step"] % steps_per_epoch == 0:  # a new epoch (a resumed stage also starts at one)
+            probs = torch.from_numpy(extract_features(model, images, device=device)["probs"]).to(device)
+            state["targets"] = pseudo_labels(probs, train_cfg.selflabel_threshold, train_cfg.selflabel_share)
+        state["step"] += 1
+        idx = idx.to(device)
+        target = state["targets"][idx]
+        mask = target >= 0
         with autocast:
-            logits = fwd(strong(x).contiguous(memory_format=torch.channels_last)).mixture_logits.float()
+            logits = fwd(strong(images[idx]).contiguous(memory_format=torch.channels_last)).mixture_logits.float()
         loss = balanced_cross_entropy_torch(logits[mask], target[mask], K)
         _update(opt, sched, loss)
-        return {"loss": loss, "confident": mask.float().mean()}
+        return {"loss": loss, "labelled": mask.float().mean()}
 
     return (opt, sched), one_step
 

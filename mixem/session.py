@@ -24,7 +24,7 @@ def build_configs(
         dev = train_over.get("device") or "auto"
         preset_name = "paper" if (dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())) else "cpu"
     model_cfg, train_cfg = preset(preset_name)
-    head_given = False
+    head_given, model_given = False, {k for k, v in model_over.items() if v is not None}
     if config_file is not None:
         path = Path(config_file)
         data = read_json(path, "--config file")
@@ -32,14 +32,29 @@ def build_configs(
             raise ConfigError(f"--config {path}: expected an object with keys 'model' and/or 'train'")
         model_cfg = from_dict(MixEMConfig, {**to_dict(model_cfg), **data.get("model", {})}, where=f"{path} model")
         head_given = "head" in data.get("model", {})
+        model_given |= set(data.get("model", {}))
         train_cfg = from_dict(TrainConfig, {**to_dict(train_cfg), **data.get("train", {})}, where=f"{path} train")
-    model_cfg = _apply_model_options(model_cfg, model_over)
     train_cfg = replace(train_cfg, **train_over)
+    if preset_name == "cpu" and not model_given & {"in_channels", "image_size"}:
+        model_over = {**_fit_to_data(train_cfg), **{k: v for k, v in model_over.items() if v is not None}}
+    model_cfg = _apply_model_options(model_cfg, model_over)
     if not head_given:
         # The presets describe the trunk and the run; each method names its head, so --method alone suffices
         # (a head written in a --config file is kept, and training refuses a mismatch in one line).
         model_cfg = replace(model_cfg, head=methods.get(train_cfg.method).head)
     return model_cfg, train_cfg, preset_name
+
+
+CPU_MAX_SIDE = 32  # the cpu preset's largest input side: its convnet is sized for minutes on 2 cores
+
+
+def _fit_to_data(train_cfg: TrainConfig) -> dict:
+    """The cpu preset's input from the data: colour kept when the images have it, the side of the images
+    (their median shorter side) up to CPU_MAX_SIDE. The embedded Fashion-MNIST gives the preset's own 1 x 28."""
+    from mixem.data import probe
+
+    channels, side = probe(train_cfg.data, train_cfg.split)
+    return {"in_channels": channels, "image_size": max(16, min(side, CPU_MAX_SIDE))}
 
 
 def _apply_model_options(cfg: MixEMConfig, over: dict) -> MixEMConfig:
@@ -236,7 +251,10 @@ def eval_command(
     k = k or _num_clusters(ds, model_cfg)
     out_dir = ckpt.resolve(checkpoint_path)
     stage = ckpt.read_state(out_dir).get("stage", "epoch")
-    refined = [_argmax_row(model, ds, dev, stage)] if stage in STAGE_NAMES and ds.labels is not None else []
+    # A refined checkpoint's answer is its head's argmax, unless the user asked for a particular clustering.
+    default_choice = tuple(feature_types) == EVAL_FEATURES and tuple(inits) == EVAL_INITS
+    refined = stage in STAGE_NAMES and ds.labels is not None and default_choice
+    refined = [_argmax_row(model, ds, dev, stage)] if refined else []
     return _evaluate_and_report(
         model,
         ds,

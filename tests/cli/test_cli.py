@@ -8,7 +8,10 @@ from typer.testing import CliRunner
 from mixem.cli.app import app
 
 runner = CliRunner()
-TINY = {"model": dict(backbone="convnet", width=8, head_hidden=16), "train": dict(batch_size=64, epochs=1)}
+TINY = {
+    "model": dict(backbone="convnet", width=8, head_hidden=16),
+    "train": dict(batch_size=64, epochs=1, refine_epochs=1, selflabel_epochs=1),
+}
 
 
 def _one_error_line(result):
@@ -35,11 +38,23 @@ def test_train_then_eval_prints_comparison(tmp_path):
     last = r.output.strip().splitlines()[-1]
     metrics = json.loads((out / "metrics.json").read_text())
     head = metrics["headline"]
-    assert head["method"] == "mixem" and head["name"] == "MIX'EM (k-means from the mixture components)"
+    assert head["method"] == "mixem" and head["name"] == "MIX'EM + refinement (argmax of the refined head)"
     assert last.startswith(f"{head['name']}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}")
     assert "raw-pixel k-means" in last
+    # One row per stage: the representation's k-means (MIX'EM's start, k-means++, the lower objective), then
+    # the head's argmax after each refinement stage; the headline is the last one.
+    stages = metrics["stages"]
+    assert [(r["features"], r["init"].split(" (")[0]) for r in stages] == [
+        ("representation", "k-means from the head's groups"),
+        ("representation", "k-means++"),
+        ("representation", "lower objective"),
+        ("after neighbour consistency", "argmax of the head"),
+        ("after self-labelling", "argmax of the head"),
+    ]
+    assert stages[-1] == {k: v for k, v in head.items() if k not in ("method", "name")} and metrics["images"] == 640
     same = [row for row in metrics["rows"] if (row["features"], row["init"]) == ("embedding", "mixture")]
-    assert same == [{k: v for k, v in head.items() if k not in ("method", "name")}] and metrics["images"] == 640
+    assert [{**same[0], "features": "representation", "init": "k-means from the head's groups"}] == stages[:1]
+    assert "what each stage adds" in r.output
     r = runner.invoke(app, ["eval", str(out), "--max-images", "300", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "raw-pixel k-means" in r.output.strip().splitlines()[-1]
@@ -48,13 +63,13 @@ def test_train_then_eval_prints_comparison(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert r.output.strip().splitlines()[-1].startswith("MIX'EM (top_component, random)")
-    rows = json.loads((out / "checkpoints" / "epoch_0001" / "metrics.json").read_text())["rows"]
+    rows = json.loads((out / "checkpoints" / "selflabel_0001" / "metrics.json").read_text())["rows"]
     assert {(r["features"], r["init"]) for r in rows} == {("top_component", "random"), ("mixture argmax", "-")}
 
 
 def test_each_method_names_its_own_headline(tmp_path):
     """`--method simclr` once ended with MIX'EM's headline, stored under the key "mixem"."""
-    r, out = _train(tmp_path, "--max-images", "256", "--method", "simclr")
+    r, out = _train(tmp_path, "--max-images", "256", "--method", "simclr", "--no-refine")
     assert r.exit_code == 0, r.output
     head = json.loads((out / "metrics.json").read_text())["headline"]
     assert (head["method"], head["name"], head["init"]) == ("simclr", "SimCLR (k-means++ on the embedding)", "kmeans++")

@@ -568,3 +568,27 @@ def test_npz_class_names_must_cover_labels(tmp_path, digits):
     names = np.array([str(i) * 2 for i in range(10)])
     np.savez(tmp_path / "ok.npz", x=x, y=y, class_names=names)
     assert load_images(str(tmp_path / "ok.npz"), image_size=8, in_channels=1).class_names[3] == "33"
+
+
+def test_probe_and_the_cpu_preset_follow_the_data(tmp_path, tiles, fashion):
+    """The cpu preset keeps colour for colour photos and takes the images' side, capped at 32 px."""
+    from mixem.data import probe
+    from mixem.session import build_configs
+
+    colour, gray = tmp_path / "colour", tmp_path / "gray"
+    for i, t in enumerate(tiles(12, 48)):
+        (colour / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(t).save(colour / f"c{i % 2}" / f"{i}.jpg")
+    gray.mkdir()
+    for i, im in enumerate(fashion[0][:12]):  # grayscale pictures saved as RGB JPEGs: still gray
+        Image.fromarray(im[0]).convert("RGB").resize((20, 20)).save(gray / f"{i}.jpg")
+    (gray / "broken.jpg").write_bytes(b"not a jpeg")  # passed over by the probe
+    assert probe(str(colour)) == (3, 48) and probe(str(gray)) == (1, 20) and probe(None) == (1, 28)
+    m, _, _ = build_configs("cpu", None, {}, {"data": str(colour)})
+    assert (m.in_channels, m.image_size, len(m.mean)) == (3, 32, 3)
+    m, _, _ = build_configs("cpu", None, {}, {"data": str(gray)})
+    assert (m.in_channels, m.image_size) == (1, 20)
+    m, _, _ = build_configs("cpu", None, {"in_channels": 1, "image_size": None}, {"data": str(colour)})
+    assert (m.in_channels, m.image_size) == (1, 28)  # an explicit --channels or --image-size: the preset as written
+    m, _, _ = build_configs("paper", None, {}, {"data": str(gray)})
+    assert (m.in_channels, m.image_size) == (3, 32)  # the paper preset is the paper's

@@ -80,3 +80,50 @@ def test_gradcheck_float64():
     z = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
     assign = torch.tensor([0, 1, 1, 2, 0, 2, 1, 0])
     assert torch.autograd.gradcheck(lambda a: torch.stack(losses.pull_push_torch(a, assign, 4)), (z,))
+
+
+# Refinement losses (mixem.refine)
+
+
+def test_neighbor_consistency_hand_case():
+    # p = (1/2, 1/2) and q = (1, 0) (up to exp(-40)): <p, q> = 1/2; identical one-hot rows: <p, q> = 1.
+    a = torch.tensor([[0.0, 0.0], [40.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[40.0, 0.0], [40.0, 0.0]], dtype=torch.float64)
+    expected = -(math.log(0.5) + math.log(1.0)) / 2
+    assert losses.neighbor_consistency_torch(a, b).item() == pytest.approx(expected, abs=1e-12)
+    # Equals -mean log <p, q> computed directly on random logits, and stays finite where <p, q> underflows.
+    a, b = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    direct = -torch.log((torch.softmax(a, 1) * torch.softmax(b, 1)).sum(1)).mean()
+    assert losses.neighbor_consistency_torch(a, b).item() == pytest.approx(direct.item(), rel=1e-12)
+    far = losses.neighbor_consistency_torch(torch.tensor([[2000.0, 0.0]]), torch.tensor([[0.0, 2000.0]]))
+    assert far.item() == pytest.approx(2000.0 - math.log(2.0), rel=1e-6)  # <p, q> = 2 exp(-2000)
+
+
+def test_balanced_cross_entropy_hand_case():
+    # Targets 0, 0, 0, 1: class 0 gets weight 4/3 per image, class 1 weight 4; normalised by the total weight
+    # (3 * 4/3 + 4 = 8), each class contributes half of the loss whatever its count.
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    target = torch.tensor([0, 0, 0, 1])
+    nll = -torch.log_softmax(logits, 1)[torch.arange(4), target]
+    expected = (nll[:3].sum() * 4 / 3 + nll[3] * 4) / 8
+    got = losses.balanced_cross_entropy_torch(logits, target, 3)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert got.item() == pytest.approx(0.5 * nll[:3].mean().item() + 0.5 * nll[3].item(), rel=1e-12)
+    # No confident image: zero, and backward still works (a no-op step).
+    empty = losses.balanced_cross_entropy_torch(logits[:0].requires_grad_(), target[:0], 3)
+    empty.backward()
+    assert empty.item() == 0.0
+
+
+def test_refinement_gradcheck_float64():
+    a = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(losses.neighbor_consistency_torch, (a, b))
+    target = torch.tensor([0, 2, 2, 3, 0, 0])
+    assert torch.autograd.gradcheck(lambda x: losses.balanced_cross_entropy_torch(x, target, 4), (a,))
+    # The documented closed-form gradient of the consistency term: (p - r) / B, r = p * q / <p, q>.
+    loss = losses.neighbor_consistency_torch(a, b)
+    (ga,) = torch.autograd.grad(loss, a)
+    p, q = torch.softmax(a, 1), torch.softmax(b, 1)
+    r = p * q / (p * q).sum(1, keepdim=True)
+    torch.testing.assert_close(ga, (p - r) / 6)

@@ -66,6 +66,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         "--max-images",
         "768",
         "--no-eval",
+        "--no-refine",  # the representation stage alone (tests/mixem/test_refine.py kills a refinement)
         "--quiet",
         "--device",
         "cpu",

@@ -1,0 +1,143 @@
+"""Refinement: the neighbour miner against brute force, a short real run that raises ACC, kill -9 resume of the
+refinement stages, and ONNX probabilities of a refined model against PyTorch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixem import checkpoint as ckpt
+from mixem.config import MixEMConfig, TrainConfig
+from mixem.data import load_images
+from mixem.evaluate import extract_features
+from mixem.metrics import cluster_accuracy, nmi
+from mixem.refine import NEIGHBORS, mine_neighbors, refine
+from mixem.runlog import RunLog
+from mixem.train import train
+
+TINY_MODEL = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=32, mean=(0.29,), std=(0.35,))
+TINY_TRAIN = dict(
+    batch_size=128,
+    optimizer="adamw",
+    lr=4e-3,
+    warmup_epochs=0.5,
+    temperature=0.5,
+    crop_scale=(0.35, 1.0),
+    color_jitter=0.5,
+    blur=False,
+    grayscale_p=0.0,
+    refine_lr=1e-3,
+    selflabel_lr=1e-3,
+)
+
+
+@pytest.mark.parametrize("n,d,k", [(301, 7, 5), (64, 3, 63), (50, 16, 20)])
+def test_mine_neighbors_matches_brute_force(n, d, k):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[n // 2] = x[3]  # an exact duplicate: each lists the other as its nearest, never itself
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    got = mine_neighbors(x, k)
+    assert got.shape == (n, min(k, n - 1)) and got.dtype == np.int64
+    sims = (x.astype(np.float64) @ x.T.astype(np.float64)).copy()
+    np.fill_diagonal(sims, -np.inf)
+    expect = np.argsort(-sims, axis=1, kind="stable")[:, : got.shape[1]]
+    assert not (got == np.arange(n)[:, None]).any()
+    # The k best similarities, in decreasing order: the same neighbours up to exact ties (the duplicate pair is
+    # one, so rows near it may list either copy), and no row lists one image twice.
+    for i in range(n):
+        np.testing.assert_allclose(sims[i, got[i]], sims[i, expect[i]], atol=1e-6, err_msg=str(i))
+        assert len(set(got[i])) == got.shape[1]
+    assert (got == expect).mean() > 0.95
+    assert got[3, 0] == n // 2 and got[n // 2, 0] == 3
+
+
+def test_refinement_raises_acc_on_real_images(tmp_path):
+    # 2,000 real Fashion-MNIST images: a short representation, then refinement; the refined classes (argmax of
+    # the head) must beat both the head before refinement and k-means on the representation it started from.
+    ds = load_images(None, image_size=28, in_channels=1, max_images=2000)
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=6, refine_epochs=6, selflabel_epochs=4, **TINY_TRAIN)
+    model, _ = train(MixEMConfig(**TINY_MODEL), cfg, ds.images)
+    before = extract_features(model, ds.images)
+    from mixem.kmeans import kmeans
+
+    km = kmeans(before["embedding"], 10, init="kmeans++", nredo=5, seed=0).assign
+    scores = {}
+    refine(
+        model,
+        ds.images,
+        MixEMConfig(**TINY_MODEL),
+        cfg,
+        run_dir=tmp_path / "run",
+        log=RunLog(quiet=True),
+        device=torch.device("cpu"),
+        on_stage=lambda name, m: scores.setdefault(name, extract_features(m, ds.images)["probs"].argmax(1)),
+    )
+    acc = {name: cluster_accuracy(ds.labels, a) for name, a in scores.items()}
+    acc_before, acc_km = cluster_accuracy(ds.labels, before["probs"].argmax(1)), cluster_accuracy(ds.labels, km)
+    assert acc["selflabel"] > max(acc_before, acc_km) + 0.02, (acc, acc_before, acc_km)
+    assert nmi(ds.labels, scores["selflabel"]) > nmi(ds.labels, km)
+    assert np.load(tmp_path / "run" / NEIGHBORS).shape == (2000, 20)
+    assert ckpt.resolve(tmp_path / "run").name.startswith("selflabel_")
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, "-m", "mixem.cli", "train", *args], dict(cwd=cwd, env=env)
+
+
+def test_kill_in_refinement_and_resume_equals_uninterrupted(tmp_path):
+    conf = tmp_path / "tiny.json"
+    train = {**TINY_TRAIN, "epochs": 1, "refine_epochs": 2, "selflabel_epochs": 2, "batch_size": 64}
+    conf.write_text(json.dumps({"model": TINY_MODEL, "train": train}))
+    common = ["--config", str(conf), "--max-images", "640", "--no-eval", "--quiet", "--device", "cpu"]
+    cmd, kw = _cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
+    subprocess.run(cmd, check=True, timeout=300, **kw)
+
+    cmd, kw = _cli(*common, "--out", str(tmp_path / "killed"), cwd=tmp_path)
+    proc = subprocess.Popen(cmd, **kw)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().startswith("neighbors_0001"):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = latest.read_text().strip()
+    assert done.startswith("neighbors_"), f"killed at {done}; the refinement stage must be in progress"
+    cmd, kw = _cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
+    subprocess.run(cmd, check=True, timeout=300, **kw)
+
+    assert ckpt.resolve(tmp_path / "killed").name == ckpt.resolve(tmp_path / "full").name == "selflabel_0002"
+    a = load_file(str(ckpt.resolve(tmp_path / "full") / "model.safetensors"))
+    b = load_file(str(ckpt.resolve(tmp_path / "killed") / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume from {done}")
+
+
+def test_onnx_probabilities_of_a_refined_model_match_pytorch(tmp_path):
+    from mixem.export import export_checkpoint
+    from mixem.export.onnx import onnx_reference, ort_runner
+
+    ds = load_images(None, image_size=28, in_channels=1, max_images=512)
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1, refine_epochs=1, selflabel_epochs=1, **TINY_TRAIN)
+    model, _ = train(MixEMConfig(**TINY_MODEL), cfg, ds.images)
+    refine(model, ds.images, model.cfg, cfg, run_dir=tmp_path / "run", log=RunLog(quiet=True), device="cpu")
+    export_checkpoint(tmp_path / "run", "onnx", tmp_path / "onnx")
+    loaded, _ = ckpt.load_model(tmp_path / "run")  # the refined weights, as export read them
+    x = ds.images[:200].numpy()
+    _, probs = ort_runner(tmp_path / "onnx" / "model.onnx")(x)
+    _, ref = (t.numpy() for t in onnx_reference(loaded)(x))
+    _, mine = (t.numpy() for t in onnx_reference(model)(x))
+    np.testing.assert_allclose(ref, mine, atol=1e-6)  # the checkpoint on disk is the refined model
+    np.testing.assert_allclose(probs, ref, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(1), ref.argmax(1))
+    assert len(np.unique(ref.argmax(1))) > 1
