@@ -1,6 +1,8 @@
 """Refinement: after the representation, the head's K-way softmax is trained into the classes (README "Refinement").
 
-Two stages, each a `train.Stage` with its own checkpoints and resume:
+The head first learns the lower-objective k-means partition of the embedding (cross-entropy on the frozen
+backbone's features: seconds), so refinement starts from the best clustering the representation gives, not
+from whatever the head's softmax was. Then two stages, each a `train.Stage` with its own checkpoints and resume:
   neighbors  every image and one of its mined nearest neighbours (both augmented) should get the same
              class; the batch-marginal entropy keeps every class in use (SCAN's objective);
   selflabel  images classified with probability > threshold, or among the most confident share of their
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from mixem import checkpoint as ckpt
 from mixem.augment import build_augment
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier
@@ -80,6 +84,33 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
+def start_partition(feats: dict, K: int, seed: int) -> np.ndarray:
+    """The classes refinement starts from: k-means (K) on the L2-normalised embedding, from the head's own groups
+    and from k-means++ (best of 10), whichever ends at the lower k-means objective (no labels are looked at)."""
+    from mixem.kmeans import kmeans
+
+    x, probs = feats["embedding"], feats["probs"]
+    runs = [kmeans(x, K, init="mixture", mixture_probs=probs, seed=seed), kmeans(x, K, nredo=10, seed=seed)]
+    return min(runs, key=lambda r: r.objective).assign.astype(np.int64)
+
+
+def fit_head(model, feats: dict, target: np.ndarray, device, seed: int, epochs: int = 20, lr: float = 1e-3) -> float:
+    """Fit the head's class logits to `target` by cross-entropy on the frozen backbone's features of the
+    un-augmented images (seconds: the head alone); returns the fraction of images whose argmax then agrees."""
+    h = torch.from_numpy(feats["backbone"]).to(device)
+    y = torch.from_numpy(target).to(device)
+    opt = torch.optim.Adam(model.head.parameters(), lr=lr)  # no weight decay: the component layers keep their values
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(h), generator=g).to(device).split(256):
+            loss = F.cross_entropy(model.head(h[idx]).mixture_logits.float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float((model.head(h).mixture_logits.argmax(1) == y).float().mean())
+
+
 def refine(
     model,
     images: torch.Tensor,
@@ -106,6 +137,11 @@ def refine(
         agree = float((np.asarray(labels)[nb] == np.asarray(labels)[:, None]).mean())
         log.print(f"refine: {nb.shape[1]} neighbours per image mined; {agree:.1%} share the image's label")
         log.event("neighbor_agreement", value=agree)
+    if ckpt.newest(run_dir, "neighbors") is None or not resume:  # a fresh start (resume restores the head)
+        feats = extract_features(model, images, device=device)
+        start = start_partition(feats, model_cfg.components, train_cfg.seed)
+        agree = fit_head(model, feats, start, device, train_cfg.seed)
+        log.print(f"refine: head started from the lower-objective k-means partition ({agree:.1%} of images agree)")
     common = dict(run_dir=run_dir, log=log, ctx=ctx, resume=resume)
     history = []
     stages = (
