@@ -119,7 +119,7 @@ def refine(
     *,
     run_dir: Path,
     log: RunLog,
-    device: torch.device,
+    device: torch.device | str,
     ctx: DistContext = SINGLE,
     resume: bool = False,
     labels: np.ndarray | None = None,
@@ -130,6 +130,7 @@ def refine(
     on_stage(name, model) is called on rank 0 after each stage (the session scores it there).
     `labels` are only reported (neighbour agreement in the log), never trained on.
     """
+    device = torch.device(device)
     images = images.to(device)
     B = min(train_cfg.refine_batch_size or train_cfg.batch_size, len(images))
     nb = load_or_mine(model, images, train_cfg, run_dir, log, ctx, device)

@@ -64,7 +64,7 @@ def test_refinement_raises_acc_on_real_images(tmp_path):
     # the head) must beat both the head before refinement and the k-means partition refinement starts from.
     ds = load_images(None, image_size=28, in_channels=1, max_images=2000)
     cfg = TrainConfig(
-        out=str(tmp_path / "run"), epochs=6, refine_epochs=10, refine_batch_size=64, selflabel_epochs=1, **TINY_TRAIN
+        out=str(tmp_path / "run"), epochs=6, refine_epochs=20, refine_batch_size=64, selflabel_epochs=1, **TINY_TRAIN
     )
     model, _ = train(MixEMConfig(**TINY_MODEL), cfg, ds.images)
     before = extract_features(model, ds.images)
@@ -129,7 +129,9 @@ def test_onnx_probabilities_of_a_refined_model_match_pytorch(tmp_path):
     from mixem.export.onnx import onnx_reference, ort_runner
 
     ds = load_images(None, image_size=28, in_channels=1, max_images=512)
-    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1, refine_epochs=1, selflabel_epochs=1, **TINY_TRAIN)
+    cfg = TrainConfig(
+        out=str(tmp_path / "run"), epochs=2, refine_epochs=3, refine_batch_size=64, selflabel_epochs=1, **TINY_TRAIN
+    )
     model, _ = train(MixEMConfig(**TINY_MODEL), cfg, ds.images)
     refine(model, ds.images, model.cfg, cfg, run_dir=tmp_path / "run", log=RunLog(quiet=True), device="cpu")
     export_checkpoint(tmp_path / "run", "onnx", tmp_path / "onnx")
