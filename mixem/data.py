@@ -185,15 +185,18 @@ def load_images(
             path, image_size, in_channels, labels=labels, limit=max_images, threads=threads, progress=progress
         )
         return ImageSet(torch.from_numpy(images), y, names, paths, skipped, f"image folder {path}")
+    return _finish(_read_arrays(detected, where, split, max_images), image_size, in_channels, labels, progress)
+
+
+def _read_arrays(detected: str, where: Path, split: str, limit: int) -> formats.Arrays:
+    """The reader of an array format (everything but folders)."""
     if detected == "idx":
-        arrays = formats.read_idx(where, split, max_images)
-    elif detected == "npz":
-        arrays = formats.read_npz(where, split, max_images)
-    elif detected == "stl10":
-        arrays = cifar_stl.read_stl10(where, split, max_images)
-    else:
-        arrays = cifar_stl.read_cifar(where, detected, split, max_images)
-    return _finish(arrays, image_size, in_channels, labels, progress)
+        return formats.read_idx(where, split, limit)
+    if detected == "npz":
+        return formats.read_npz(where, split, limit)
+    if detected == "stl10":
+        return cifar_stl.read_stl10(where, split, limit)
+    return cifar_stl.read_cifar(where, detected, split, limit)
 
 
 PROBE_FILES = 64  # images looked at by probe()
@@ -212,14 +215,7 @@ def probe(source: str | None, split: str = "auto") -> tuple[int, int]:
         detected = "cifar100"
     if detected == "folder":
         return folders.probe(path, PROBE_FILES)
-    if detected == "idx":
-        return 1, int(formats.read_idx(where, split, PROBE_FILES).parts[0].shape[-1])
-    if detected == "npz":
-        arrays = formats.read_npz(where, split, PROBE_FILES)
-    elif detected == "stl10":
-        arrays = cifar_stl.read_stl10(where, split, PROBE_FILES)
-    else:
-        arrays = cifar_stl.read_cifar(where, detected, split, PROBE_FILES)
+    arrays = _read_arrays(detected, where, split, PROBE_FILES)
     x = np.concatenate([np.asarray(p[:PROBE_FILES]) for p in arrays.parts])[:PROBE_FILES]
     colour = x.shape[1] == 3 and bool(np.abs(x.astype(np.int16) - x[:, :1]).max() > 8)
     return (3 if colour else 1), int(min(x.shape[-2:]))

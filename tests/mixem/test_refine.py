@@ -2,15 +2,12 @@
 refinement stages, and ONNX probabilities of a refined model against PyTorch."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from cli_runs import cli, kill_when
 from safetensors.torch import load_file
 
 from mixem import checkpoint as ckpt
@@ -89,32 +86,18 @@ def test_refinement_raises_acc_on_real_images(tmp_path):
     assert ckpt.resolve(tmp_path / "run").name.startswith("selflabel_")
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return [sys.executable, "-m", "mixem.cli", "train", *args], dict(cwd=cwd, env=env)
-
-
 def test_kill_in_refinement_and_resume_equals_uninterrupted(tmp_path):
     conf = tmp_path / "tiny.json"
     train = {**TINY_TRAIN, "epochs": 1, "refine_epochs": 2, "selflabel_epochs": 2, "batch_size": 64}
     conf.write_text(json.dumps({"model": TINY_MODEL, "train": train}))
     common = ["--config", str(conf), "--max-images", "640", "--no-eval", "--quiet", "--device", "cpu"]
-    cmd, kw = _cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
+    cmd, kw = cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
     subprocess.run(cmd, check=True, timeout=300, **kw)
 
-    cmd, kw = _cli(*common, "--out", str(tmp_path / "killed"), cwd=tmp_path)
-    proc = subprocess.Popen(cmd, **kw)
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().startswith("neighbors_0001"):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = latest.read_text().strip()
+    cmd, kw = cli(*common, "--out", str(tmp_path / "killed"), cwd=tmp_path)
+    done = kill_when(cmd, kw, tmp_path / "killed", lambda name: name.startswith("neighbors_0001"))
     assert done.startswith("neighbors_"), f"killed at {done}; the refinement stage must be in progress"
-    cmd, kw = _cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
+    cmd, kw = cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
     subprocess.run(cmd, check=True, timeout=300, **kw)
 
     assert ckpt.resolve(tmp_path / "killed").name == ckpt.resolve(tmp_path / "full").name == "selflabel_0002"

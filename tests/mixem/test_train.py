@@ -1,15 +1,12 @@
 """Training: the loss falls, a killed run resumes to the same weights, NaN stops cleanly, pickles are refused."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import cli, kill_when
 from safetensors.torch import load_file
 
 from mixem import checkpoint as ckpt
@@ -50,11 +47,6 @@ def test_short_run_loss_falls(fmnist512, tmp_path):
         assert torch.equal(a, b), k
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return [sys.executable, "-m", "mixem.cli", "train", *args], dict(cwd=cwd, env=env)
-
-
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     conf = tmp_path / "tiny.json"
     conf.write_text(json.dumps({"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 4}}))
@@ -71,20 +63,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         "--device",
         "cpu",
     ]
-    cmd, kw = _cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
+    cmd, kw = cli(*common, "--out", str(tmp_path / "full"), cwd=tmp_path)
     subprocess.run(cmd, check=True, timeout=300, **kw)
 
-    cmd, kw = _cli(*common, "--out", str(tmp_path / "killed"), cwd=tmp_path)
-    proc = subprocess.Popen(cmd, **kw)
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = latest.read_text().strip()
+    cmd, kw = cli(*common, "--out", str(tmp_path / "killed"), cwd=tmp_path)
+    done = kill_when(cmd, kw, tmp_path / "killed", lambda name: True)
     assert done != "epoch_0004", "the run finished before it could be killed; make the epochs longer"
-    cmd, kw = _cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
+    cmd, kw = cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
     subprocess.run(cmd, check=True, timeout=300, **kw)
 
     a = load_file(str(ckpt.resolve(tmp_path / "full") / "model.safetensors"))
