@@ -56,26 +56,20 @@ def mine_neighbors(x: np.ndarray, k: int) -> np.ndarray:
     return found[~drop].reshape(N, k).astype(np.int64)
 
 
-def embeddings(model, images: torch.Tensor, device, batch_size: int = 512) -> np.ndarray:
-    """L2-normalised embeddings of uint8 images, model in eval mode (restored afterwards)."""
-    return extract_features(model, images, batch_size=batch_size, device=device)["embedding"]
-
-
-def load_or_mine(model, images, train_cfg: TrainConfig, run_dir: Path, log: RunLog, ctx: DistContext, device):
-    """The run's neighbours: read from run_dir/neighbors.npy when resuming a run that has them, else mined
-    (every rank mines the same ones; rank 0 writes the file atomically)."""
+def load_or_mine(x: np.ndarray, train_cfg: TrainConfig, run_dir: Path, log: RunLog, ctx: DistContext) -> np.ndarray:
+    """The run's neighbours on the embeddings x: read from run_dir/neighbors.npy when resuming a run that has
+    them, else mined (every rank mines the same ones; rank 0 writes the file atomically)."""
     path = Path(run_dir) / NEIGHBORS
-    k = min(train_cfg.refine_neighbors, len(images) - 1)
+    k = min(train_cfg.refine_neighbors, len(x) - 1)
     if path.exists():
         nb = np.load(path, allow_pickle=False)
-        if nb.shape == (len(images), k):
+        if nb.shape == (len(x), k):
             return nb
-    x = embeddings(model, images, device)
     nb = mine_neighbors(x, k)
     if ctx.main:
         atomic_write(path, lambda tmp: _save_npy(tmp, nb))
     barrier(ctx)
-    log.event("neighbors", k=k, images=len(images))
+    log.event("neighbors", k=k, images=len(x))
     return nb
 
 
@@ -133,13 +127,13 @@ def refine(
     device = torch.device(device)
     images = images.to(device)
     B = min(train_cfg.refine_batch_size or train_cfg.batch_size, len(images))
-    nb = load_or_mine(model, images, train_cfg, run_dir, log, ctx, device)
+    feats = extract_features(model, images, device=device)  # once: the neighbours and the head's start
+    nb = load_or_mine(feats["embedding"], train_cfg, run_dir, log, ctx)
     if labels is not None:
         agree = float((np.asarray(labels)[nb] == np.asarray(labels)[:, None]).mean())
         log.print(f"refine: {nb.shape[1]} neighbours per image mined; {agree:.1%} share the image's label")
         log.event("neighbor_agreement", value=agree)
     if ckpt.newest(run_dir, "neighbors") is None or not resume:  # a fresh start (resume restores the head)
-        feats = extract_features(model, images, device=device)
         start = start_partition(feats, model_cfg.components, train_cfg.seed)
         agree = fit_head(model, feats, start, device, train_cfg.seed)
         log.print(f"refine: head started from the lower-objective k-means partition ({agree:.1%} of images agree)")
