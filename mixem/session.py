@@ -179,7 +179,7 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
 
         if scored:  # the representation's rows, before refinement changes the model in place
             rows = _score(model, ds, k, str(device), seed=train_cfg.seed)
-            stages = _representation_stages(rows, train_cfg.method)
+            stages = _representation_stages(rows)
 
         def on_stage(name, m):
             if scored:
@@ -254,7 +254,7 @@ def eval_command(
     # A refined checkpoint's answer is its head's argmax, unless the user asked for a particular clustering.
     default_choice = tuple(feature_types) == EVAL_FEATURES and tuple(inits) == EVAL_INITS
     refined = stage in STAGE_NAMES and ds.labels is not None and default_choice
-    refined = [_argmax_row(model, ds, dev, stage)] if refined else []
+    stages = [_argmax_row(model, ds, dev, stage)] if refined else []
     return _evaluate_and_report(
         model,
         ds,
@@ -265,7 +265,7 @@ def eval_command(
         log,
         method=train_cfg.method,
         choices=dict(feature_types=feature_types, inits=inits, normalize=normalize),
-        stages=refined,
+        stages=stages,
     )
 
 
@@ -297,7 +297,7 @@ def _score(
 STAGE_NAMES = {"neighbors": "after neighbour consistency", "selflabel": "after self-labelling"}
 
 
-def _representation_stages(rows: list[dict], method: str) -> list[dict]:
+def _representation_stages(rows: list[dict]) -> list[dict]:
     """The stage table's first rows: k-means on the embedding from MIX'EM's start, k-means++, the lower objective."""
     out = []
     for r in rows:

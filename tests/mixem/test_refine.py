@@ -127,3 +127,19 @@ def test_onnx_probabilities_of_a_refined_model_match_pytorch(tmp_path):
     np.testing.assert_allclose(probs, ref, atol=1e-5)
     np.testing.assert_array_equal(probs.argmax(1), ref.argmax(1))
     assert len(np.unique(ref.argmax(1))) > 1
+
+
+def test_frozen_backbone_stays_put(tmp_path):
+    # refine_backbone=False: the neighbour stage trains the head alone; the backbone's weights and BatchNorm
+    # statistics are those of the representation, and every parameter trains again afterwards.
+    ds = load_images(None, image_size=28, in_channels=1, max_images=256)
+    over = dict(TINY_TRAIN, batch_size=64)
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1, refine_epochs=2, selflabel_epochs=0, **over)
+    cfg.refine_backbone = False
+    model, _ = train(MixEMConfig(**TINY_MODEL), cfg, ds.images)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refine(model, ds.images, model.cfg, cfg, run_dir=tmp_path / "run", log=RunLog(quiet=True), device="cpu")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("backbone."))
+    assert not torch.equal(before["head.gate2.weight"], after["head.gate2.weight"])
+    assert all(p.requires_grad for p in model.parameters())
