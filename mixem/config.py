@@ -57,6 +57,8 @@ class MixEMConfig:
 
     def __post_init__(self):
         check_types(self)
+        if self.components < 2:
+            raise ConfigError(f"components (K) must be at least 2, got {self.components}")
         bounded(self, width=(1, 4096), image_size=(8, MAX_IMAGE_SIZE), head_hidden=(1, 65536), embed_dim=(2, 65536))
         bounded(self, components=(2, 65536))
         if self.backbone not in BACKBONES:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem import methods
+from mixem import methods, owner
 from mixem.augment import build_augment
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
@@ -137,6 +137,25 @@ def train(
         torch.set_num_threads(train_cfg.threads)
     mine = check_inputs(model_cfg, train_cfg, images, ctx)
     run_dir = Path(train_cfg.out)
+    with _own(run_dir, ctx):  # after the checks: a refused run creates nothing (the CLI claims even earlier)
+        return _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, mine, run_dir)
+
+
+def _own(run_dir: Path, ctx: DistContext):
+    return claim_run(run_dir) if ctx.main else nullcontext()
+
+
+def claim_run(out: str | Path):
+    """Own a train run folder (owner.claim): new, empty, or a train run; kept once it holds a checkpoint."""
+    return owner.claim(
+        out, "train", command="train", legacy=("checkpoints", "train_config.json"), keep=("checkpoints/latest",)
+    )
+
+
+def _train(
+    model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, mine, run_dir
+) -> tuple[MixEM, TrainResult]:
+    """train() in its owned run folder."""
     steps_per_epoch = len(images) // train_cfg.batch_size  # drop_last, as SimCLR and the released MIX'EM code do
     total_steps = steps_per_epoch * train_cfg.epochs
     warmup_steps = max(1, round(train_cfg.warmup_epochs * steps_per_epoch))
@@ -196,14 +215,19 @@ def open_run(
     """Restore the latest checkpoint into state (model, optimizer, scheduler, device) when resuming, or refuse
     a folder that already holds a run; rank 0 writes the configs. Returns the epoch to start from."""
     start_epoch = 0
-    if resume:
+    if resume and (run_dir / "checkpoints" / "latest").exists():
         start_epoch = _restore(run_dir, *state)
         log.print(f"resuming {run_dir} at epoch {start_epoch + 1}/{train_cfg.epochs}")
+    elif resume:
+        log.print(f"{run_dir}: killed before its first checkpoint; starting it again from epoch 1")
     elif (run_dir / "checkpoints" / "latest").exists():
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     barrier(ctx)  # every rank has checked the run directory before rank 0 writes into it
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # What a killed run left half-written: checkpoint directories being written or replaced.
+        owner.clean_temps(run_dir / "checkpoints")
+        owner.clean_temps(run_dir, ("config.json", "train_config.json", "metrics.json"))
         save_json(model_cfg, run_dir / "config.json")
         save_json(train_cfg, run_dir / "train_config.json")
     return start_epoch
