@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mixem import methods
-from mixem.cli.errors import DEBUG_ENV, Debug, one_line_errors
+from mixem.cli.errors import Debug, one_line_errors, set_debug
 from mixem.config import (
     EMBED_FEATURES,
     ENGINES,
@@ -57,8 +56,7 @@ Seed = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 @app.callback()
 def _main(debug: Debug = False):
     """Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench."""
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    set_debug(debug)
 
 
 _errors = one_line_errors  # every command: one line for any error, the traceback only with --debug

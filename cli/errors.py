@@ -12,6 +12,13 @@ import typer
 from mixem.errors import MixEMError, describe_os_error
 
 DEBUG_ENV = "MIXEM_DEBUG"  # MIXEM_DEBUG=1: tracebacks, as --debug
+_GLOBAL = {"debug": False}  # `mixem-fast --debug COMMAND`: set by the app's callback on every invocation
+
+
+def set_debug(on: bool) -> None:
+    _GLOBAL["debug"] = on
+
+
 Debug = Annotated[bool, typer.Option("--debug", help=f"Show the Python traceback of an error (or set {DEBUG_ENV}=1).")]
 
 
@@ -34,7 +41,7 @@ def one_line_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
-        debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        debug = debug or _GLOBAL["debug"] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.TyperException):
