@@ -168,8 +168,9 @@ def test_cluster_killed_anywhere_never_leaves_a_mixed_set(setup, fork):
         m = manifest.load(out)
         try:
             rec = outputs.read_set(out, "cluster", {"run_id": m.run_id, "files_sha256": m.files_sha256}, rerun="-")
-        except DataError:
-            rec = None  # killed while committing: every reader refuses the set until cluster runs again
+        except DataError as e:  # killed while committing: every reader refuses the set until cluster runs again
+            assert "half replaced" in str(e), e
+            rec = None
         if rec is not None:
             now = _cluster_files(out)
             assert now in (before, want), "the set on disk mixes two cluster runs"
@@ -194,8 +195,9 @@ def test_export_killed_anywhere_never_leaves_a_mixed_set(setup, fork):
             summary = json.loads((out / "export.json").read_text())
             model = (out / "model.onnx").read_bytes()
             assert (summary["precision"], model) in (("fp16", fp16), ("fp32", want)), "a mixed export set"
-        except DataError:
-            pass  # killed while committing: refused until exported again
+        except DataError as e:  # killed while committing: refused until exported again
+            assert "half replaced" in str(e), e
+        (out / ".model.onnx.tmp999999").write_bytes(b"half a model")  # as a kill in its writing leaves it
         finish(fork, [*commands["export"], "--out", out])
         assert (out / "model.onnx").read_bytes() == want
         assert json.loads((out / "export.json").read_text())["precision"] == "fp32"
