@@ -43,6 +43,10 @@ class OutputFolderError(MixEMError):
     """An output folder that another process owns, that holds files not ours, or that cannot be written."""
 
 
+class WriteError(OutputFolderError, OSError):
+    """A file that could not be written (disk full, read-only, ...): one line naming it, and still an OSError."""
+
+
 # What to do about the OS errors a user can fix, by errno (the rest say the system's own words).
 _OS_ADVICE = {
     errno.ENOSPC: "no space left on the device: free some space there, or choose a folder on another disk",

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from mixem.errors import ConfigError, OutputFolderError, describe_os_error
+from mixem.errors import ConfigError, WriteError, describe_os_error
 
 
 def temp_name(path: str | os.PathLike) -> Path:
@@ -57,12 +57,12 @@ def _is_write_fault(e: BaseException, tmp: Path) -> bool:
         return False
 
 
-def write_error(e: BaseException, path: Path) -> OutputFolderError:
+def write_error(e: BaseException, path: Path) -> WriteError:
     """The one-line error for a failed write of `path` (the final name, not the temporary one)."""
     final = path.with_name(path.name[1:].rsplit(".tmp", 1)[0]) if path.name.startswith(".") else path
     if not isinstance(e, OSError):
         e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return OutputFolderError(f"cannot write {describe_os_error(e, final)}")
+    return WriteError(f"cannot write {describe_os_error(e, final)}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
