@@ -174,7 +174,10 @@ def _open(images, out: Path, settings: dict, opts: EmbedOptions, rank: int, worl
         m, changes = manifest.open_run(Path(images), out, settings, opts.shard_size, update=opts.update)
         left = changes.get("links_left_out")
         if left:
-            log.print(f"{len(left)} links lead outside {m.root} and were left out (--follow-links), e.g. {left[0]}")
+            log.print(
+                f"{len(left)} files were left out: links that lead outside {m.root} (--follow-links follows them) "
+                f"or names that are not UTF-8; e.g. {left[0]}"
+            )
         if any(changes.get(k) for k in ("removed", "modified")) or (changes.get("added") and "new_run" not in changes):
             log.print(f"--update: {manifest.describe(changes)}; the shards holding them are embedded again")
     else:

@@ -123,12 +123,17 @@ def rank_shards(n_shards: int, rank: int, world: int) -> list[int]:
 
 
 def scan(root: Path, follow_links: bool) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """{relative path: (bytes, mtime_ns)} of the images under root (-1, -1 for a dangling link), and the links
-    left out because they lead outside root (when not following them)."""
+    """{relative path: (bytes, mtime_ns)} of the images under root (-1, -1 for a dangling link), and what was
+    left out: links that lead outside root (when not following them), and files whose names are not UTF-8."""
     left_out: list[str] = []
     rel = list_images(root, follow_links=follow_links, left_out=left_out)
     found = {}
     for p in rel:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a name that is not UTF-8: parquet cannot hold it; left out, and said
+            left_out.append(p.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+            continue
         try:
             st = os.stat(root / p)
             found[p] = (st.st_size, st.st_mtime_ns)

@@ -229,3 +229,12 @@ def test_bad_files_list_has_one_line_per_file(model, fashion, tmp_path):
     assert sorted(ln.split("\t")[0].rsplit("/", 1)[1] for ln in lines) == ["tab\\there.png", "two\\nlines.png"]
     jl = [json.loads(ln)["path"] for ln in (tmp_path / "out" / "bad_files.jsonl").read_text().splitlines()]
     assert sorted(p.rsplit("/", 1)[1] for p in jl) == ["tab\there.png", "two\nlines.png"]
+
+
+def test_a_name_that_is_not_utf8_is_left_out_not_fatal(model, fashion, tmp_path):
+    """Noticed on the way: one file name that is not UTF-8 made the whole run fail (parquet holds UTF-8 only)."""
+    root = images(tmp_path / "imgs", fashion, 4)
+    with open(os.fsencode(root / "c0") + b"/caf\xe9.png", "wb") as f:
+        f.write((root / "c0/000.png").read_bytes())
+    s = embed_folder(str(model), root, tmp_path / "out", EmbedOptions(**OPTS))
+    assert s["complete"] and s["files"] == 4
