@@ -117,7 +117,8 @@ def setup(case: dict, device) -> dict:
     from mixem import shards
     from mixem.checkpoint import save_checkpoint
     from mixem.config import PRESETS, MixEMConfig
-    from mixem.embed import EmbedOptions, decode_nvjpeg, embed_folder
+    from mixem.embed import EmbedOptions, embed_folder
+    from mixem.embed_decode import decode_nvjpeg
     from mixem.engines import load_engine
     from mixem.export import export_checkpoint
     from mixem.folders import decode_files, list_images

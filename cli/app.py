@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from enum import Enum
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Annotated
 import typer
 
 from mixem import methods
+from mixem.cli.errors import Debug, one_line_errors, set_debug
 from mixem.config import (
     EMBED_FEATURES,
     ENGINES,
@@ -53,21 +53,13 @@ Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda 
 Seed = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 
 
-def _errors(fn):
-    """Print a MixEMError as one line on stderr and exit 1; never a traceback for the user's mistakes."""
+@app.callback()
+def _main(debug: Debug = False):
+    """Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench."""
+    set_debug(debug)
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MixEMError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; finished checkpoints and shards are kept (rerun with --resume)", err=True)
-            raise typer.Exit(130) from None
 
-    return wrapper
+_errors = one_line_errors  # every command: one line for any error, the traceback only with --debug
 
 
 @app.command()
@@ -289,6 +281,15 @@ def embed(
     shard_size: Annotated[int | None, typer.Option("--shard-size", help="Images per output shard.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
     decoder: Annotated[str | None, typer.Option("--decoder", help="auto | pil | nvjpeg (GPU JPEG decode).")] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update", help="The folder changed since --out listed it: embed new and changed files, keep the rest."
+        ),
+    ] = False,
+    follow_links: Annotated[
+        bool, typer.Option("--follow-links", help="Follow links that lead outside the image folder (off: left out).")
+    ] = False,
     device: Device = None,
     quiet: Quiet = False,
     json_log: JsonLog = None,
@@ -302,7 +303,7 @@ def embed(
     from mixem.runlog import RunLog
 
     opts = replace(
-        EmbedOptions(engine=engine.value, features=features.value),
+        EmbedOptions(engine=engine.value, features=features.value, update=update, follow_links=follow_links),
         batch_size=batch_size,
         shard_size=shard_size,
         workers=workers,

@@ -13,6 +13,7 @@ The exported graph (one directory per export):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,16 +22,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixem import owner
 from mixem.engines.onnx_engine import INPUT, MODEL, ONNX_INSTALL, OUTPUTS
 from mixem.errors import MixEMError, require
 from mixem.export import parity
-from mixem.files import atomic_write_text, save_json
+from mixem.files import save_json
+from mixem.outputs import OutputSet, record_path
 
 # Opset 18: the torch.export-based exporter's native opset (no version conversion pass), read by
 # onnxruntime >= 1.14 and by TensorRT 10/11's ONNX parser.
 OPSET = 18
 PARITY, EXPORT, CONFIG = "parity.json", "export.json", "config.json"
+PARITY_FAILED = "parity_failed.json"  # the report of a refused export, kept beside the previous set
 PARITY_IMAGES = 256
+EXPORT_SET = "export"  # model.onnx, parity.json, config.json, export.json: one set (mixem.outputs), export.set.json
+# An export folder's files; with TensorRT's (model.plan, model.plan.json, timing.cache), the temporaries of all
+# of which a killed export leaves are removed by the next one.
+EXPORT_FILES = (MODEL, PARITY, EXPORT, CONFIG, PARITY_FAILED, record_path(".", EXPORT_SET).name)
+TRT_FILES = ("model.plan", "model.plan.json", "timing.cache")
+
+
+def claim_export(out_dir: str | os.PathLike):
+    """Own an export folder (owner.claim): new, empty, or an export; a failed first export leaves nothing."""
+    return owner.claim(
+        out_dir,
+        "export",
+        command="export",
+        legacy=(EXPORT, MODEL),
+        keep=(record_path(".", EXPORT_SET).name, PARITY_FAILED),
+    )
 
 
 def export_graph(model: torch.nn.Module, *, features: bool = False, opset: int = OPSET):
@@ -114,52 +134,65 @@ def export_onnx(
 ) -> dict:
     """Export the checkpoint at `ckpt` to out_dir/model.onnx; returns the summary written to export.json.
 
-    The model is written under a temporary name, checked (onnx.checker full_check), run through
-    onnxruntime against PyTorch on real images, and renamed into place only if parity holds;
-    otherwise a one-line MixEMError is raised and the failed report is left in parity_failed.json.
+    The model is staged under a temporary name, checked (onnx.checker full_check), run through
+    onnxruntime against PyTorch on real images, and committed with its reports as one set (export.set.json,
+    mixem.outputs) only if parity holds; otherwise a one-line MixEMError is raised, the previous set stays
+    whole, and the failed report is left in parity_failed.json. The folder is owned while this runs.
     """
-    from mixem.checkpoint import load_model, resolve
+    from mixem.checkpoint import load_model
 
-    onnx = require("onnx", "ONNX export", ONNX_INSTALL)
-    t0 = time.perf_counter()
-    model, cfg = load_model(ckpt, "cpu")
+    require("onnx", "ONNX export", ONNX_INSTALL)
+    model, cfg = load_model(ckpt, "cpu")  # before the folder is touched: a bad checkpoint changes nothing
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_export(out), OutputSet(out, EXPORT_SET) as outs:
+        owner.clean_temps(out, EXPORT_FILES + TRT_FILES)
+        return _export_into(outs, ckpt, model, cfg, fp16, features, opset, parity_images, min_cosine, max_prob_error)
+
+
+def _export_into(outs: OutputSet, ckpt, model, cfg, fp16, features, opset, parity_images, min_cosine, max_prob_error):
+    """Stage model.onnx (checked, parity-gated), parity.json, config.json and export.json in outs; the summary."""
+    import onnx
+
+    from mixem.checkpoint import resolve
+
+    t0 = time.perf_counter()
+    out = outs.out
     proto = export_graph(model, features=features, opset=opset)
     precision = "fp16" if fp16 else "fp32"
     if fp16:
         proto = to_fp16(proto)
     final = out / MODEL
-    tmp = out / f".{MODEL}.tmp{os.getpid()}"
+    tmp = outs.write(MODEL, lambda p: onnx.save_model(proto, str(p)))  # one file: far below protobuf's 2 GB
     try:
-        onnx.save_model(proto, str(tmp))  # one file: these models are far below protobuf's 2 GB limit
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise MixEMError(f"{final}: exported graph fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
-        images = parity.real_images(parity_images, cfg.image_size, cfg.in_channels)
-        report = parity.compare(onnx_reference(model, features), ort_runner(tmp), images)
-        report = parity.gate(report, precision, min_cosine, max_prob_error)
-        report["runtime"] = "onnxruntime CPUExecutionProvider vs PyTorch fp32 CPU"
-        if not report["passed"]:
-            save_json(report, out / "parity_failed.json")
-            raise MixEMError(
-                f"{final}: "
-                + parity.failure_line(report, "ONNX " + precision)
-                + f"; report in {out / 'parity_failed.json'}"
-            )
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    (out / "parity_failed.json").unlink(missing_ok=True)
-    save_json(report, out / PARITY)
-    save_json(cfg, out / CONFIG)
-    summary = describe(final, cfg, precision=precision, opset=opset, features=features)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise MixEMError(f"{final}: exported graph fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
+    images = parity.real_images(parity_images, cfg.image_size, cfg.in_channels)
+    report = parity.compare(onnx_reference(model, features), ort_runner(tmp), images)
+    report = parity.gate(report, precision, min_cosine, max_prob_error)
+    report["runtime"] = "onnxruntime CPUExecutionProvider vs PyTorch fp32 CPU"
+    if not report["passed"]:
+        save_json(report, out / PARITY_FAILED)
+        raise MixEMError(
+            f"{final}: " + parity.failure_line(report, "ONNX " + precision) + f"; report in {out / PARITY_FAILED}"
+        )
+    (out / PARITY_FAILED).unlink(missing_ok=True)
+    outs.write(PARITY, lambda p: p.write_text(_json(report)))
+    outs.write(CONFIG, lambda p: p.write_text(_json(dataclasses.asdict(cfg))))
+    summary = describe(tmp, cfg, precision=precision, opset=opset, features=features)
     summary.update(
-        format="onnx", checkpoint=str(resolve(ckpt)), parity=_short(report), seconds=round(time.perf_counter() - t0, 2)
+        path=str(final),
+        format="onnx",
+        checkpoint=str(resolve(ckpt)),
+        parity=_short(report),
+        seconds=round(time.perf_counter() - t0, 2),
     )
-    atomic_write_text(out / EXPORT, json.dumps(summary, indent=2) + "\n")
+    outs.write(EXPORT, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def describe(path: Path, cfg, *, precision: str, opset: int, features: bool) -> dict:

@@ -16,7 +16,7 @@ from mixem.engines.onnx_engine import MODEL
 from mixem.engines.trt_engine import PLAN, TrtEngine, current_platform, require_trt, sidecar_path
 from mixem.errors import ConfigError, MixEMError
 from mixem.export import parity
-from mixem.export.onnx import OPSET, PARITY_IMAGES, export_onnx, onnx_reference
+from mixem.export.onnx import OPSET, PARITY_IMAGES, claim_export, export_onnx, onnx_reference
 from mixem.files import atomic_write, atomic_write_text
 
 TIMING_CACHE = "timing.cache"
@@ -129,6 +129,11 @@ def export_trt(
     """out_dir/model.onnx (parity-gated), then out_dir/model.plan + model.plan.json built for this GPU, whose
     outputs are parity-gated against PyTorch on real images like the ONNX (a failing plan is removed)."""
     trt = require_trt()  # before the ONNX export, so a missing TensorRT fails in a second, not after it
+    with claim_export(out_dir):  # one owner for the ONNX set and the plan built from it
+        return _export_trt(trt, ckpt, out_dir, fp16, features, min_batch, opt_batch, max_batch, opset)
+
+
+def _export_trt(trt, ckpt, out_dir, fp16, features, min_batch, opt_batch, max_batch, opset) -> dict:
     # TensorRT 11 has no fp16 builder flag: it builds what the (fp16) ONNX says.
     onnx_fp16 = fp16 and not hasattr(trt.BuilderFlag, "FP16")
     onnx_summary = export_onnx(ckpt, out_dir, fp16=onnx_fp16, features=features, opset=opset)

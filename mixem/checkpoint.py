@@ -14,16 +14,16 @@ killed run never leaves a half-written checkpoint that looks complete.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from mixem.config import MixEMConfig, TrainConfig, load_json
-from mixem.errors import CheckpointError
-from mixem.files import atomic_write_text, save_json
+from mixem.errors import CheckpointError, ConfigError
+from mixem.files import atomic_write_text, read_json, save_json
 
 WEIGHTS, CONFIG, TRAIN_CONFIG, STATE, TRAINER = (
     "model.safetensors",
@@ -97,7 +97,13 @@ def resolve(path: str | os.PathLike) -> Path:
         return p
     latest = p / "checkpoints" / "latest"
     if latest.is_file():
-        c = p / "checkpoints" / latest.read_text().strip()
+        name = latest.read_text(encoding="utf-8", errors="replace").strip()
+        if not re.fullmatch(r"epoch_\d{4,}", name):
+            raise CheckpointError(
+                f"{latest}: names {name[:60]!r}, not a checkpoint (damaged or edited by hand); write the name of "
+                f"the newest checkpoints/epoch_NNNN folder into it"
+            )
+        c = p / "checkpoints" / name
         if (c / WEIGHTS).is_file():
             return c
     raise CheckpointError(f"{p}: no {WEIGHTS} here and no checkpoints/latest; is this a mixem-fast run directory?")
@@ -149,7 +155,15 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
 def read_state(path: str | os.PathLike) -> dict:
     ckpt = resolve(path)
     f = ckpt / STATE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        state = read_json(f, "state file")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("epoch", 0), int) or state.get("epoch", 0) < 0:
+        raise CheckpointError(f"{f}: not a checkpoint state (damaged or edited by hand); resume from an older epoch")
+    return state
 
 
 def mark_latest(run_dir: str | os.PathLike, name: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -55,14 +56,19 @@ class MixEMConfig:
     std: tuple[float, ...] = (0.25, 0.25, 0.25)  # per-channel std, applied in the graph
 
     def __post_init__(self):
+        check_types(self)
+        if self.components < 2:
+            raise ConfigError(f"components (K) must be at least 2, got {self.components}")
+        bounded(self, width=(1, 4096), image_size=(8, MAX_IMAGE_SIZE), head_hidden=(1, 65536), embed_dim=(2, 65536))
+        bounded(self, components=(2, 65536))
         if self.backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if self.components < 2:
             raise ConfigError(f"components (K) must be at least 2, got {self.components}")
         if self.head not in HEADS:
             raise ConfigError(f"unknown head {self.head!r}: choose one of {', '.join(HEADS)}")
-        if not self.center_temperature > 0:
-            raise ConfigError(f"center_temperature must be > 0, got {self.center_temperature}")
+        if not (math.isfinite(self.center_temperature) and self.center_temperature > 0):
+            raise ConfigError(f"center_temperature must be a finite number > 0, got {self.center_temperature}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.image_size < 8:
@@ -72,6 +78,9 @@ class MixEMConfig:
         self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ConfigError(f"mean and std need {self.in_channels} values (one per input channel)")
+        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(s) and s > 0 for s in self.std):
+            # std 0 or NaN makes every embedding NaN: refused here rather than found in the shards
+            raise ConfigError(f"mean must be finite and std finite and > 0, got mean {self.mean}, std {self.std}")
         if self.small_stem is None:
             self.small_stem = self.image_size <= 64
 
@@ -131,6 +140,15 @@ class TrainConfig:
     refine_batch_size: int = 0  # images per step of both stages; 0 = --batch-size
 
     def __post_init__(self):
+        check_types(self)
+        bounded(self, epochs=(1, 10**6), batch_size=(2, 10**7), seed=(0, 2**63 - 1), threads=(0, 4096))
+        bounded(self, eval_every=(0, 10**6), max_images=(0, 2**62))
+        for name in ("lr", "temperature", "sharpen", "anchor_temperature"):
+            bounded(self, **{name: (0, math.inf)}, open_low=True)
+        for name in ("weight_decay", "warmup_epochs", "w_marginal", "w_instance", "w_pull", "w_push", "w_cluster"):
+            bounded(self, **{name: (0, math.inf)})
+        bounded(self, w_balance=(0, math.inf), w_anchor=(0, math.inf), color_jitter=(0, math.inf))
+        bounded(self, jitter_p=(0, 1), grayscale_p=(0, 1))
         methods.get(self.method)  # a one-line error naming the registered methods
         if self.instance_term not in INSTANCE_TERMS:
             raise ConfigError(f"instance_term must be one of {', '.join(INSTANCE_TERMS)}, got {self.instance_term!r}")
@@ -140,25 +158,62 @@ class TrainConfig:
             raise ConfigError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
         if self.precision not in TRAIN_PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ConfigError("epochs must be >= 1 and batch_size >= 2")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if not (self.sharpen > 0 and self.anchor_temperature > 0):
-            raise ConfigError(
-                f"sharpen and anchor_temperature must be > 0, got {self.sharpen}, {self.anchor_temperature}"
-            )
-        if self.refine_neighbors < 1 or self.refine_epochs < 0 or self.selflabel_epochs < 0:
-            raise ConfigError("refine_neighbors must be >= 1, refine_epochs and selflabel_epochs >= 0")
-        if not 0 <= self.selflabel_share <= 1:
-            raise ConfigError(f"selflabel_share must be between 0 and 1, got {self.selflabel_share}")
-        if not 0 < self.selflabel_threshold < 1:
-            raise ConfigError(f"selflabel_threshold must be between 0 and 1, got {self.selflabel_threshold}")
+        bounded(self, refine_neighbors=(1, 10**4), refine_epochs=(0, 10**6), selflabel_epochs=(0, 10**6))
+        bounded(self, refine_lr=(0, math.inf), selflabel_lr=(0, math.inf), open_low=True)
+        bounded(self, refine_entropy=(0, math.inf), selflabel_share=(0, 1))
+        bounded(self, selflabel_threshold=(0, 1), open_low=True)
+        if self.selflabel_threshold == 1:
+            raise ConfigError("selflabel_threshold must be below 1 (no probability passes 1), got 1")
         if self.refine_batch_size < 0 or self.refine_batch_size == 1:
             raise ConfigError(f"refine_batch_size must be 0 (= batch_size) or >= 2, got {self.refine_batch_size}")
         self.crop_scale = tuple(float(c) for c in self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+MAX_IMAGE_SIZE = 2048  # pixels a side: 2048^2 x 3 bytes x a batch of 256 is already 3 GiB of pixels per batch
+
+
+def _type_ok(value, annotation: str) -> bool:
+    """Does a config value fit its field's annotation (the few forms the configs use)?"""
+    for alt in (a.strip() for a in annotation.split("|")):
+        if alt == "None" and value is None:
+            return True
+        if alt == "bool" and isinstance(value, bool):
+            return True
+        if alt == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if alt == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if alt == "str" and isinstance(value, str):
+            return True
+        if alt.startswith("tuple[") and isinstance(value, (tuple, list)):
+            return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return False
+
+
+def check_types(cfg) -> None:
+    """A ConfigError naming the first field whose value is not of its annotated type (config.json is not trusted)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _type_ok(value, str(f.type)):
+            raise ConfigError(f"{f.name} must be {_plain(str(f.type))}, got {value!r} ({type(value).__name__})")
+
+
+def _plain(annotation: str) -> str:
+    words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
+    return " or ".join(words.get(a.strip(), "a list of numbers") for a in annotation.split("|"))
+
+
+def bounded(cfg, open_low: bool = False, **limits: tuple[float, float]) -> None:
+    """A ConfigError when a numeric field is NaN, infinite or outside [lo, hi] ((lo, hi] with open_low)."""
+    for name, (lo, hi) in limits.items():
+        v = getattr(cfg, name)
+        low_ok = v > lo if open_low else v >= lo
+        if not (math.isfinite(v) and low_ok and v <= hi):
+            low = f"> {lo}" if open_low else f">= {lo}"
+            high = "" if hi == math.inf else f" and <= {hi}"
+            raise ConfigError(f"{name} must be a finite number {low}{high}, got {v}")
 
 
 # Presets are named sets of field overrides, applied before the user's own overrides.
@@ -220,7 +275,7 @@ def from_dict(cls, data: dict, where: str = "config"):
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     try:
         return cls(**kw)
-    except TypeError as e:
+    except (TypeError, ConfigError) as e:
         raise ConfigError(f"{where}: {e}") from None
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixem import folders, manifest, shards
+from mixem import folders, manifest, owner, rundir, shards
 from mixem.config import DECODERS, EMBED_FEATURES
-from mixem.errors import ConfigError
+from mixem.embed_decode import Decoder, resolve_decoder
+from mixem.errors import ConfigError, DataError
 from mixem.files import atomic_write_text
 from mixem.runlog import RunLog
-from mixem.runtime import torchrun_env
-
-_JPEG = (".jpg", ".jpeg")
-_NVJPEG_LOCK = threading.Lock()
+from mixem.runtime import available_memory, job_id, torchrun_env
 
 
 @dataclass
@@ -38,104 +36,26 @@ class EmbedOptions:
     prefetch: int = 2  # batches decoded ahead of the engine: memory is (prefetch + 1) batches of pixels
     decoder: str = "auto"  # auto (nvjpeg on a CUDA engine, else pil) | pil | nvjpeg
     manifest_wait_s: float = 3600.0  # how long ranks > 0 wait for rank 0 to list the folder
+    update: bool = False  # the folder changed since the run listed it: embed the changes, keep the rest
+    follow_links: bool = False  # follow links that lead outside the image folder (off: they are left out)
 
     def __post_init__(self):
         if self.features not in EMBED_FEATURES:
             raise ConfigError(f"--features must be one of {', '.join(EMBED_FEATURES)}, got {self.features!r}")
         if self.decoder not in DECODERS:
             raise ConfigError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.batch_size < 1 or self.prefetch < 0 or self.workers < 0:
-            raise ConfigError("--batch-size must be >= 1, --prefetch and --workers >= 0")
-
-
-def decode_into(paths: list[str], out: np.ndarray, size: int, mode: str) -> list[tuple[str, str | None]]:
-    """folders.decode_into with a (status, error) pair for every file: (OK, None) when it decoded."""
-    return [r or (shards.OK, None) for r in folders.decode_into(paths, out, size, mode)]
-
-
-def decode_nvjpeg(paths: list[str], size: int, channels: int, device: torch.device):
-    """Batched nvJPEG decode on the GPU; non-JPEGs, and every JPEG of a batch nvJPEG refuses, go to PIL one by one.
-
-    torchvision's batched CUDA decode returns no partial result when one image fails, so a bad file
-    costs its batch a CPU pass; results differ from PIL's in the last bits (no draft(), torch resize).
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from mixem.data import to_size
-
-    n = len(paths)
-    out = torch.zeros((n, channels, size, size), dtype=torch.uint8, device=device)
-    status: list = [None] * n
-    jpeg = [i for i, p in enumerate(paths) if p.lower().endswith(_JPEG)]
-    cpu = [i for i, p in enumerate(paths) if not p.lower().endswith(_JPEG)]
-    if jpeg:
-        try:
-            data = [torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)) for i in jpeg]
-            mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-            with _NVJPEG_LOCK:  # prefetching threads share torchvision's one CUDA decoder
-                images = decode_jpeg(data, mode=mode, device=device, apply_exif_orientation=True)
-            for i, im in zip(jpeg, images):
-                out[i] = to_size(im[None], size)[0]
-                status[i] = (shards.OK, None)
-        except Exception:  # noqa: BLE001 (unreadable file, CMYK/progressive quirk, nvJPEG error: PIL decides)
-            cpu = sorted(cpu + jpeg)
-    if cpu:
-        buf = np.zeros((len(cpu), channels, size, size), np.uint8)
-        for i, r in zip(cpu, decode_into([paths[i] for i in cpu], buf, size, "L" if channels == 1 else "RGB")):
-            status[i] = r
-        out[torch.as_tensor(cpu, device=device)] = torch.from_numpy(buf).to(device)
-    return out, status
-
-
-def _resolve_decoder(decoder: str, device: torch.device) -> str:
-    if decoder == "pil":
-        return "pil"
-    try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-
-        has_tv = True
-    except ImportError:
-        has_tv = False
-    if decoder == "nvjpeg" and (device.type != "cuda" or not has_tv):
-        raise ConfigError("--decoder nvjpeg needs a CUDA engine device and torchvision; use --decoder pil")
-    return "nvjpeg" if device.type == "cuda" and has_tv else "pil"
-
-
-class _Decoder:
-    """Submits batch decodes to a thread pool and hands them back in order; at most prefetch + 1 in flight."""
-
-    def __init__(self, pool: ThreadPoolExecutor, workers: int, size: int, channels: int, how: str, device):
-        self.pool, self.workers, self.how, self.device = pool, workers, how, device
-        self.size, self.channels = size, channels
-        self.mode = "L" if channels == 1 else "RGB"
-
-    def submit(self, paths: list[str]):
-        if self.how == "nvjpeg":
-            return ("gpu", self.pool.submit(decode_nvjpeg, paths, self.size, self.channels, self.device))
-        buf = np.empty((len(paths), self.channels, self.size, self.size), np.uint8)
-        # Chunks of a few images per task: enough tasks to keep every worker busy, few enough to be cheap.
-        step = max(1, -(-len(paths) // (self.workers * 4)))
-        futs = [
-            self.pool.submit(decode_into, paths[j : j + step], buf[j : j + step], self.size, self.mode)
-            for j in range(0, len(paths), step)
-        ]
-        return ("cpu", buf, futs)
-
-    @staticmethod
-    def result(job):
-        if job[0] == "gpu":
-            return job[1].result()
-        _, buf, futs = job
-        return buf, [r for f in futs for r in f.result()]
+        if self.batch_size < 1 or self.prefetch < 0 or self.workers < 0 or self.shard_size < 1:
+            raise ConfigError("--batch-size and --shard-size must be >= 1, --prefetch and --workers >= 0")
 
 
 class _Shard:
     """One shard's rows as they arrive from the engine, until the shard is complete."""
 
-    def __init__(self, shard: int, start: int, paths: list[str], root: str):
+    def __init__(self, shard: int, start: int, paths: list[str], root: str, gone: list[bool], digest: str):
         n = len(paths)
-        self.shard, self.start, self.n, self.filled = shard, start, n, 0
+        self.shard, self.start, self.n, self.filled, self.digest = shard, start, n, 0, digest
         self.paths = [f"{root}/{p}" for p in paths]
+        self.gone = gone
         self.status, self.errors = [shards.OK] * n, [None] * n
         self.vectors, self.probs = None, None
         self.t0 = time.perf_counter()
@@ -147,6 +67,8 @@ class _Shard:
         self.vectors[at : at + len(vectors)] = vectors
         self.probs[at : at + len(probs)] = probs
         for j, (st, err) in enumerate(status):
+            if self.gone[at + j]:  # listed once, gone since (embed --update): a row kept so ids never move
+                st, err = "removed", "removed from the image folder (embed --update)"
             self.status[at + j], self.errors[at + j] = st, err
         self.filled += len(vectors)
 
@@ -160,7 +82,8 @@ def _outputs(engine, x, features: str, bad: np.ndarray):
         vec = outs[0].float()
     vec, probs = vec.cpu().numpy(), outs[1].float().cpu().numpy()
     vec[bad], probs[bad] = 0, 0  # zero rows for unreadable files: row-aligned, never mistaken for data
-    return vec.astype(np.float16), probs
+    finite = np.isfinite(vec).all(1) & np.isfinite(probs).all(1)
+    return vec.astype(np.float16), probs, finite
 
 
 def load_embed_engine(model: str, engine: str, features: str, device: str | torch.device, batch_size: int = 1):
@@ -179,50 +102,99 @@ def load_embed_engine(model: str, engine: str, features: str, device: str | torc
     return eng
 
 
-def _clean_tmp(out: Path, mine: set[int]):
-    """Remove temporary files a killed run of this rank's shards left (names carry the shard number)."""
+def _clean_tmp(out: Path, todo: list[int]):
+    """Before redoing this rank's unfinished shards: remove their half-written files (a killed run's
+    `.NAME.tmpPID`, and no other file) and stats that do not check out (another run's, or damaged)."""
     for d in (shards.EMB_DIR, shards.META_DIR, shards.STATS_DIR):
-        folder = out / d
-        if not folder.is_dir():
-            continue
-        for name in os.listdir(folder):
-            if name.startswith(".") and ".tmp" in name:
-                digits = "".join(ch for ch in name.split(".tmp")[0] if ch.isdigit())
-                if digits and int(digits[-5:]) in mine:
-                    (folder / name).unlink(missing_ok=True)
+        owner.clean_temps(out / d, {shards.temp_names(s)[d] for s in todo})
+    for s in todo:
+        shards.stats_path(out, s).unlink(missing_ok=True)
+
+
+def check_memory(engine, opts: EmbedOptions) -> None:
+    """Refuse, before anything is written, pixel buffers (prefetch + 2 batches) that cannot fit in memory."""
+    S, C = engine.image_size, engine.in_channels
+    need = (opts.prefetch + 2) * opts.batch_size * C * S * S
+    have = available_memory()
+    if have is not None and need > have // 2:
+        raise ConfigError(
+            f"--batch-size {opts.batch_size} of {C}x{S}x{S} images needs {need / 2**30:.1f} GiB of pixel buffers "
+            f"({opts.prefetch + 2} batches), more than half of the {have / 2**30:.1f} GiB available; "
+            "lower --batch-size (or the model's image_size)"
+        )
+
+
+@contextlib.contextmanager
+def _own(out: Path, rank: int, opts: EmbedOptions, log: RunLog):
+    """Rank 0 owns the folder (rundir.claim) for the run; the other ranks of its torchrun job join it."""
+    if rank > 0:
+        owner.join(out, rundir.KIND, job_id(), opts.manifest_wait_s)
+        yield None
+        return
+    with rundir.claim(out, "embed", job=job_id()) as claim:
+        if claim.stale:
+            log.print(f"{out}: taking over from {owner.who(claim.stale)}, which stopped without finishing")
+        owner.clean_temps(out, rundir.TOP_FILES)
+        yield claim
 
 
 def embed_folder(
     model: str, images: str | Path, out: str | Path, opts: EmbedOptions | None = None, log: RunLog | None = None
 ) -> dict:
     """Embed every image under `images` into shards in `out`; returns this rank's summary (see summarize)."""
+    from mixem.engines import model_identity
+
     opts = opts or EmbedOptions()
     log = log or RunLog(quiet=True)
     out = Path(out)
     rank, world, _ = torchrun_env()
-    # Before listing the folder, so a wrong model fails in a second; "auto" is resolved by the engine, once.
+    # Before touching --out or listing the folder, so a wrong model fails in a second; "auto" is resolved once.
     engine = load_embed_engine(model, opts.engine, opts.features, opts.device, opts.batch_size)
-    how = _resolve_decoder(opts.decoder, engine.device)
+    how = resolve_decoder(opts.decoder, engine.device)
+    check_memory(engine, opts)
+    path, sha = model_identity(engine)
     settings = dict(
-        model=str(model),
+        model=path,
+        model_sha256=sha,
         engine=opts.engine,
         features=opts.features,
         image_size=engine.image_size,
         in_channels=engine.in_channels,
+        follow_links=opts.follow_links,
     )
+    with _own(out, rank, opts, log):
+        m = _open(images, out, settings, opts, rank, world, log)
+        return _run(engine, m, out, opts, how, rank, world, log)
+
+
+def _open(images, out: Path, settings: dict, opts: EmbedOptions, rank: int, world: int, log: RunLog):
+    """Rank 0 lists the folder (new run, resume, or --update); the other ranks wait for its manifest."""
     t_list = time.perf_counter()
     if rank == 0:
-        m = manifest.create(Path(images), out, settings, opts.shard_size)
+        m, changes = manifest.open_run(Path(images), out, settings, opts.shard_size, update=opts.update)
+        left = changes.get("links_left_out")
+        if left:
+            log.print(
+                f"{len(left)} files were left out: links that lead outside {m.root} (--follow-links follows them) "
+                f"or names that are not UTF-8; e.g. {left[0]}"
+            )
+        if any(changes.get(k) for k in ("removed", "modified")) or (changes.get("added") and "new_run" not in changes):
+            log.print(f"--update: {manifest.describe(changes)}; the shards holding them are embedded again")
     else:
         m = manifest.wait_for(Path(images), out, settings, opts.shard_size, opts.manifest_wait_s)
     log.print(
         f"{m.n_files:,} files in {m.n_shards} shards of {m.shard_size:,} "
         f"(manifest {time.perf_counter() - t_list:.1f} s); rank {rank} of {world}"
     )
+    return m
+
+
+def _run(engine, m: manifest.Manifest, out: Path, opts: EmbedOptions, how: str, rank: int, world: int, log) -> dict:
+    """This rank's shards that do not check out yet, embedded; returns the summary."""
     mine = manifest.rank_shards(m.n_shards, rank, world)
-    done = shards.done_shards(out, m.n_shards)
+    done = shards.done_shards(out, m)
     todo = [s for s in mine if s not in done]
-    _clean_tmp(out, set(todo))
+    _clean_tmp(out, todo)
     workers = opts.workers or folders.default_threads()
     total = sum(m.shard_range(s)[1] - m.shard_range(s)[0] for s in todo)
     log.print(
@@ -273,7 +245,8 @@ def _stream(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer,
     ):
-        dec = _Decoder(pool, workers, engine.image_size, engine.in_channels, how, engine.device)
+        root = None if m.follow_links else os.path.realpath(m.root)
+        dec = Decoder(pool, workers, engine.image_size, engine.in_channels, how, engine.device, root)
         specs = _batch_specs(m, out, todo, opts.batch_size)
         pending: deque = deque()
         write: Future | None = None
@@ -284,7 +257,8 @@ def _stream(
             x, status = dec.result(job)
             _push(pending, specs, dec)  # the next decode runs while the engine works on this batch
             bad = np.array([s != shards.OK for s, _ in status])
-            vec, probs = _outputs(engine, x, opts.features, bad)
+            vec, probs, finite = _outputs(engine, x, opts.features, bad)
+            _refuse_nonfinite(finite, bad, shard.paths[at : at + len(status)], m.model)
             shard.add(at, vec, probs, status)
             counts["images"] += len(status)
             counts["bad"] += int(bad.sum())
@@ -304,13 +278,26 @@ def _batch_specs(m: manifest.Manifest, out: Path, todo: list[int], batch_size: i
     batches (and their float results) are the same whichever rank or restart computes it."""
     for s in todo:
         start, _ = m.shard_range(s)
-        rel = m.shard_paths(out, s)
-        acc = _Shard(s, start, rel, m.root)
+        rows = m.shard_rows(out, s)
+        rel, gone = rows.column("path").to_pylist(), rows.column("gone").to_pylist()
+        acc = _Shard(s, start, rel, m.root, gone, m.shard_digest(out, s, rows))
+        acc.stamp = {"run_id": m.run_id, "digest": acc.digest, "model_sha256": m.model_sha256}
         for j in range(0, len(rel), batch_size):
             yield acc, j, acc.paths[j : j + batch_size]
 
 
-def _push(pending: deque, specs, dec: _Decoder):
+def _refuse_nonfinite(finite: np.ndarray, bad: np.ndarray, paths: list[str], model: str):
+    """NaN or Inf from the engine is a broken model (or weights), not a file's problem: stop, store nothing."""
+    wrong = ~finite & ~bad
+    if wrong.any():
+        raise DataError(
+            f"{model}: the model returned NaN or infinite outputs for {int(wrong.sum())} of {len(paths)} images "
+            f"(first: {paths[int(np.argmax(wrong))]}); nothing of this batch was stored: check the weights and "
+            "config.json (mean, std) of the model"
+        )
+
+
+def _push(pending: deque, specs, dec: Decoder):
     spec = next(specs, None)
     if spec is not None:
         shard, at, paths = spec
@@ -325,6 +312,7 @@ def _finish_shard(out: Path, sh: _Shard, log: RunLog):
         "dim": int(sh.vectors.shape[1]),
         "components": int(sh.probs.shape[1]),
         "seconds": round(time.perf_counter() - sh.t0, 3),
+        **sh.stamp,
     }
     shards.write_shard(out, sh.shard, ids, sh.paths, sh.vectors, sh.probs, sh.status, sh.errors, stats)
     log.event("shard", shard=sh.shard, rows=sh.n, bad=sum(s != shards.OK for s in sh.status))
@@ -332,7 +320,7 @@ def _finish_shard(out: Path, sh: _Shard, log: RunLog):
 
 def summarize(out: Path, m: manifest.Manifest) -> dict:
     """Whole-run counts from the stats files; once every shard is done, writes bad_files.* and summary.json."""
-    done = shards.done_shards(out, m.n_shards)
+    done = shards.done_shards(out, m)
     complete = len(done) == m.n_shards
     res = {
         "out": str(out),
@@ -356,8 +344,10 @@ def summarize(out: Path, m: manifest.Manifest) -> dict:
                 if row["status"] != shards.OK:
                     bad.append({"path": row["image_path"], "status": row["status"], "error": row["error"]})
                     by_status[row["status"]] = by_status.get(row["status"], 0) + 1
-    atomic_write_text(out / "bad_files.txt", "".join(f"{b['path']}\t{b['status']}\t{b['error']}\n" for b in bad))
-    atomic_write_text(out / "bad_files.jsonl", "".join(json.dumps(b) + "\n" for b in bad))
+    # One line per file however it is named: newlines, tabs and backslashes in paths are escaped (\\n, \\t, \\\\).
+    text = "".join(f"{shards.escape_path(b['path'])}\t{b['status']}\t{b['error']}\n" for b in bad)
+    atomic_write_text(out / rundir.BAD_TXT, text)
+    atomic_write_text(out / rundir.BAD_JSONL, "".join(json.dumps(b) + "\n" for b in bad))
     res.update(
         {
             "embedded": embedded,
@@ -365,8 +355,8 @@ def summarize(out: Path, m: manifest.Manifest) -> dict:
             "skipped_by_status": by_status,
             "dim": dim,
             "features": m.features,
-            "bad_files": str(out / "bad_files.txt"),
+            "bad_files": str(out / rundir.BAD_TXT),
         }
     )
-    atomic_write_text(out / "summary.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out / rundir.SUMMARY, json.dumps(res, indent=2) + "\n")
     return res

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from pathlib import Path
 
-from mixem.errors import ConfigError
+from mixem.errors import ConfigError, WriteError, describe_os_error
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """The hidden name a file is written under before it is renamed into place (owner.clean_temps knows it)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_durably(tmp: Path, write) -> None:
+    """write(tmp) then fsync it; a failure removes tmp and becomes one line naming the file (disk full, ...)."""
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if _is_write_fault(e, tmp):
+            raise write_error(e, tmp) from None
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -17,21 +37,36 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     leave a complete-looking empty file), and the temporary file is removed if writing fails.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, path.parent) from None
+    tmp = temp_name(path)
+    write_durably(tmp, write)
+    os.replace(tmp, path)
     return path
 
 
+def _is_write_fault(e: BaseException, tmp: Path) -> bool:
+    if isinstance(e, OSError):
+        return True
+    # Writers in C (faiss) report a full disk as a RuntimeError; the file system says what happened.
+    try:
+        return isinstance(e, RuntimeError) and os.statvfs(tmp.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+def write_error(e: BaseException, path: Path) -> WriteError:
+    """The one-line error for a failed write of `path` (the final name, not the temporary one)."""
+    final = path.with_name(path.name[1:].rsplit(".tmp", 1)[0]) if path.name.startswith(".") else path
+    if not isinstance(e, OSError):
+        e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return WriteError(f"cannot write {describe_os_error(e, final)}")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def save_json(obj, path: str | os.PathLike) -> Path:
@@ -46,6 +81,6 @@ def read_json(path: str | os.PathLike, what: str = "config file"):
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); it was damaged or edited by hand") from None

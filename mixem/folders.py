@@ -15,8 +15,12 @@ from mixem.errors import DataError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
 
-def list_images(root: Path) -> list[str]:
-    """Relative POSIX paths of the image files under root, sorted; hidden files and folders left out."""
+def list_images(root: Path, follow_links: bool = True, left_out: list[str] | None = None) -> list[str]:
+    """Relative POSIX paths of the image files under root, sorted; hidden files and folders left out.
+
+    follow_links=False: links (to files or folders) whose target lies outside root are not followed; their
+    relative paths are appended to `left_out`. Links that stay inside root are followed either way.
+    """
     found, seen = [], set()
     top = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -29,11 +33,33 @@ def list_images(root: Path) -> list[str]:
         # Hidden folders hold copies (.ipynb_checkpoints) or metadata (.git); __MACOSX holds AppleDouble files.
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
         rel = os.path.relpath(dirpath, root)
+        if not follow_links:
+            # Only a link can lead out: every folder walked into is inside root (links out are pruned here).
+            outside = [d for d in dirnames if leaves(os.path.join(dirpath, d), top)]
+            dirnames[:] = [d for d in dirnames if d not in outside]
+            if left_out is not None:
+                left_out += [d if rel == "." else f"{Path(rel).as_posix()}/{d}" for d in outside]
         for name in filenames:
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue  # "._x.jpg" AppleDouble files start with a dot too
-            found.append(name if rel == "." else f"{Path(rel).as_posix()}/{name}")
+            path = name if rel == "." else f"{Path(rel).as_posix()}/{name}"
+            if not follow_links and leaves(os.path.join(dirpath, name), top):
+                if left_out is not None:
+                    left_out.append(path)
+                continue
+            found.append(path)
     return sorted(found)
+
+
+def leaves(path: str, real_root: str) -> bool:
+    """Is path a link whose target lies outside real_root? (A path that is no link stays where its folder is.)"""
+    return os.path.islink(path) and not inside(path, real_root)
+
+
+def inside(path: str, real_root: str) -> bool:
+    """Does path, links resolved, lie under real_root (itself resolved)?"""
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mixem.files import atomic_write_text
-from mixem.folders import default_threads
+from mixem.folders import default_threads, inside
 
 THUMB = 96  # thumbnail side in pixels
 MAX_THUMBS = 6000  # page budget: ~3 KB each, so the page stays under ~20 MB however large k is
@@ -28,8 +29,10 @@ background:#fff} .sub{color:#666;font-size:12px}
 """
 
 
-def thumbnail(path: str) -> str | None:
-    """A data: URI of a small JPEG of the image, or None when it cannot be read."""
+def thumbnail(path: str, root: str | None = None) -> str | None:
+    """A data: URI of a small JPEG of the image, or None when it cannot be read (or, with root, leaves root)."""
+    if root is not None and not inside(path, root):
+        return None  # a link out of the image folder (swapped in since embedding): never shown
     try:
         with Image.open(path) as im:
             im.draft("RGB", (THUMB, THUMB))
@@ -60,14 +63,18 @@ def write_report(
     labels: np.ndarray | None = None,
     classes: list[str] | None = None,
     per_cluster: int = 24,
+    follow_links: bool = False,
 ):
-    """Write the page: summary, a size table (with the majority label when labels exist), then the grids."""
+    """Write the page: summary, a size table (with the majority label when labels exist), then the grids.
+
+    follow_links=False: thumbnails only of files inside root (links out of it are not followed)."""
     per = max(1, min(per_cluster, MAX_THUMBS // max(k, 1)))
     picks = _pick(assign, distances, k, per)
     sizes = np.bincount(assign, minlength=k)
     flat = np.concatenate(picks) if picks else np.zeros(0, np.int64)
     with ThreadPoolExecutor(max_workers=default_threads()) as pool:
-        uris = dict(zip(flat.tolist(), pool.map(thumbnail, [f"{root}/{rel[i]}" for i in flat])))
+        real = None if follow_links else os.path.realpath(root)
+        uris = dict(zip(flat.tolist(), pool.map(thumbnail, [f"{root}/{rel[i]}" for i in flat], [real] * len(flat))))
     esc = html.escape
     head = ", ".join(f"{key} {metrics[key]:.4f}" for key in ("acc", "nmi", "ari") if key in metrics)
     parts = [

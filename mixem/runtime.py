@@ -52,3 +52,23 @@ def passive_openmp() -> None:
     (bench/cluster_faiss.py).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def job_id() -> str:
+    """The torchrun job this process belongs to ("" alone): its rendezvous address and run id, which no other
+    job running at the same time shares (two jobs cannot listen on one MASTER_ADDR:MASTER_PORT)."""
+    env = os.environ
+    parts = (env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", ""), env.get("TORCHELASTIC_RUN_ID", ""))
+    return "" if not any(parts) else f"{parts[0]}:{parts[1]}/{parts[2]}"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem import methods
-from mixem.config import EVAL_FEATURES, EVAL_INITS, MixEMConfig, TrainConfig, from_dict, preset, replace, to_dict
+from mixem import methods, owner
+from mixem.config import (
+    EVAL_FEATURES,
+    EVAL_INITS,
+    MixEMConfig,
+    TrainConfig,
+    from_dict,
+    load_json,
+    preset,
+    replace,
+    to_dict,
+)
 from mixem.errors import ConfigError
 from mixem.files import read_json, save_json
 from mixem.runlog import RunLog
@@ -112,7 +123,7 @@ def train_command(
 
     if resume:
         out = Path(train_over.get("out") or TrainConfig().out)
-        _, model_cfg, saved_train = ckpt.load_configs(out)
+        model_cfg, saved_train = _saved_configs(out)
         if saved_train is None:
             raise ConfigError(f"{out}: the latest checkpoint has no train_config.json; cannot resume")
         extra = {k: v for k, v in train_over.items() if v is not None and k not in ("out", "epochs", "device")}
@@ -128,13 +139,34 @@ def train_command(
             train_cfg = replace(train_cfg, out=str(_fresh_run_dir(Path(train_cfg.out))))
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
-        summary = _train_and_report(
-            model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log
-        )
+        # Rank 0 owns --out before anything (the log included) is written: a run refused by its checks leaves none.
+        from mixem.train import claim_run
+
+        with claim_run(train_cfg.out) if ctx.main else contextlib.nullcontext():
+            summary = _train_and_report(
+                model_cfg,
+                train_cfg,
+                name,
+                ctx,
+                device,
+                resume=resume,
+                evaluate=evaluate,
+                quiet=quiet,
+                json_log=json_log,
+            )
         barrier(ctx)  # ranks wait for rank 0's evaluation; none tears the group down under another
         return summary
     finally:
         shutdown()
+
+
+def _saved_configs(out: Path) -> tuple[MixEMConfig, TrainConfig | None]:
+    """The configs to resume with: the latest checkpoint's, or, for a run killed before its first checkpoint,
+    the ones it saved at the start (it then starts again from the first epoch)."""
+    if not (out / "checkpoints" / "latest").exists() and (out / "train_config.json").is_file():
+        return load_json(MixEMConfig, out / "config.json"), load_json(TrainConfig, out / "train_config.json")
+    _, model_cfg, saved_train = ckpt.load_configs(out)
+    return model_cfg, saved_train
 
 
 def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
@@ -219,12 +251,23 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
 
 
 def _fresh_run_dir(out: Path) -> Path:
-    if not (out / "checkpoints" / "latest").exists():
-        return out
+    """out, or the first of out-2, out-3, ... that is free: missing, empty, or a train run with no checkpoint yet."""
+
+    def free(d: Path) -> bool:
+        if not d.exists():
+            return True
+        return (
+            d.is_dir()
+            and not (d / "checkpoints" / "latest").exists()
+            and not owner.foreign_entries(d, "train", ("checkpoints", "train_config.json"))
+        )
+
     n = 2
-    while (out.with_name(f"{out.name}-{n}") / "checkpoints" / "latest").exists():
+    candidate = out
+    while not free(candidate):
+        candidate = out.with_name(f"{out.name}-{n}")
         n += 1
-    return out.with_name(f"{out.name}-{n}")
+    return candidate
 
 
 def eval_command(
@@ -247,6 +290,8 @@ def eval_command(
     _, _, train_cfg = ckpt.load_configs(checkpoint_path)
     train_cfg = train_cfg or TrainConfig()
     log = RunLog(json_log, quiet=quiet)
+    if k is not None and k < 1:
+        raise ConfigError(f"--k must be >= 1, got {k}")
     ds = load_data(train_cfg, model_cfg, log, data=data, split=split, max_images=max_images)
     k = k or _num_clusters(ds, model_cfg)
     out_dir = ckpt.resolve(checkpoint_path)

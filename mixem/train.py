@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem import methods
+from mixem import methods, owner
 from mixem.augment import build_augment
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
@@ -148,6 +148,23 @@ def train(
         torch.set_num_threads(train_cfg.threads)
     check_inputs(model_cfg, train_cfg, images, ctx)
     run_dir = Path(train_cfg.out)
+    with _own(run_dir, ctx):  # after the checks: a refused run creates nothing (the CLI claims even earlier)
+        return _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run_dir)
+
+
+def _own(run_dir: Path, ctx: DistContext):
+    return claim_run(run_dir) if ctx.main else nullcontext()
+
+
+def claim_run(out: str | Path):
+    """Own a train run folder (owner.claim): new, empty, or a train run; kept once it holds a checkpoint."""
+    return owner.claim(
+        out, "train", command="train", legacy=("checkpoints", "train_config.json"), keep=("checkpoints/latest",)
+    )
+
+
+def _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run_dir) -> tuple[MixEM, TrainResult]:
+    """train() in its owned run folder."""
     stage = Stage("epoch", train_cfg.epochs, train_cfg.batch_size, train_cfg.seed)
     steps_per_epoch = len(images) // stage.batch_size  # drop_last, as SimCLR and the released MIX'EM code do
     warmup_steps = max(1, round(train_cfg.warmup_epochs * steps_per_epoch))
@@ -265,6 +282,9 @@ def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resu
     barrier(ctx)  # every rank has checked the run directory before rank 0 writes into it
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # What a killed run left half-written: checkpoint directories being written or replaced.
+        owner.clean_temps(run_dir / "checkpoints")
+        owner.clean_temps(run_dir, ("config.json", "train_config.json", "metrics.json"))
         save_json(model_cfg, run_dir / "config.json")
         save_json(train_cfg, run_dir / "train_config.json")
 

@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 from mixem.config import ENGINES
 from mixem.engines.base import Engine
 from mixem.errors import ConfigError
 
-__all__ = ["Engine", "load_engine"]
+__all__ = ["Engine", "load_engine", "model_identity"]
 
 
 def load_engine(path: str | os.PathLike, engine: str = "torch", device="auto", **options) -> Engine:
@@ -34,3 +36,18 @@ def load_engine(path: str | os.PathLike, engine: str = "torch", device="auto", *
 
         return TrtEngine(path, device, **options)
     raise ConfigError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+
+
+def model_identity(engine: Engine) -> tuple[str, str]:
+    """(absolute path of the model the engine loaded, sha256 over the files that define it).
+
+    The path is where it was found; the digest is what it is: a model moved elsewhere keeps its digest,
+    a checkpoint retrained in place does not.
+    """
+    h = hashlib.sha256()
+    for f in engine.files:
+        h.update(Path(f).name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return str(Path(engine.path).resolve()), h.hexdigest()

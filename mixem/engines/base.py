@@ -21,6 +21,8 @@ class Engine:
     in_channels: int
     provider: str
     outputs: tuple[str, ...] = ("embedding", "mixture_probs")
+    path: str  # the model it loaded: a checkpoint directory, a .onnx or a .plan file
+    files: tuple[str, ...] = ()  # the files that define the model (engines.model_identity hashes them)
     max_batch: int | None = None  # None = any batch size
     min_batch: int = 1  # a smaller batch (a shard's last, a one-image search) is padded with zeros
 

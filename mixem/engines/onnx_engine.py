@@ -77,6 +77,7 @@ class OnnxEngine(Engine):
         self.outputs = tuple(o.name for o in self.sess.get_outputs())
         self._widths = [o.shape[1] for o in self.sess.get_outputs()]
         self.path = p
+        self.files = (str(p),)
 
     def _run(self, x):
         if self.provider != "CUDAExecutionProvider":

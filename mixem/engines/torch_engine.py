@@ -19,7 +19,7 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, ckpt, device="auto", precision: str = "auto", compile: bool = False, features: bool = False):
-        from mixem.checkpoint import load_model
+        from mixem.checkpoint import CONFIG, WEIGHTS, load_model, resolve
         from mixem.model import InferenceModel
 
         self.device = resolve_device(device)
@@ -31,6 +31,8 @@ class TorchEngine(Engine):
         if precision != "fp32" and self.device.type != "cuda":
             raise ConfigError(f"precision {precision} needs a CUDA device; on {self.device} use fp32")
         model, cfg = load_model(ckpt, self.device)
+        self.path = str(resolve(ckpt))
+        self.files = (f"{self.path}/{WEIGHTS}", f"{self.path}/{CONFIG}")
         self.image_size, self.in_channels, self.precision = cfg.image_size, cfg.in_channels, precision
         self.outputs = ("embedding", "mixture_probs", "features") if features else ("embedding", "mixture_probs")
         net = InferenceModel(model, features=features).to(self.device).eval()

@@ -95,6 +95,7 @@ class TrtEngine(Engine):
         self.min_batch, self.max_batch = side["profile"]["min"][0], side["profile"]["max"][0]
         self.provider = f"TensorRT {trt.__version__} {side['precision']}"
         self.sidecar = side
+        self.path, self.files = str(p), (str(p), str(side_file))
 
     def _run(self, x):
         x = (torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x).to(self.device).contiguous()

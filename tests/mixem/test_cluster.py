@@ -164,6 +164,7 @@ def test_unfinished_run_is_refused(run, tmp_path):
         cluster_run(tmp_path, 3)
     broken = tmp_path / "copy"
     broken.mkdir()
-    (broken / "manifest.json").write_text((out / "manifest.json").read_text())
+    for name in ("manifest.json", "files.parquet"):  # the run's listing, none of its shards
+        (broken / name).write_bytes((out / name).read_bytes())
     with pytest.raises(DataError, match="0 of 3 shards are done"):
         cluster_run(broken, 3)

@@ -23,7 +23,8 @@ from PIL import Image
 from mixem import manifest, shards
 from mixem.checkpoint import save_checkpoint
 from mixem.config import MixEMConfig
-from mixem.embed import EmbedOptions, decode_nvjpeg, embed_folder
+from mixem.embed import EmbedOptions, embed_folder
+from mixem.embed_decode import decode_nvjpeg
 from mixem.engines import load_engine
 from mixem.errors import ConfigError
 from mixem.folders import decode
@@ -277,7 +278,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(plain, model, tmp_path):
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_done = len(shards.done_shards(out, 50))
+    n_done = len(shards.done_shards(out, manifest.load(out)))
     assert 1 <= n_done < 50  # killed mid-run, with finished shards to keep
     again = embed_folder(str(model), root, out, EmbedOptions(batch_size=4, shard_size=4, workers=2))
     assert again["shards_already_done"] == n_done and again["shards_done_now"] == 50 - n_done
