@@ -77,6 +77,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+STAGE_NAME = r"(epoch|neighbors|selflabel)_\d{4,}"  # the stages' checkpoint folders (train.Stage prefixes)
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint directory from a checkpoint dir, a run dir (its latest), or the weights file."""
     p = Path(path)
@@ -98,10 +101,10 @@ def resolve(path: str | os.PathLike) -> Path:
     latest = p / "checkpoints" / "latest"
     if latest.is_file():
         name = latest.read_text(encoding="utf-8", errors="replace").strip()
-        if not re.fullmatch(r"epoch_\d{4,}", name):
+        if not re.fullmatch(STAGE_NAME, name):
             raise CheckpointError(
                 f"{latest}: names {name[:60]!r}, not a checkpoint (damaged or edited by hand); write the name of "
-                f"the newest checkpoints/epoch_NNNN folder into it"
+                f"the newest checkpoints/STAGE_NNNN folder (epoch_, neighbors_ or selflabel_) into it"
             )
         c = p / "checkpoints" / name
         if (c / WEIGHTS).is_file():

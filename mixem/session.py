@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem import methods, owner
+from mixem import methods, owner, scoring
 from mixem.config import (
     EVAL_FEATURES,
     EVAL_INITS,
@@ -95,7 +95,7 @@ def load_data(
         split=split or train_cfg.split,
         max_images=max_images if max_images is not None else train_cfg.max_images,
     )
-    n_cls = _n_classes(ds)
+    n_cls = scoring.n_classes(ds)
     log.print(
         f"data: {ds.source}: {len(ds.images):,} images {tuple(ds.images.shape[1:])}"
         + (f", {n_cls} classes" if n_cls else ", no labels")
@@ -181,7 +181,7 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         f"-> {train_cfg.out}"
     )
     ds = load_data(train_cfg, model_cfg, log)
-    k = _num_clusters(ds, model_cfg)
+    k = scoring.num_clusters(ds, model_cfg)
     t0 = time.perf_counter()
     curve, trained = [], {"s": 0.0}  # training seconds so far: the curve's clock excludes its own evaluations
 
@@ -193,8 +193,8 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
             and epoch < train_cfg.epochs
             and ds.labels is not None
         ):
-            row = _headline(
-                _score(model, ds, k, str(device), seed=train_cfg.seed, quick=train_cfg.method), train_cfg.method
+            row = scoring.headline(
+                scoring.score(model, ds, k, str(device), seed=train_cfg.seed, quick=train_cfg.method), train_cfg.method
             )
             point = {"epoch": epoch, "train_minutes": round(trained["s"] / 60, 3), **row}
             curve.append(point)
@@ -210,12 +210,12 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         from mixem.refine import refine
 
         if scored:  # the representation's rows, before refinement changes the model in place
-            rows = _score(model, ds, k, str(device), seed=train_cfg.seed)
-            stages = _representation_stages(rows)
+            rows = scoring.score(model, ds, k, str(device), seed=train_cfg.seed)
+            stages = scoring.representation_stages(rows)
 
         def on_stage(name, m):
             if scored:
-                stages.append(_argmax_row(m, ds, device, name))
+                stages.append(scoring.argmax_row(m, ds, device, name))
                 log.print(f"  after {name}: ACC {stages[-1]['acc']:.3f} NMI {stages[-1]['nmi']:.3f}")
 
         run_dir = Path(train_cfg.out)
@@ -293,13 +293,13 @@ def eval_command(
     if k is not None and k < 1:
         raise ConfigError(f"--k must be >= 1, got {k}")
     ds = load_data(train_cfg, model_cfg, log, data=data, split=split, max_images=max_images)
-    k = k or _num_clusters(ds, model_cfg)
+    k = k or scoring.num_clusters(ds, model_cfg)
     out_dir = ckpt.resolve(checkpoint_path)
     stage = ckpt.read_state(out_dir).get("stage", "epoch")
     # A refined checkpoint's answer is its head's argmax, unless the user asked for a particular clustering.
     default_choice = tuple(feature_types) == EVAL_FEATURES and tuple(inits) == EVAL_INITS
-    refined = stage in STAGE_NAMES and ds.labels is not None and default_choice
-    stages = [_argmax_row(model, ds, dev, stage)] if refined else []
+    refined = stage in scoring.STAGE_NAMES and ds.labels is not None and default_choice
+    stages = [scoring.argmax_row(model, ds, dev, stage)] if refined else []
     return _evaluate_and_report(
         model,
         ds,
@@ -312,75 +312,6 @@ def eval_command(
         choices=dict(feature_types=feature_types, inits=inits, normalize=normalize),
         stages=stages,
     )
-
-
-def _n_classes(ds) -> int:
-    """Classes in the labels (0 without labels)."""
-    if ds.labels is None:
-        return 0
-    return len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
-
-
-def _num_clusters(ds, model_cfg: MixEMConfig) -> int:
-    """k for scoring: the number of classes when labels exist, else K."""
-    return _n_classes(ds) or model_cfg.components
-
-
-def _score(
-    model, ds, k: int, device: str, seed: int, quick: str | None = None, choices: dict | None = None
-) -> list[dict]:
-    """Rows of evaluate(); quick=METHOD scores only that method's headline clustering (in-training curve)."""
-    from mixem.evaluate import evaluate, extract_features
-
-    feats = extract_features(model, ds.images, device=str(resolve_device(device)))
-    if quick:
-        init = methods.get(quick).headline_init
-        return evaluate(feats, ds.labels, k, seed=seed, inits=(init,), feature_types=("embedding",))
-    return evaluate(feats, ds.labels, k, seed=seed, **(choices or {}))
-
-
-STAGE_NAMES = {"neighbors": "after neighbour consistency", "selflabel": "after self-labelling"}
-
-
-def _representation_stages(rows: list[dict]) -> list[dict]:
-    """The stage table's first rows: k-means on the embedding from MIX'EM's start, k-means++, the lower objective."""
-    out = []
-    for r in rows:
-        if r.get("features") == "embedding":
-            how = {"mixture": "k-means from the head's groups", "kmeans++": "k-means++"}.get(r["init"], r["init"])
-            out.append({**r, "features": "representation", "init": how})
-    return out
-
-
-def _argmax_row(model, ds, device, stage: str) -> dict:
-    """The refined classes as they are served: argmax of the head's probabilities."""
-    from mixem.evaluate import extract_features
-    from mixem.metrics import clustering_metrics
-
-    probs = extract_features(model, ds.images, device=str(device))["probs"]
-    return {"features": STAGE_NAMES.get(stage, stage), "init": "argmax of the head", "stage": stage,
-            **clustering_metrics(ds.labels, probs.argmax(1)), "objective": None}  # fmt: skip
-
-
-def _headline_row(rows: list[dict], stages: list[dict], method: str) -> tuple[dict, str]:
-    """The row the run ends with, and its name: the last refinement stage's classes when refined, else the
-    method's prescribed k-means (or, when eval deselected it, the row shown instead)."""
-    m = methods.get(method)
-    if stages and stages[-1].get("stage"):
-        return stages[-1], f"{m.display} + refinement (argmax of the refined head)"
-    head = _headline(rows, method)
-    if head.get("features") == "embedding" and head.get("init") == m.headline_init:
-        return head, m.headline_name
-    return head, f"{m.display} ({head.get('features')}, {head.get('init')})"
-
-
-def _headline(rows: list[dict], method: str) -> dict:
-    """The method's prescribed clustering (mixem.methods): k-means on the embedding from its headline start."""
-    init = methods.get(method).headline_init
-    for r in rows:
-        if r.get("features") == "embedding" and r.get("init") == init:
-            return r
-    return rows[0]
 
 
 def _evaluate_and_report(
@@ -406,10 +337,10 @@ def _evaluate_and_report(
             "no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here"
         )
         return {}
-    rows = rows if rows is not None else _score(model, ds, k, device, seed, choices=choices)
+    rows = rows if rows is not None else scoring.score(model, ds, k, device, seed, choices=choices)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
     stages = stages or []
-    head, name = _headline_row(rows, stages, method)
+    head, name = scoring.headline_row(rows, stages, method)
     headline = {"method": method, "name": name, **head}
     metrics = {
         "k": k,

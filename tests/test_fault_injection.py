@@ -33,7 +33,9 @@ EXPORT_SEEDS = SEEDS[:2]  # an export is ~3-5 s of torch.onnx tracing alone: two
 DATA = Path(__file__).resolve().parents[1] / "mixem" / "data_files"
 TINY = {
     "model": dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=[0.29], std=[0.35]),
-    "train": dict(batch_size=32, epochs=3, optimizer="adamw", lr=2e-3, warmup_epochs=0.5, blur=False),
+    # Every stage a kill can land in: the representation (3 epochs), neighbours (2), self-labelling (1).
+    "train": dict(batch_size=32, epochs=3, optimizer="adamw", lr=2e-3, warmup_epochs=0.5, blur=False)
+    | dict(refine_epochs=2, selflabel_epochs=1, refine_neighbors=5),
 }
 PRELOAD = ["torch", "torchvision", "faiss", "pyarrow.parquet", "onnx", "onnxruntime", "onnxscript", "sklearn.metrics"]
 PRELOAD += ["mixem.cli.app", "mixem.embed", "mixem.cluster", "mixem.search", "mixem.export", "mixem.session"]
@@ -221,7 +223,7 @@ def test_train_killed_anywhere_resumes_to_the_same_weights(setup, fork):
         again = ["train", "--resume", "--out", out, "--no-eval", "-q", "--device", "cpu"]
         finish(fork, again if (out / "train_config.json").exists() else args)
         got = load_file(str(ckpt.resolve(out) / "model.safetensors"))
-        assert ckpt.read_state(out)["epoch"] == 3
+        assert ckpt.resolve(out).name == "selflabel_0001" and ckpt.read_state(out)["epoch"] == 1
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{k} (seed {seed})")
         no_temporaries(out)
