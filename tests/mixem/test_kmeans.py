@@ -159,7 +159,7 @@ def test_bad_inputs_are_named():
 def test_gpu_request_without_gpu_falls_back_to_cpu(digits):
     with pytest.warns(UserWarning, match="runs on the CPU"):
         res = kmeans(digits[0], 4, niter=2, gpu=True)
-    assert (res.device, res.backend, res.where) == ("cpu", "faiss", "faiss on the CPU")
+    assert (res.device, res.backend, res.where) == ("cpu", "sklearn", "sklearn on the CPU")
 
 
 @pytest.mark.parametrize("spherical", [False, True])
@@ -221,3 +221,31 @@ def test_gpu_matches_cpu(digits):
     g, c = kmeans(x, 10, init=init, niter=20, gpu=True), kmeans(x, 10, init=init, niter=20, gpu=False)
     assert g.device == "gpu" and c.device == "cpu"
     assert g.objective == pytest.approx(c.objective, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["sklearn", "faiss"])
+@pytest.mark.parametrize("niter", [0, 3])
+def test_every_cpu_backend_assigns_every_point_to_its_nearest_centroid(digits, backend, niter):
+    x, _ = digits
+    x = x[:1001]  # an odd count
+    res = kmeans(x, 9, niter=niter, seed=2, gpu=False, backend=backend)
+    d = ((x[:, None, :].astype(np.float64) - res.centroids[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(res.assign, d.argmin(1))
+    np.testing.assert_allclose(res.distances, d.min(1), rtol=1e-4, atol=1e-5)
+    assert res.objective == pytest.approx(d.min(1).sum(), rel=1e-5) and res.backend == backend
+
+
+def test_sklearn_backend_is_sklearns_lloyd_and_auto_picks_it_on_the_cpu(digits):
+    x, _ = digits
+    init = x[np.random.default_rng(3).choice(len(x), 10, replace=False)]
+    ours = kmeans(x, 10, init=init, niter=15, gpu=False)
+    sk = KMeans(10, init=init, n_init=1, max_iter=15, tol=0.0, algorithm="lloyd").fit(x)
+    assert ours.backend == "sklearn" and ours.objective == pytest.approx(sk.inertia_, rel=1e-5)
+    np.testing.assert_array_equal(ours.assign, sk.labels_)
+    sampled = kmeans(x, 10, init=init, niter=5, gpu=False, max_points_per_centroid=40)
+    assert sampled.sampled and sampled.n_points_used == 400 and sampled.assign.shape == (len(x),)
+    # Spherical k-means is faiss's: scikit-learn has none.
+    assert resolve_backend(False, "auto", spherical=True) == ("faiss", "cpu")
+    assert kmeans(l2_normalize(x), 10, niter=3, spherical=True, gpu=False).backend == "faiss"
+    with pytest.raises(ConfigError, match="no spherical"):
+        kmeans(x, 10, spherical=True, backend="sklearn")
