@@ -3,7 +3,8 @@
 Candidates: `mixem_cpu` (mixem.kmeans.kmeans as `cluster` runs it on the CPU: backend auto, which picks
 scikit-learn's Lloyd there by this measurement, plus every point's distance to its centre), FAISS
 (`faiss_cpu`, and its assignment step alone), scikit-learn's Elkan and the torch Lloyd loop on the CPU (at
-100k only: 3-4x slower). On a CUDA machine also the GPU k-means `cluster` runs there: faiss-gpu when
+100k only: 3-4x slower), and `gemm_floor`, the iterations' matrix products alone (numpy's BLAS): the
+floor under any exact Lloyd here. On a CUDA machine also the GPU k-means `cluster` runs there: faiss-gpu when
 installed, and the torch Lloyd loop (backend "torch"), which is what runs with pip's faiss-cpu.
 """
 
@@ -90,8 +91,15 @@ def setup(case: dict, device) -> dict:
             faiss.knn(x, init, 1)
         return None, niter
 
+    def gemm_floor():  # the one (N, d) x (d, k) GEMM per iteration alone: no exact Lloyd on these cores does less
+        ct = np.ascontiguousarray(init.T)
+        for _ in range(niter):
+            np.dot(x, ct)
+        return None, niter
+
     cands = {
         "sklearn": sk,
+        "gemm_floor": gemm_floor,
         "mixem_cpu": run("auto", False),
         "faiss_cpu": run("faiss", False),
         "faiss_assign_only": faiss_assign_only,

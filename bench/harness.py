@@ -343,7 +343,8 @@ def run(
     )
     torch_v = data["versions"]["torch"].split("+")[0]
     fname = f"{stem}__{data['device']['slug']}__pt{torch_v}__{started.date().isoformat()}.json"
-    path = Path(out_dir) if out_dir else RESULTS_DIR
+    # A smoke run (--quick) never replaces a full run's file of the same day.
+    path = Path(out_dir) if out_dir else RESULTS_DIR / "quick" if quick else RESULTS_DIR
     write_result(path / fname, data)
     data["path"] = str(path / fname)
     return data
