@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mixem import jpeg
+from mixem.embed_decode import resolve_decoder
+
 NAME = "embed_pipeline"
 _MODELS = {
     # The CPU preset's model (what `mixem-fast train` makes on a CPU); and a convnet on 64 px RGB.
@@ -134,11 +137,15 @@ def setup(case: dict, device) -> dict:
     models = {"torch": str(tmp / "ckpt"), "onnx": str(tmp / "onnx")}
     paths = [str(root / r) for r in list_images(root)]
 
-    def decode():  # the ceiling: PIL on every core, nothing else
-        images, kept, skipped = decode_files(paths, cfg.image_size, cfg.in_channels)
-        return len(kept), len(skipped)
+    def decode_with(decoder: str):  # a ceiling: the decoder on every core, nothing else
+        def run():
+            images, kept, skipped = decode_files(paths, cfg.image_size, cfg.in_channels, decoder=decoder)
+            return len(kept), len(skipped)
+
+        return run
 
     decoded = decode_files(paths, cfg.image_size, cfg.in_channels)[0]
+    _STATE.update(paths=paths, cfg=cfg, torch_model=models["torch"], device=device)
 
     def engine_only(engine):  # the model alone on the same images, already decoded: the other half of the work
         def run():
@@ -148,11 +155,11 @@ def setup(case: dict, device) -> dict:
 
         return run
 
-    def pipeline(eng):  # listing, manifest, decode, engine, shard files: a fresh output every call
-        opts = EmbedOptions(engine=eng, batch_size=case["batch"], shard_size=1000, device=str(device))
+    def pipeline(eng, decoder="auto"):  # listing, manifest, decode, engine, shard files: a fresh output every call
+        opts = EmbedOptions(engine=eng, batch_size=case["batch"], shard_size=1000, device=str(device), decoder=decoder)
 
         def run():
-            out = tmp / f"out_{eng}"
+            out = tmp / f"out_{eng}_{decoder}"
             shutil.rmtree(out, ignore_errors=True)
             s = embed_folder(models[eng], root, out, opts)
             return s["embedded"], s["skipped"]
@@ -160,7 +167,9 @@ def setup(case: dict, device) -> dict:
         return run
 
     atexit.register(shutil.rmtree, tmp, True)
-    cands = {"decode": decode}
+    cands = {"decode": decode_with("pil")}
+    if jpeg.available():
+        cands["decode_simplejpeg"] = decode_with("simplejpeg")
     if torch.device(device).type == "cuda":
 
         def nvjpeg():  # batched GPU decode (+ resize) of the same files, the pipeline's decoder there
@@ -175,8 +184,12 @@ def setup(case: dict, device) -> dict:
         cands["decode_nvjpeg"] = nvjpeg
     for eng, path in models.items():
         cands[f"engine_{eng}"] = engine_only(load_engine(path, eng, device))
-        cands[f"pipeline_{eng}"] = pipeline(eng)
+        cands[f"pipeline_{eng}_pil"] = pipeline(eng, "pil")
+        cands[f"pipeline_{eng}"] = pipeline(eng)  # decoder auto: what `embed` runs by default
     return cands
+
+
+_STATE: dict = {}
 
 
 def check(case: dict, candidates: dict) -> dict:
@@ -188,11 +201,50 @@ def check(case: dict, candidates: dict) -> dict:
 
     return {
         "images": n,
+        "decoder_auto": resolve_decoder("auto", torch.device(_STATE["device"])),
+        **_decoder_parity(),
         "torch_threads": torch.get_num_threads(),
         "cpus": len(os.sched_getaffinity(0)),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average": os.getloadavg(),
     }
+
+
+def _decoder_parity() -> dict:
+    """simplejpeg's pixels and the torch engine's embeddings of them against PIL's, gated like an fp32 export
+    (export/parity.py: min cosine 0.9999); {} without simplejpeg."""
+    from export.parity import THRESHOLDS
+    from mixem.engines import load_engine
+    from mixem.folders import decode_files
+
+    if not jpeg.available():
+        return {}
+    paths, cfg = _STATE["paths"], _STATE["cfg"]
+    pil = decode_files(paths, cfg.image_size, cfg.in_channels, decoder="pil")[0]
+    sj = decode_files(paths, cfg.image_size, cfg.in_channels, decoder="simplejpeg")[0]
+    diff = np.abs(pil.astype(np.int16) - sj.astype(np.int16))
+    engine = load_engine(_STATE["torch_model"], "torch", _STATE["device"])
+    ref, got = engine(pil), engine(sj)
+    report = {
+        "min_cosine": float(_cos(ref[0], got[0]).min()),
+        "mean_cosine": float(_cos(ref[0], got[0]).mean()),
+        "argmax_agreement": float((np.asarray(ref[1]).argmax(1) == np.asarray(got[1]).argmax(1)).mean()),
+    }
+    return {
+        "simplejpeg_vs_pil": {
+            "pixels_max_abs_diff": int(diff.max()),
+            "pixels_mean_abs_diff": float(diff.mean()),
+            "pixels_identical_share": float((diff == 0).mean()),
+            **report,
+            "fp32_min_cosine_gate": THRESHOLDS["fp32"]["min_cosine"],
+            "within_fp32_parity": report["min_cosine"] >= THRESHOLDS["fp32"]["min_cosine"],
+        }
+    }
+
+
+def _cos(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
 def work(case: dict) -> dict:

@@ -15,7 +15,8 @@ optionally
 A study (a measurement that is not one timed call, e.g. training each method over seeds) instead defines
     NAME, PARAMS: dict (defaults; `--set KEY=VALUE` overrides, typed by the default), QUICK: dict (the
     smoke-test values), study(params, quick, device) -> dict (its results; "lines" are printed), and
-    optionally result_stem(params) -> str (the JSON file's first part, default NAME).
+    optionally result_stem(params) -> str (the JSON file's first part, default NAME) and
+    plot(data, path) -> path (a figure written beside the JSON).
 Every candidate runs in the same process on the same inputs as the baseline. A candidate that runs
 out of memory is recorded as "oom", any other exception as "error", and the next one runs.
 Timing: CUDA `triton.testing.do_bench` (L2 flushed, 20/50/80 % quantiles); CPU the median of repeated
@@ -347,6 +348,8 @@ def run(
     path = Path(out_dir) if out_dir else RESULTS_DIR / "quick" if quick else RESULTS_DIR
     write_result(path / fname, data)
     data["path"] = str(path / fname)
+    if hasattr(mod, "plot"):  # a figure of the result, beside its JSON
+        data["plot"] = str(mod.plot(data, (path / fname).with_suffix(".svg")))
     return data
 
 

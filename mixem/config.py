@@ -31,7 +31,7 @@ TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast on CUDA, fp3
 ENGINE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the torch engine; auto = fp16 on CUDA, fp32 on the CPU
 DATA_FORMATS = ("folder", "npz", "idx", "cifar10", "cifar100", "cifar100-20", "stl10")  # mixem.data
 SPLITS = ("auto", "train", "test", "all", "unlabeled")
-DECODERS = ("auto", "pil", "nvjpeg")  # embed: auto = nvjpeg on a CUDA engine, else pil
+DECODERS = ("auto", "pil", "simplejpeg", "nvjpeg")  # embed: mixem.embed_decode.resolve_decoder
 TRT_PROFILE = (1, 64, 256)  # TensorRT batch profile: min, opt, max
 
 

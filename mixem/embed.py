@@ -150,7 +150,7 @@ def embed_folder(
     rank, world, _ = torchrun_env()
     # Before touching --out or listing the folder, so a wrong model fails in a second; "auto" is resolved once.
     engine = load_embed_engine(model, opts.engine, opts.features, opts.device, opts.batch_size)
-    how = resolve_decoder(opts.decoder, engine.device)
+    how = resolve_decoder(opts.decoder, engine.device, log)
     check_memory(engine, opts)
     path, sha = model_identity(engine)
     settings = dict(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from mixem import jpeg
 from mixem.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -103,8 +104,14 @@ def probe(root: Path, n: int) -> tuple[int, int]:
     return (3 if colour else 1), int(np.median(sides))
 
 
-def decode(path: str, size: int, mode: str) -> np.ndarray:
-    """One image file as (C, size, size) uint8: EXIF-upright, shorter side resized, centre-cropped."""
+def decode(path: str, size: int, mode: str, decoder: str = "pil") -> np.ndarray:
+    """One image file as (C, size, size) uint8: EXIF-upright, shorter side resized, centre-cropped.
+
+    decoder "simplejpeg": JPEGs by simplejpeg (mixem.jpeg), everything else and what it declines by PIL."""
+    if decoder == "simplejpeg" and jpeg.is_jpeg_name(path):
+        out = jpeg.decode(path, size, mode)
+        if out is not None:
+            return out
     # PIL rather than torchvision.io: draft() skips most of the JPEG work for small targets, and it
     # reads bmp/tiff/gif/16-bit files too; it releases the GIL while decoding, so threads scale.
     with Image.open(path) as im:
@@ -136,13 +143,15 @@ def failure(e: BaseException) -> tuple[str, str]:
     return status, (f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__)
 
 
-def decode_into(paths: list[str], out: np.ndarray, size: int, mode: str) -> list[tuple[str, str] | None]:
+def decode_into(
+    paths: list[str], out: np.ndarray, size: int, mode: str, decoder: str = "pil"
+) -> list[tuple[str, str] | None]:
     """Decode paths into out[i] ((C, size, size) uint8): None per success; a failure zeroes its row and is
     returned as failure()'s (status, reason), never raised: one bad file never stops a run."""
     res: list[tuple[str, str] | None] = []
     for i, p in enumerate(paths):
         try:
-            out[i] = decode(p, size, mode)
+            out[i] = decode(p, size, mode, decoder)
             res.append(None)
         except Exception as e:  # noqa: BLE001 (any decoder failure is that file's status, not the run's end)
             out[i] = 0
@@ -165,6 +174,7 @@ def decode_files(
     limit: int = 0,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    decoder: str = "pil",
 ):
     """Decode paths in order into (N, C, size, size) uint8, stopping at `limit` readable images (0 = all).
 
@@ -185,7 +195,7 @@ def decode_files(
             for j in range(0, len(batch), step):
                 idx = batch[j : j + step]
                 out = buf[filled + j : filled + j + len(idx)]
-                futures[pool.submit(decode_into, [paths[i] for i in idx], out, size, mode)] = j
+                futures[pool.submit(decode_into, [paths[i] for i in idx], out, size, mode, decoder)] = j
             reasons: list = [None] * len(batch)
             done = 0
             for fut in as_completed(futures):
