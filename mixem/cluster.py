@@ -99,7 +99,7 @@ def cluster_run(
         if not 1 <= k <= N:
             raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
         t_read = time.perf_counter() - t0
-        how, dev = resolve_backend(gpu)  # may import torch (~1 s): after the read is timed
+        how, dev = resolve_backend(gpu, spherical=spherical)  # may import torch (~1 s): after the read is timed
         where = describe_backend(how, dev) + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
         log.print(
             f"{N:,} vectors of {D} dims from {m.n_shards} shards ({t_read:.1f} s); "
@@ -116,6 +116,7 @@ def cluster_run(
             seed=seed,
             max_points_per_centroid=max_points_per_centroid,
             gpu=gpu,
+            overwrite_x=True,  # x is ours: scikit-learn may centre it in place instead of copying it
         )
         t_km = time.perf_counter() - t0
         if res.sampled:

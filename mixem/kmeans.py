@@ -102,6 +102,7 @@ def kmeans(
     max_points_per_centroid: int | None = None,
     gpu: str | bool = "auto",
     backend: str = "auto",
+    overwrite_x: bool = False,
 ) -> KMeansResult:
     """Lloyd k-means with faiss (`faiss.Kmeans`), keeping the best of `nredo` seedings by objective.
 
@@ -112,7 +113,9 @@ def kmeans(
     assignment (for L2-normalised x this is the same partition as L2). max_points_per_centroid:
     None trains on every point; faiss's own default of 256 silently subsamples to 256·k points.
     gpu: "auto" uses a GPU when there is one (faiss's, else torch's: resolve_backend); the result says
-    where it ran. backend: "auto", or "faiss" / "torch" to force one.
+    where it ran. backend: "auto", or "sklearn" / "faiss" / "torch" to force one. overwrite_x: x may serve
+    as scratch (scikit-learn centres it in place and restores it, each value to within one float32 rounding)
+    instead of a copy of the data: one N x D array less at the peak.
     """
     if x.ndim != 2:
         raise DataError(f"k-means needs a 2-D (points, dims) array, got shape {tuple(x.shape)}")
@@ -150,7 +153,7 @@ def kmeans(
         if how == "torch":
             centroids, assign, dist = _lloyd_torch(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev)
         elif how == "sklearn":
-            centroids, assign, dist = _lloyd_sklearn(x, c0, niter, mppc, int(redo_seeds[r]))
+            centroids, assign, dist = _lloyd_sklearn(x, c0, niter, mppc, int(redo_seeds[r]), overwrite_x)
         else:
             centroids, assign, dist = _lloyd_faiss(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev, x_sq)
         obj = float(dist.sum(dtype=np.float64))
@@ -196,7 +199,7 @@ def _lloyd_faiss(x, c0, niter, spherical, mppc, seed, dev, x_sq):
     return km.centroids, assign, dist
 
 
-def _lloyd_sklearn(x: np.ndarray, c0: np.ndarray, niter: int, mppc: int, seed: int):
+def _lloyd_sklearn(x: np.ndarray, c0: np.ndarray, niter: int, mppc: int, seed: int, overwrite_x: bool = False):
     """scikit-learn's Lloyd from c0 for niter iterations (tol 0: it stops early only at a fixed point, where
     more iterations change nothing), on every point or faiss's random sample of k * mppc; then every point
     assigned to the final centroids. An empty cluster takes the point farthest from its centre (sklearn's
@@ -209,7 +212,10 @@ def _lloyd_sklearn(x: np.ndarray, c0: np.ndarray, niter: int, mppc: int, seed: i
     if niter == 0:
         centroids = np.ascontiguousarray(c0, dtype=np.float32)
     else:
-        km = KMeans(k, init=c0, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=seed)
+        km = KMeans(
+            k, init=c0, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=seed,
+            copy_x=train is x and not overwrite_x,  # a sample is a copy already: scratch either way
+        )  # fmt: skip
         with warnings.catch_warnings():  # "fewer distinct points than clusters": the result says so by its objective
             warnings.simplefilter("ignore")
             km.fit(train)

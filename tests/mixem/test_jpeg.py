@@ -1,6 +1,5 @@
 """simplejpeg decoding (mixem.jpeg) against PIL's path on real photos: orientation, scale, colour, failures."""
 
-import io
 
 import numpy as np
 import pytest

@@ -249,3 +249,13 @@ def test_sklearn_backend_is_sklearns_lloyd_and_auto_picks_it_on_the_cpu(digits):
     assert kmeans(l2_normalize(x), 10, niter=3, spherical=True, gpu=False).backend == "faiss"
     with pytest.raises(ConfigError, match="no spherical"):
         kmeans(x, 10, spherical=True, backend="sklearn")
+
+
+def test_overwrite_x_gives_the_same_result_and_leaves_x_as_it_was(digits):
+    x, _ = digits
+    mine = x.copy()
+    a = kmeans(x, 8, niter=6, seed=4, gpu=False)
+    b = kmeans(mine, 8, niter=6, seed=4, gpu=False, overwrite_x=True)
+    np.testing.assert_array_equal(a.assign, b.assign)
+    assert b.objective == pytest.approx(a.objective, rel=1e-6)
+    np.testing.assert_allclose(mine, x, rtol=0, atol=1e-6)  # centred in place and restored: one rounding at most
