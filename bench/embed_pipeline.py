@@ -184,8 +184,9 @@ def setup(case: dict, device) -> dict:
         cands["decode_nvjpeg"] = nvjpeg
     for eng, path in models.items():
         cands[f"engine_{eng}"] = engine_only(load_engine(path, eng, device))
-        cands[f"pipeline_{eng}_pil"] = pipeline(eng, "pil")
-        cands[f"pipeline_{eng}"] = pipeline(eng)  # decoder auto: what `embed` runs by default
+        cands[f"pipeline_{eng}"] = pipeline(eng)  # decoder auto: what `embed` runs by default (PIL on a CPU)
+        if jpeg.available():
+            cands[f"pipeline_{eng}_simplejpeg"] = pipeline(eng, "simplejpeg")
     return cands
 
 

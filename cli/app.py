@@ -280,7 +280,12 @@ def embed(
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per engine call.")] = None,
     shard_size: Annotated[int | None, typer.Option("--shard-size", help="Images per output shard.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
-    decoder: Annotated[str | None, typer.Option("--decoder", help="auto | pil | nvjpeg (GPU JPEG decode).")] = None,
+    decoder: Annotated[
+        str | None,
+        typer.Option(
+            "--decoder", help="auto (nvjpeg on a GPU, else pil) | pil | simplejpeg (faster JPEGs on a CPU) | nvjpeg."
+        ),
+    ] = None,
     update: Annotated[
         bool,
         typer.Option(
