@@ -196,13 +196,14 @@ def plot(data: dict, path: Path) -> Path:
         label = "train (one epoch)" if name == "train" else name
         ax_t.plot([r[xk] for r in rows], [r[yk] for r in rows], "o-", label=label)
         ax_m.plot([r[xk] for r in rows], [r["peak_rss_mb"] for r in rows], "o-", label=label)
-    for ax, title in ((ax_t, "wall seconds"), (ax_m, "peak RSS (MB)")):
+    for ax, title in ((ax_t, "wall seconds (log)"), (ax_m, "peak RSS, MB (linear: flat or growing)")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xlabel("images (N)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+    ax_t.set_yscale("log")
+    ax_m.set_ylim(bottom=0)
     fig.suptitle(f"mixem-fast on {data.get('device', {}).get('name', 'this machine')}: cost against N")
     fig.tight_layout()
     fig.savefig(path, format="svg")
