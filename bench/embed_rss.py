@@ -28,7 +28,8 @@ def result_stem(params: dict) -> str:
     return f"embed_rss_{params['files']}"
 
 
-def _rss_kb(pid: int) -> int | None:
+def rss_kb(pid: int) -> int | None:
+    """A process's resident memory (VmRSS, kB) from /proc; None once it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -48,28 +49,38 @@ def write_fashion_jpegs(root: Path, n: int) -> None:
         Image.fromarray(fm[i % len(fm)]).save(d / f"{i:07d}.jpg", quality=90)
 
 
-def run_sampled(cmd: list[str], log: Path, t0: float) -> tuple[dict, list[tuple[float, int, int]]]:
-    """Run a `mixem-fast` command that prints JSON; sample its VmRSS every 0.1 s with the shards it has finished
-    (its --json-log shard events). Returns (its JSON, [(seconds, shards done, RSS kB)])."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    samples, stop = [], threading.Event()
+def watch(proc, sample, label: str = "mixem-fast", every_s: float = 0.1) -> bytes:
+    """Call sample() every `every_s` seconds while proc runs; its stdout, or a RuntimeError with its stderr's end."""
+    stop = threading.Event()
 
-    def sample():
+    def loop():
         while not stop.is_set():
-            rss = _rss_kb(proc.pid)
-            shards = log.read_text().count('"event": "shard"') if log.exists() else 0
-            if rss is not None:
-                samples.append((round(time.perf_counter() - t0, 2), shards, rss))
-            time.sleep(0.1)
+            sample()
+            time.sleep(every_s)
 
-    th = threading.Thread(target=sample, daemon=True)
+    th = threading.Thread(target=loop, daemon=True)
     th.start()
     out, err = proc.communicate()
     stop.set()
     th.join()
     if proc.returncode != 0:
-        raise RuntimeError(err.decode()[-2000:])
-    return json.loads(out), samples
+        raise RuntimeError(f"{label}: {err.decode()[-2000:]}")
+    return out
+
+
+def run_sampled(cmd: list[str], log: Path, t0: float) -> tuple[dict, list[tuple[float, int, int]]]:
+    """Run a `mixem-fast` command that prints JSON; sample its VmRSS every 0.1 s with the shards it has finished
+    (its --json-log shard events). Returns (its JSON, [(seconds, shards done, RSS kB)])."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    samples = []
+
+    def sample():
+        rss = rss_kb(proc.pid)
+        shards = log.read_text().count('"event": "shard"') if log.exists() else 0
+        if rss is not None:
+            samples.append((round(time.perf_counter() - t0, 2), shards, rss))
+
+    return json.loads(watch(proc, sample)), samples
 
 
 def study(params: dict, quick: bool, device) -> dict:

@@ -19,13 +19,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from PIL import Image
 
 from mixem.bench.embed_pipeline import fashion_images
+from mixem.bench.embed_rss import rss_kb, watch
 
 NAME = "scaling"
 PARAMS = {"sizes": "10000,100000,1000000", "train_sizes": "2500,10000,40000", "k": 100}
@@ -59,36 +59,18 @@ def write_nested(root: Path, sizes: list[int]) -> dict[int, Path]:
     return folders
 
 
-def _rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def run_measured(args: list[str]) -> dict:
     """`python -m mixem.cli ARGS` in a child process: wall seconds and peak RSS (MB); a failure raises."""
     import subprocess
 
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mixem.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak, stop = [0], threading.Event()
+    peak = [0]
 
     def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_kb(proc.pid) or 0)
-            time.sleep(0.1)
+        peak[0] = max(peak[0], rss_kb(proc.pid) or 0)
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, err = proc.communicate()
-    stop.set()
-    th.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"mixem-fast {' '.join(args[:2])}: {err.decode()[-1500:]}")
+    watch(proc, sample, label=f"mixem-fast {' '.join(args[:2])}")
     return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak[0] / 1024, 1)}
 
 
