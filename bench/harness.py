@@ -349,7 +349,10 @@ def run(
     write_result(path / fname, data)
     data["path"] = str(path / fname)
     if hasattr(mod, "plot"):  # a figure of the result, beside its JSON
-        data["plot"] = str(mod.plot(data, (path / fname).with_suffix(".svg")))
+        try:
+            data["plot"] = str(mod.plot(data, (path / fname).with_suffix(".svg")))
+        except ImportError as e:  # matplotlib is optional: the JSON is the result
+            data["plot"] = f"not drawn: {e} (pip install matplotlib)"
     return data
 
 
