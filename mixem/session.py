@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem import methods, owner, scoring
+from mixem import methods, owner, run_classes, scoring
 from mixem.config import (
     EVAL_FEATURES,
     EVAL_INITS,
@@ -333,10 +333,8 @@ def _evaluate_and_report(
     from mixem.evaluate import format_table, raw_pixel_baseline
 
     if ds.labels is None:
-        log.print(
-            "no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here"
-        )
-        return {}
+        log.print("no labels: nothing to score; the run's classes are saved for `predict` and `classify`")
+        return {"classes_json": str(run_classes.write(model, ds, k, out_dir, method, seed, device, log))}
     rows = rows if rows is not None else scoring.score(model, ds, k, device, seed, choices=choices)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
     stages = stages or []
@@ -365,4 +363,6 @@ def _evaluate_and_report(
         f"  ({len(ds.images):,} images, k={k})"
     )
     print(line)
-    return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json")}
+    saved = run_classes.write(model, ds, k, out_dir, method, seed, device, log)
+    return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json"),
+            "classes_json": str(saved)}  # fmt: skip
