@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixem import owner, rundir, shards
+from mixem import kscan, owner, rundir, shards
 from mixem.config import KMEANS_INITS
+from mixem.duplicates import DEFAULT_THRESHOLD
+from mixem.duplicates import find as find_duplicates
 from mixem.errors import ConfigError, DataError
-from mixem.kmeans import describe_backend, kmeans, l2_normalize, resolve_backend
+from mixem.kmeans import KMeansResult, describe_backend, kmeans, l2_normalize, resolve_backend, sq_distances
 from mixem.metrics import clustering_metrics
 from mixem.outputs import OutputSet
 from mixem.rundir import CENTROIDS, CLUSTER_SET, CLUSTERS, GENERATION_KEY, INDEX, METRICS, REPORT, load_complete
@@ -66,8 +68,10 @@ def find_labels(rel: list[str], labels_file: Path | None):
 
 def cluster_run(
     out: str | Path,
-    k: int,
+    k: int | str | None = None,
     *,
+    centroids: str | Path | None = None,
+    k_range: str | tuple[int, int] = kscan.DEFAULT_RANGE,
     init: str = "mixture",
     spherical: bool = False,
     niter: int = 25,
@@ -77,17 +81,20 @@ def cluster_run(
     gpu: str | bool = "auto",
     report: bool = True,
     per_cluster: int = 24,
+    duplicates: float | None = DEFAULT_THRESHOLD,
     log: RunLog | None = None,
 ) -> dict:
-    """Cluster every embedded image of run `out` into k groups; writes the outputs beside the shards as one set.
+    """Cluster every embedded image of run `out`; writes the outputs beside the shards as one set.
 
-    The folder is owned for the whole run (no embed or second cluster meanwhile), and the outputs are
-    committed together (mixem.outputs): a killed or failed run leaves the previous set whole, or none.
+    k: the number of clusters, or "auto" (scan k_range, kscan); centroids: an .npy of (k, D) centroids (another
+    run's centroids.npy) to assign every image to, instead of k-means. duplicates: the cosine threshold of the
+    near-duplicate search (mixem.duplicates; None: none). The folder is owned for the whole run (no embed or
+    second cluster meanwhile), and the outputs are committed together (mixem.outputs): a killed or failed run
+    leaves the previous set whole, or none.
     """
     log = log or RunLog(quiet=True)
     out = Path(out)
-    if init not in KMEANS_INITS:
-        raise ConfigError(f"--init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
+    _check_options(k, centroids, init)
     load_complete(out)  # before claiming it: a folder that is no embedding run is never created or locked
     with rundir.claim(out, "cluster"):
         owner.clean_temps(out, rundir.TOP_FILES)  # what a killed cluster (or embed) left half-written
@@ -95,52 +102,129 @@ def cluster_run(
         t0 = time.perf_counter()
         x, cols = shards.read_ok(out, m.n_shards)
         x = l2_normalize(x) if spherical else x  # stored rows are unit already; fp16 rounding moves them ~1e-3
-        N, D = x.shape
-        if not 1 <= k <= N:
-            raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
-        t_read = time.perf_counter() - t0
-        how, dev = resolve_backend(gpu)  # may import torch (~1 s): after the read is timed
-        where = describe_backend(how, dev) + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
         log.print(
-            f"{N:,} vectors of {D} dims from {m.n_shards} shards ({t_read:.1f} s); "
-            f"k-means k={k}, init {init}, {'spherical, ' if spherical else ''}{where}"
+            f"{len(x):,} vectors of {x.shape[1]} dims from {m.n_shards} shards ({time.perf_counter() - t0:.1f} s)"
         )
-        # init "mixture" (the default) is MIX'EM's start: the mean of each argmax-pi group (empty ones by k-means++).
-        res = kmeans(
-            x,
-            k,
-            init=init,
-            mixture_probs=cols["mixture_probs"],
-            spherical=spherical,
-            niter=niter,
-            seed=seed,
-            max_points_per_centroid=max_points_per_centroid,
-            gpu=gpu,
-        )
+        opts = dict(init=init, spherical=spherical, niter=niter, seed=seed, mppc=max_points_per_centroid, gpu=gpu)
+        res, k, scan, settings = _solve(x, cols, k, centroids, kscan.parse_range(k_range), opts, log)
         t_km = time.perf_counter() - t0
-        if res.sampled:
-            log.print(
-                f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "
-                "every point is still assigned"
-            )
         rel = _rel(cols["image_path"], m.root)
         y, label_source, classes = find_labels(rel, labels_file)
-        settings = dict(k=k, init=init, spherical=spherical, niter=niter, seed=seed)
         metrics = _metrics(settings, res, m.features, cols, y, label_source, seconds=t_km)
+        dup = _duplicates(out, m, duplicates, seed, log)
+        metrics.update(k_scan=scan, duplicates=_dup_summary(dup, duplicates))
         with OutputSet(out, CLUSTER_SET, tie=rundir.cluster_tie(m)) as outs:
             metrics["generation"] = outs.generation  # metrics.json, clusters.parquet and the record share it
             _write_assignments(outs, x, cols, res)
-            outs.write(METRICS, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+            if dup is not None:
+                outs.write(rundir.DUPLICATES, lambda p: _write_pairs(p, dup, rel, cols["id"]))
             if report:
-                from mixem.report import write_report
+                from mixem.report import Page, write_report
 
-                page = (rel, m.root, res.assign, res.distances, k, metrics, y, classes)
-                outs.write(
-                    REPORT, lambda p: write_report(p, *page, per_cluster=per_cluster, follow_links=m.follow_links)
-                )
-    summary = {k_: metrics[k_] for k_ in ("k", "init", "points", "objective", "kmeans", "sampled", "empty_clusters")}
-    summary.update({key: metrics[key] for key in ("acc", "nmi", "ari", "labels") if key in metrics})
-    summary["outputs"] = [str(out / f) for f in (CLUSTERS, CENTROIDS, INDEX, METRICS) + ((REPORT,) if report else ())]
+                page = Page(rel, m.root, x, res, metrics, y, classes, dup, per_cluster, m.follow_links)
+                outs.write(REPORT, lambda p: metrics.update(report_seconds=write_report(p, page)))
+            outs.write(METRICS, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+    return _summary(out, metrics, report, dup is not None, log)
+
+
+def _check_options(k, centroids, init: str) -> None:
+    if init not in KMEANS_INITS:
+        raise ConfigError(f"--init must be one of {', '.join(KMEANS_INITS)}, got {init!r}")
+    if (k is None) == (centroids is None):
+        raise ConfigError("give --k K (or --k auto), or --centroids FILE to assign to existing centroids; not both")
+    if isinstance(k, str) and k != "auto":
+        raise ConfigError(f"--k must be a number of clusters or 'auto', got {k!r}")
+
+
+def _solve(x, cols, k, centroids, k_range, opts: dict, log: RunLog):
+    """(KMeansResult, k, the k scan or None, the settings metrics.json records) for the chosen way."""
+    N = len(x)
+    if centroids is not None:
+        res = assign_to(x, load_centroids(centroids, x.shape[1]))
+        log.print(f"assigned to the {len(res.centroids)} centroids of {centroids} (no k-means)")
+        return (
+            res,
+            len(res.centroids),
+            None,
+            dict(k=len(res.centroids), init="given centroids", centroids=str(centroids)),
+        )
+    scan = None
+    if k == "auto":
+        scan = kscan.scan(x, k_range, opts["seed"], opts["gpu"])
+        k = scan["best"]
+        log.print(f"--k auto: k = {k} has the highest {scan['criterion']} of k = {k_range[0]}..{scan['range'][1]}")
+    if not 1 <= k <= N:
+        raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
+    how, dev = resolve_backend(opts["gpu"])  # may import torch (~1 s)
+    where = describe_backend(how, dev) + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
+    log.print(f"k-means k={k}, init {opts['init']}, {'spherical, ' if opts['spherical'] else ''}{where}")
+    # init "mixture" (the default) is MIX'EM's start: the mean of each argmax-pi group (empty ones by k-means++).
+    res = kmeans(x, k, init=opts["init"], mixture_probs=cols["mixture_probs"], spherical=opts["spherical"],
+                 niter=opts["niter"], seed=opts["seed"], max_points_per_centroid=opts["mppc"], gpu=opts["gpu"])  # fmt: skip
+    if res.sampled:
+        log.print(
+            f"k-means trained on a random {res.n_points_used:,} of {N:,} points (--max-points-per-centroid); "
+            "every point is still assigned"
+        )
+    keys = ("init", "spherical", "niter", "seed")
+    return res, k, scan, dict(k=k, **{key: opts[key] for key in keys}, **({"k_auto": True} if scan else {}))
+
+
+def load_centroids(path: str | Path, dim: int) -> np.ndarray:
+    """(k, dim) float32 finite centroids from an .npy file, or a one-line error naming it."""
+    path = Path(path)
+    try:
+        c = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npy of centroids ({e})") from None
+    if c.ndim != 2 or c.shape[1] != dim or len(c) < 1 or not np.issubdtype(c.dtype, np.floating):
+        raise DataError(
+            f"{path}: holds {c.dtype} {c.shape}, not (k, {dim}) floats: centroids of another model or features"
+        )
+    if not np.isfinite(c).all():
+        raise DataError(f"{path}: holds NaN or infinite centroids")
+    return np.ascontiguousarray(c, dtype=np.float32)
+
+
+def assign_to(x: np.ndarray, centroids: np.ndarray) -> KMeansResult:
+    """Every point's nearest centroid (squared L2, as k-means assigns): a k-means result with no iterations."""
+    assign = faiss.knn(np.ascontiguousarray(x, dtype=np.float32), centroids, 1)[1][:, 0].astype(np.int64)
+    dist = sq_distances(x, centroids, assign)
+    obj = float(dist.sum(dtype=np.float64))
+    return KMeansResult(centroids, assign, dist, obj, "cpu", False, len(x), backend="given centroids")
+
+
+def _duplicates(out: Path, m, threshold: float | None, seed: int, log: RunLog):
+    """The near-duplicate pairs of the run's fingerprints, or None (not asked for, or a run made before them)."""
+    if threshold is None:
+        return None
+    fps = shards.read_fingerprints(out, m.n_shards)
+    if fps is None:
+        log.print(f"{out}: no fingerprints (embedded by an older mixem-fast): no near-duplicates; embed again for them")
+        return None
+    dup = find_duplicates(fps, threshold, seed=seed)
+    log.print(
+        f"near-duplicates (cosine >= {threshold} of fingerprints): {len(dup.i):,} pairs in {len(dup.groups):,} "
+        f"groups of {dup.images:,} images ({dup.seconds:.1f} s)"
+    )
+    return dup
+
+
+def _dup_summary(dup, threshold) -> dict | None:
+    if dup is None:
+        return None if threshold is None else {"threshold": threshold, "available": False}
+    return {"threshold": dup.threshold, "pairs": len(dup.i), "groups": len(dup.groups), "images": dup.images,
+            "how": dup.how, "seconds": dup.seconds, "available": True}  # fmt: skip
+
+
+def _summary(out: Path, metrics: dict, report: bool, dups: bool, log: RunLog) -> dict:
+    keys = ("k", "init", "points", "objective", "kmeans", "sampled", "empty_clusters")
+    summary = {key: metrics[key] for key in keys}
+    summary.update({key: metrics[key] for key in ("acc", "nmi", "ari", "labels", "duplicates") if metrics.get(key)})
+    files = (
+        (CLUSTERS, CENTROIDS, INDEX, METRICS) + ((rundir.DUPLICATES,) if dups else ()) + ((REPORT,) if report else ())
+    )
+    summary["outputs"] = [str(out / f) for f in files]
     log.event("cluster", **summary)
     return summary
 
@@ -190,6 +274,22 @@ def _write_assignments(outs: OutputSet, x: np.ndarray, cols: dict, res) -> None:
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(x.shape[1]))
     index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids.astype(np.int64))
     outs.write(INDEX, lambda p: faiss.write_index(index, str(p)))
+
+
+def _write_pairs(path: Path, dup, rel: list[str], ids: np.ndarray) -> None:
+    """duplicates.parquet: one row per pair (both paths relative to the image folder, their cosine, ids, group)."""
+    rel = np.asarray(rel, dtype=object)
+    table = pa.table(
+        {
+            "path_a": pa.array(rel[dup.i], pa.string()),
+            "path_b": pa.array(rel[dup.j], pa.string()),
+            "similarity": pa.array(dup.similarity, pa.float32()),
+            "id_a": pa.array(ids[dup.i], pa.int64()),
+            "id_b": pa.array(ids[dup.j], pa.int64()),
+            "group": pa.array(dup.group, pa.int32()),
+        }
+    ).replace_schema_metadata({b"mixem.threshold": str(dup.threshold).encode()})
+    pq.write_table(table, path)
 
 
 def _save_npy(path: Path, a: np.ndarray):
