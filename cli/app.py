@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from mixem.cli import pipeline  # noqa: F401 (registers embed, classify, cluster and search on the app)
 from mixem.cli.errors import one_line_errors
 from mixem.cli.options import Device, ExportFormat, Impl, JsonLog, Method, Preset, Quiet, Seed, app
 from mixem.config import EVAL_FEATURES, EVAL_INITS, FEATURE_TYPES, KMEANS_INITS, TRT_PROFILE
@@ -73,12 +72,21 @@ def train(
     json_log: JsonLog = None,
 ):
     """Train MIX'EM and print how well its clusters match the labels (when the data has labels)."""
-    from mixem.session import train_command
+    from mixem.api import train as run_train
 
-    model_over = dict(backbone=backbone, image_size=image_size, in_channels=channels, components=components)
-    train_over = dict(
-        data=data,
-        out=str(out) if out else None,
+    run_train(
+        data,
+        out,
+        preset=preset.value,
+        config=config,
+        resume=resume,
+        evaluate=evaluate,
+        quiet=quiet,
+        json_log=json_log,
+        backbone=backbone,
+        image_size=image_size,
+        in_channels=channels,
+        components=components,
         method=method.value if method else None,
         epochs=epochs,
         batch_size=batch_size,
@@ -94,9 +102,6 @@ def train(
         selflabel_epochs=selflabel_epochs,
         device=device,
         seed=seed,
-    )
-    train_command(
-        preset.value, config, model_over, train_over, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log
     )
 
 
@@ -214,6 +219,9 @@ def bench(
     for line in b.summary_lines(result):
         typer.echo(line)
     typer.echo(f"wrote {result['path']}")
+
+
+from mixem.cli import pipeline  # noqa: E402, F401 (registers embed, classify, cluster and search after train ...)
 
 
 def main():

@@ -95,6 +95,7 @@ def cluster_run(
     log = log or RunLog(quiet=True)
     out = Path(out)
     _check_options(k, centroids, init)
+    k_range = kscan.parse_range(k_range)
     load_complete(out)  # before claiming it: a folder that is no embedding run is never created or locked
     with rundir.claim(out, "cluster"):
         owner.clean_temps(out, rundir.TOP_FILES)  # what a killed cluster (or embed) left half-written
@@ -102,11 +103,10 @@ def cluster_run(
         t0 = time.perf_counter()
         x, cols = shards.read_ok(out, m.n_shards)
         x = l2_normalize(x) if spherical else x  # stored rows are unit already; fp16 rounding moves them ~1e-3
-        log.print(
-            f"{len(x):,} vectors of {x.shape[1]} dims from {m.n_shards} shards ({time.perf_counter() - t0:.1f} s)"
-        )
+        note = f"{len(x):,} vectors of {x.shape[1]} dims from {m.n_shards} shards ({time.perf_counter() - t0:.1f} s)"
         opts = dict(init=init, spherical=spherical, niter=niter, seed=seed, mppc=max_points_per_centroid, gpu=gpu)
-        res, k, scan, settings = _solve(x, cols, k, centroids, kscan.parse_range(k_range), opts, log)
+        opts["note"] = note
+        res, k, scan, settings = _solve(x, cols, k, centroids, k_range, opts, log)
         t_km = time.perf_counter() - t0
         rel = _rel(cols["image_path"], m.root)
         y, label_source, classes = find_labels(rel, labels_file)
@@ -141,7 +141,7 @@ def _solve(x, cols, k, centroids, k_range, opts: dict, log: RunLog):
     N = len(x)
     if centroids is not None:
         res = assign_to(x, load_centroids(centroids, x.shape[1]))
-        log.print(f"assigned to the {len(res.centroids)} centroids of {centroids} (no k-means)")
+        log.print(f"{opts['note']}; assigned to the {len(res.centroids)} centroids of {centroids} (no k-means)")
         return (
             res,
             len(res.centroids),
@@ -152,12 +152,16 @@ def _solve(x, cols, k, centroids, k_range, opts: dict, log: RunLog):
     if k == "auto":
         scan = kscan.scan(x, k_range, opts["seed"], opts["gpu"])
         k = scan["best"]
-        log.print(f"--k auto: k = {k} has the highest {scan['criterion']} of k = {k_range[0]}..{scan['range'][1]}")
+        log.print(
+            f"{opts['note']}; --k auto: k = {k} has the highest {scan['criterion']} of k = {k_range[0]}..{scan['range'][1]}"
+        )
     if not 1 <= k <= N:
         raise ConfigError(f"--k must be between 1 and the {N} embedded images, got {k}")
     how, dev = resolve_backend(opts["gpu"])  # may import torch (~1 s)
     where = describe_backend(how, dev) + (" (no GPU visible to faiss or torch)" if dev == "cpu" else "")
-    log.print(f"k-means k={k}, init {opts['init']}, {'spherical, ' if opts['spherical'] else ''}{where}")
+    log.print(
+        f"{'' if scan else opts['note'] + '; '}k-means k={k}, init {opts['init']}, {'spherical, ' if opts['spherical'] else ''}{where}"
+    )
     # init "mixture" (the default) is MIX'EM's start: the mean of each argmax-pi group (empty ones by k-means++).
     res = kmeans(x, k, init=opts["init"], mixture_probs=cols["mixture_probs"], spherical=opts["spherical"],
                  niter=opts["niter"], seed=opts["seed"], max_points_per_centroid=opts["mppc"], gpu=opts["gpu"])  # fmt: skip
