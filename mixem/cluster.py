@@ -113,6 +113,7 @@ def cluster_run(
         metrics = _metrics(settings, res, m.features, cols, y, label_source, seconds=t_km)
         dup = _duplicates(out, m, duplicates, seed, log)
         metrics.update(k_scan=scan, duplicates=_dup_summary(dup, duplicates))
+        metrics.update(seconds_k_scan=scan.pop("seconds") if scan else None, seconds_duplicates=dup and dup.seconds)
         with OutputSet(out, CLUSTER_SET, tie=rundir.cluster_tie(m)) as outs:
             metrics["generation"] = outs.generation  # metrics.json, clusters.parquet and the record share it
             _write_assignments(outs, x, cols, res)
@@ -122,7 +123,7 @@ def cluster_run(
                 from mixem.report import Page, write_report
 
                 page = Page(rel, m.root, x, res, metrics, y, classes, dup, per_cluster, m.follow_links)
-                outs.write(REPORT, lambda p: metrics.update(report_seconds=write_report(p, page)))
+                outs.write(REPORT, lambda p: metrics.update(seconds_report=write_report(p, page)))
             outs.write(METRICS, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     return _summary(out, metrics, report, dup is not None, log)
 
@@ -218,7 +219,7 @@ def _dup_summary(dup, threshold) -> dict | None:
     if dup is None:
         return None if threshold is None else {"threshold": threshold, "available": False}
     return {"threshold": dup.threshold, "pairs": len(dup.i), "groups": len(dup.groups), "images": dup.images,
-            "how": dup.how, "seconds": dup.seconds, "available": True}  # fmt: skip
+            "how": dup.how, "available": True}  # fmt: skip
 
 
 def _summary(out: Path, metrics: dict, report: bool, dups: bool, log: RunLog) -> dict:

@@ -159,7 +159,7 @@ def _scan_text(scan: dict) -> str:
         f"--k auto scanned k = {scan['range'][0]}..{scan['range'][1]}: k-means++ (2 restarts) on a random "
         f"{scan['points']:,} of the images for every k, each scored by its {html.escape(scan['criterion'])} on "
         f"{scan['silhouette_points']:,} of them; k = {scan['best']} scored highest (clustering all images then "
-        f"used it). ({scan['seconds']} s)"
+        f"used it)."
     )
 
 
