@@ -115,7 +115,7 @@ def kscan_figure(rows: list[dict], best: int, criterion: str) -> str:
 
 
 def lines_figure(panels: list[dict], bands: list[tuple[float, float, str]], width: float = 9.0) -> str:
-    """Small multiples sharing the x axis: each panel {"title", "series": [(label, xs, ys, style)], "hline"?};
+    """Small multiples sharing the x axis: each panel {"title", "series": [(label, xs, ys, style[, colour])], "hline"?};
     bands: (start, end, name) shaded spans (training stages)."""
     import matplotlib
 
@@ -127,8 +127,8 @@ def lines_figure(panels: list[dict], bands: list[tuple[float, float, str]], widt
         for ax, p in zip(axes.ravel(), panels):
             for i, (start, end, _) in enumerate(bands):
                 ax.axvspan(start, end, color=("#f2f2f2", "#e6eef9", "#f9efe6")[i % 3], lw=0)
-            for label, xs, ys, style in p["series"]:
-                ax.plot(xs, ys, style, ms=3, lw=1.2, label=label)
+            for label, xs, ys, style, *colour in p["series"]:
+                ax.plot(xs, ys, style, ms=3, lw=1.2, label=label, color=colour[0] if colour else None)
             if p.get("hline") is not None:
                 ax.axhline(p["hline"][1], color="#999", ls="--", lw=1, label=p["hline"][0])
             ax.set_title(p["title"], fontsize=9, loc="left")

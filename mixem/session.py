@@ -247,6 +247,10 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
                 stages=stages,
             )
         )
+    if ctx.main:  # the run's own page: loss terms and ACC/NMI against epochs (mixem.report_train)
+        from mixem.report_train import write_train_report
+
+        summary["report_html"] = str(write_train_report(result.run_dir, json_log))
     return summary
 
 
