@@ -152,7 +152,7 @@ def cluster(
         bool, typer.Option("--duplicates/--no-duplicates", help="Find near-duplicate images (duplicates.parquet).")
     ] = True,
     dup_threshold: Annotated[
-        float | None, typer.Option("--dup-threshold", help="Cosine of fingerprints that makes a pair (default 0.998).")
+        float | None, typer.Option("--dup-threshold", help="Cosine of fingerprints that makes a pair (default 0.996).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
     quiet: Quiet = False,

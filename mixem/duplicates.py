@@ -22,7 +22,7 @@ import numpy as np
 
 from mixem.errors import ConfigError, DataError
 
-DEFAULT_THRESHOLD = 0.998  # cosine of fingerprints; how it was chosen: README, "Near-duplicates"
+DEFAULT_THRESHOLD = 0.996  # cosine of fingerprints; how it was chosen: README, "Near-duplicates"
 BRUTE_MAX = 50_000  # rows up to which one range search of all against all is cheap (N² F: 1.6e11 flops at 50k)
 CELL_ROWS = 1000  # rows per cell of the partitioned search
 SLACK = 1e-3
