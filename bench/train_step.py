@@ -90,7 +90,7 @@ def _torchvision_transform(model_cfg, train_cfg):
 def setup(case, device) -> dict:
     from mixem.augment import build_augment
     from mixem.model import MixEM
-    from mixem.train import make_optimizer, step
+    from mixem.training import make_optimizer, step
 
     model_cfg, train_cfg = _configs(case)
     B = case["batch"]
@@ -102,7 +102,7 @@ def setup(case, device) -> dict:
         model = MixEM(model_cfg).to(device).to(memory_format=torch.channels_last).train()
         opt = make_optimizer(model.parameters(), train_cfg.lr, train_cfg)
 
-        def one_step(views: torch.Tensor):  # mixem.train.step: the training loop's own step
+        def one_step(views: torch.Tensor):  # mixem.training.step: the training loop's own step
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
             views = views.contiguous(memory_format=torch.channels_last)
             return step(model, views, opt, None, train_cfg, autocast=autocast)["loss"].detach()

@@ -74,35 +74,12 @@ def train(
     """Train MIX'EM and print how well its clusters match the labels (when the data has labels)."""
     from mixem.api import train as run_train
 
-    run_train(
-        data,
-        out,
-        preset=preset.value,
-        config=config,
-        resume=resume,
-        evaluate=evaluate,
-        quiet=quiet,
-        json_log=json_log,
-        backbone=backbone,
-        image_size=image_size,
-        in_channels=channels,
-        components=components,
-        method=method.value if method else None,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        temperature=temperature,
-        split=split,
-        max_images=max_images,
-        impl=impl.value if impl else None,
-        compile=compile,
-        eval_every=eval_every,
-        refine=refine,
-        refine_epochs=refine_epochs,
-        selflabel_epochs=selflabel_epochs,
-        device=device,
-        seed=seed,
-    )
+    run_train(data, out, preset=preset.value, config=config, resume=resume, evaluate=evaluate, quiet=quiet,
+              json_log=json_log, backbone=backbone, image_size=image_size, in_channels=channels, components=components,
+              method=method.value if method else None, epochs=epochs, batch_size=batch_size, lr=lr,
+              temperature=temperature, split=split, max_images=max_images, impl=impl.value if impl else None,
+              compile=compile, eval_every=eval_every, refine=refine, refine_epochs=refine_epochs,
+              selflabel_epochs=selflabel_epochs, device=device, seed=seed)  # fmt: skip
 
 
 @app.command("eval")

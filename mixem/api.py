@@ -163,7 +163,7 @@ def classify(
 ) -> ClassifyResult:
     """The class of every image under `images` (`mixem-fast classify`): an embedding run in `out` plus
     classes.parquet; options as for embed_folder."""
-    from mixem.classify import classify_folder, read_classified
+    from mixem.classification import classify_folder, read_classified
     from mixem.runlog import RunLog
 
     opts = _embed_options(engine, device, options)
@@ -191,7 +191,7 @@ def cluster(
     import pyarrow.parquet as pq
 
     from mixem import manifest, rundir
-    from mixem.cluster import cluster_run
+    from mixem.clustering import cluster_run
     from mixem.runlog import RunLog
 
     run = Path(run)

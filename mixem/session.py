@@ -140,7 +140,7 @@ def train_command(
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
         # Rank 0 owns --out before anything (the log included) is written: a run refused by its checks leaves none.
-        from mixem.train import claim_run
+        from mixem.training import claim_run
 
         with claim_run(train_cfg.out) if ctx.main else contextlib.nullcontext():
             summary = _train_and_report(
@@ -170,7 +170,7 @@ def _saved_configs(out: Path) -> tuple[MixEMConfig, TrainConfig | None]:
 
 
 def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
-    from mixem.train import train
+    from mixem.training import train
 
     log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet, enabled=ctx.main)
     if ctx.enabled:
@@ -230,23 +230,10 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         "preset": name,
     }
     if evaluate and ctx.main:
-        summary.update(
-            _evaluate_and_report(
-                model,
-                ds,
-                k,
-                str(device),
-                train_cfg.seed,
-                result.run_dir,
-                log,
-                method=train_cfg.method,
-                minutes=(time.perf_counter() - t0) / 60,
-                curve=curve,
-                train_minutes=result.seconds / 60,
-                rows=rows,
-                stages=stages,
-            )
-        )
+        summary.update(_evaluate_and_report(
+            model, ds, k, str(device), train_cfg.seed, result.run_dir, log, method=train_cfg.method,
+            minutes=(time.perf_counter() - t0) / 60, curve=curve, train_minutes=result.seconds / 60, rows=rows,
+            stages=stages))  # fmt: skip
     if ctx.main:  # the run's own page: loss terms and ACC/NMI against epochs (mixem.report_train)
         from mixem.report_train import write_train_report
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from dataset_writers import write_png
 
-from mixem.cluster import cluster_run
+from mixem.clustering import cluster_run
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.embed import EmbedOptions, embed_folder
 from mixem.errors import DataError
 from mixem.evaluate import raw_pixel_baseline
 from mixem.search import search
-from mixem.train import train
+from mixem.training import train
 
 N, SIDE = 2000, 36
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from mixem import duplicates, fingerprints
 from mixem.checkpoint import save_checkpoint
-from mixem.cluster import cluster_run
+from mixem.clustering import cluster_run
 from mixem.config import MixEMConfig
 from mixem.embed import EmbedOptions, embed_folder
 from mixem.model import MixEM

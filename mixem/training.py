@@ -1,4 +1,4 @@
-"""The training loop: data on the device, augmentation on the device, checkpoints every epoch, resume."""
+"""The training loop: on-device data and augmentation, checkpoints every epoch, resume (mixem.train is the API)."""
 
 from __future__ import annotations
 
