@@ -180,7 +180,7 @@ def _map_section(h: _Html, page: Page, shown: np.ndarray, k: int) -> None:
         f"{len(sample):,} of the {len(page.x):,} images (every one shown below, the rest at random), on the two "
         "principal components of the embedding (PCA: linear and deterministic, so what is apart here is apart "
         "in the embedding; t-SNE or UMAP would separate clusters more but distort the distances between them and "
-        "cost minutes). Hover over a point for its image and path; click it to go to its cluster.</p>",
+        "cost far more time). Hover over a point for its image and path; click it to go to its cluster.</p>",
         f"<div class='mapbox'><img id='map' alt='map of the embeddings' src='{uri}'></div>",
         "<script type='application/json' id='mapdata'>" + json.dumps(data).replace("</", "<\\/") + "</script>",
     )
@@ -229,9 +229,9 @@ def _duplicates_section(h: _Html, page: Page, groups: list[np.ndarray]) -> None:
         return
     d = page.dup
     h.add(
-        f"<p class='meta'><b>{len(d.i):,} pairs</b> of images at cosine similarity <b>&ge; {d.threshold}</b> of their "
+        f"<p class='meta'><b>{len(d.i):,} pair{'s' * (len(d.i) != 1)}</b> of images at cosine similarity <b>&ge; {d.threshold}</b> of their "
         f"fingerprints (the low 8&times;8 DCT frequencies of each image as the model sees it), in "
-        f"<b>{len(d.groups):,} groups</b> of {d.images:,} images; found by {html.escape(d.how)} "
+        f"<b>{len(d.groups):,} group{'s' * (len(d.groups) != 1)}</b> of {d.images:,} images; found by {html.escape(d.how)} "
         f"in {d.seconds} s. Every pair is in duplicates.parquet. "
         + (f"The {len(groups)} largest groups:" if groups else "")
         + "</p>"

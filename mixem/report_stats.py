@@ -2,10 +2,10 @@
 
 The map is PCA of the embedding, fit on the map's sample: linear and deterministic (the same run gives the
 same picture), with the two directions of most variance, so a distance on the map is a distance of the
-embedding seen from the side (never larger) and two clusters drawn apart are apart. It costs well under a
-second for 20,000 points of any dimension. t-SNE and UMAP separate clusters more clearly, but the
-distances between clusters they draw carry no meaning, their pictures change with the seed, and scikit-
-learn's t-SNE takes minutes for 20,000 points on 2 cores (UMAP is not a dependency).
+embedding seen from the side (never larger) and two clusters drawn apart are apart. It costs 0.03 s for
+20,000 points of 32 dims. t-SNE and UMAP separate clusters more clearly, but the distances between clusters
+they draw carry no meaning, their pictures change with the seed, and scikit-learn's t-SNE took 19 s for 5,000
+such points on 2 cores, growing faster than linearly (UMAP is not a dependency).
 """
 
 from __future__ import annotations
