@@ -7,9 +7,9 @@ sample), and a row x of cell a is searched in cell b only when
 because every row y of cell b is at least as close to c_b as to c_a, so |x - y| is at least x's distance
 to the plane halfway between the two centres, (|x - c_b|² - |x - c_a|²) / (2 |c_a - c_b|) (the bound of
 Elkan 2003); a pair at cosine >= threshold is at distance <= eps, so no pair is missed. The bound holds from
-both sides (y then also searches cell a), so a row only visits cells of higher index than its own. `slack`
-(1e-3, squared-distance units) covers float32 rounding, 100x over. The work is each row against its own
-cell and the few cells whose border is within eps, instead of against all N rows.
+both sides, so across two cells only the rows of each within eps of their bisector are searched against each
+other. `slack` (1e-3, squared-distance units) covers float32 rounding, 100x over. The work is each row
+against its own cell plus the thin borders between neighbouring cells, instead of against all N rows.
 """
 
 from __future__ import annotations
@@ -69,53 +69,67 @@ def _cells(v: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return c, cc, (c * c).sum(1)
 
 
-def _candidates(v, c, cc, c_sq, eps: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Each row's cell, and per cell the rows of other cells that must be searched in it (the bound above)."""
+def _borders(v, c, cc, c_sq, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's cell, and every (row, other cell) whose bisector lies within eps of the row (the bound above),
+    as parallel arrays (rows, their own cell, the other cell)."""
     own = np.empty(len(v), np.int64)
-    extra_rows, extra_cells = [], []
+    rows, cells = [], []
     for s in range(0, len(v), BLOCK):
         xb = v[s : s + BLOCK]
         d2 = (xb * xb).sum(1, keepdims=True) + c_sq[None] - 2.0 * xb @ c.T  # (B, C)
         a = d2.argmin(1)
         own[s : s + len(xb)] = a
         near = (d2 - d2[np.arange(len(xb)), a][:, None]) <= 2.0 * eps * cc[a] + SLACK
-        near &= np.arange(len(c))[None, :] > a[:, None]  # a pair across cells a < b is found from a's side
+        near[np.arange(len(xb)), a] = False
         r, b = np.nonzero(near)
-        extra_rows.append(r + s)
-        extra_cells.append(b)
-    rows, cells = np.concatenate(extra_rows), np.concatenate(extra_cells)
-    order = np.argsort(cells, kind="stable")
-    rows, cells = rows[order], cells[order]
-    bounds = np.searchsorted(cells, np.arange(len(c) + 1))
-    return own, [rows[bounds[b] : bounds[b + 1]] for b in range(len(c))]
+        rows.append(r + s)
+        cells.append(b)
+    rows, other = np.concatenate(rows), np.concatenate(cells)
+    return own, rows, own[rows], other
+
+
+def _search(v, queries: np.ndarray, members: np.ndarray, threshold: float, out: list) -> int:
+    """Range search of queries against members (global row ids); appends the (i, j), i < j, found."""
+    index = faiss.IndexFlatIP(v.shape[1])
+    index.add(v[members])
+    lims, _, hits = index.range_search(v[queries], threshold)
+    q = np.repeat(queries, np.diff(lims).astype(np.int64))
+    m = members[hits.astype(np.int64)]
+    keep = q != m
+    out.append((np.minimum(q, m)[keep], np.maximum(q, m)[keep]))
+    return int(keep.sum())
 
 
 def _partitioned(v: np.ndarray, threshold: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row against its own cell, then, for each pair of neighbouring cells a < b, the rows of a near their
+    bisector against the rows of b near it: a pair x in a, y in b at distance <= eps crosses the bisector, so
+    both lie within eps of it (the bound holds from both sides)."""
     eps = float(np.sqrt(max(0.0, 2.0 - 2.0 * threshold)))
     c, cc, c_sq = _cells(v, seed)
-    own, visitors = _candidates(v, c, cc, c_sq, eps)
+    own, rows, mine, other = _borders(v, c, cc, c_sq, eps)
+    found, total = [], 0
     order = np.argsort(own, kind="stable")
     bounds = np.searchsorted(own[order], np.arange(len(c) + 1))
-    found_i, found_j, total = [], [], 0
     for b in range(len(c)):
         members = order[bounds[b] : bounds[b + 1]]
-        if len(members) == 0:
-            continue
-        index = faiss.IndexFlatIP(v.shape[1])
-        index.add(v[members])
-        queries = np.concatenate([members, visitors[b]])
-        lims, _, hits = index.range_search(v[queries], threshold)
-        q = np.repeat(queries, np.diff(lims).astype(np.int64))
-        m = members[hits.astype(np.int64)]
-        i, j = np.minimum(q, m), np.maximum(q, m)
-        keep = i != j
-        found_i.append(i[keep])
-        found_j.append(j[keep])
-        total += int(keep.sum())
+        if len(members) > 1:
+            total += _search(v, members, members, threshold, found)
+    lo, hi = np.minimum(mine, other), np.maximum(mine, other)
+    key = lo * len(c) + hi
+    side = mine == lo  # True: the row lies in the lower-numbered cell of the pair
+    order = np.lexsort((side, key))
+    key, side, rows = key[order], side[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], len(key)]
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        split = s + int(np.searchsorted(side[s:e], True))  # side is sorted within the pair: False, then True
+        if s < split < e:
+            total += _search(v, rows[split:e], rows[s:split], threshold, found)
         if total > 2 * MAX_PAIRS:
-            break  # too_many() says so below
-    i, j = np.concatenate(found_i), np.concatenate(found_j)
-    key = np.unique(i * len(v) + j)  # a pair across two cells can be found from either side
+            break  # find() says so
+    i = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+    j = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+    key = np.unique(i * len(v) + j)  # within a cell each pair is found from both of its rows
     return key // len(v), key % len(v)
 
 

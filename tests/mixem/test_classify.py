@@ -114,3 +114,28 @@ def test_without_classes_the_head_decides_and_bad_options_are_one_line(messy, tm
     (plain / "classes.json").write_text('{"by": "head", "k": 0}')
     with pytest.raises(DataError, match="classes.json: 'by' 'head', k 0"):
         classify_folder(str(plain), messy[0], tmp_path / "o3", EmbedOptions(**OPTS))
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_process(model, fashion, tmp_path):
+    """Under torchrun each rank embeds its own shards; rank 0 waits for the others, then writes the classes."""
+    from dataset_writers import write_png
+
+    root = tmp_path / "imgs"
+    for k in range(40):
+        write_png(root / f"{k % 4}/{k:03d}.png", fashion[0][k])
+    ref = tmp_path / "ref"
+    classify_folder(str(model), root, ref, EmbedOptions(batch_size=4, shard_size=4, workers=1))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mixem.cli", "classify", str(model), str(root), "--out", str(out), "-b", "4",
+           "--shard-size", "4", "--workers", "1", "-q"]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)})
+        for r in (0, 1)
+    ]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-800:]
+    assert_same_output(ref, out)
+    assert read_classified(out).equals(read_classified(ref))
