@@ -32,7 +32,7 @@ from mixem.refine import refine
 from mixem.runlog import RunLog
 from mixem.runtime import resolve_device
 from mixem.session import build_configs, load_data
-from mixem.train import train
+from mixem.training import train
 
 NAME = "methods"
 PARAMS = {

@@ -93,7 +93,7 @@ def _torchvision_transform(model_cfg, train_cfg):
 def setup(case, device) -> dict:
     from mixem.augment import build_augment
     from mixem.model import MixEM
-    from mixem.train import make_optimizer, step
+    from mixem.training import make_optimizer, step
 
     model_cfg, train_cfg = _configs(case)
     B = case["batch"]
@@ -106,7 +106,7 @@ def setup(case, device) -> dict:
         opt = make_optimizer(model.parameters(), train_cfg.lr, train_cfg)
         fwd = torch.compile(model) if compiled else model
 
-        def one_step(views: torch.Tensor):  # mixem.train.step: the training loop's own step
+        def one_step(views: torch.Tensor):  # mixem.training.step: the training loop's own step
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
             views = views.contiguous(memory_format=layout)
             return step(fwd, views, opt, None, train_cfg, autocast=autocast)["loss"].detach()

@@ -1,63 +1,17 @@
-"""The mixem-fast command line: one thin function per command, calling into the packages."""
+"""The mixem-fast command line: one thin function per command, calling into the packages (mixem's Python API)."""
 
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mixem import methods
-from mixem.cli.errors import Debug, one_line_errors, set_debug
-from mixem.config import (
-    EMBED_FEATURES,
-    ENGINES,
-    EVAL_FEATURES,
-    EVAL_INITS,
-    EXPORT_FORMATS,
-    FEATURE_TYPES,
-    IMPLS,
-    KMEANS_INITS,
-    PRESETS,
-    TRT_PROFILE,
-)
+from mixem.cli.errors import one_line_errors
+from mixem.cli.options import Device, ExportFormat, Impl, JsonLog, Method, Preset, Quiet, Seed, app
+from mixem.config import EVAL_FEATURES, EVAL_INITS, FEATURE_TYPES, KMEANS_INITS, TRT_PROFILE
 from mixem.errors import MixEMError
-
-app = typer.Typer(
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    help="Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench.",
-)
-
-
-def _choice_enum(name: str, values) -> type[Enum]:
-    """A str Enum for Typer from one of the package's own choice lists (mixem.config): one source of truth."""
-    return Enum(name, {v: v for v in values}, type=str)
-
-
-Preset = _choice_enum("Preset", ("auto", *PRESETS))
-Method = _choice_enum("Method", methods.REGISTRY)
-Impl = _choice_enum("Impl", IMPLS)
-ExportFormat = _choice_enum("ExportFormat", EXPORT_FORMATS)
-EmbedEngine = _choice_enum("EmbedEngine", ENGINES)
-EmbedFeatures = _choice_enum("EmbedFeatures", EMBED_FEATURES)
-ClusterInit = _choice_enum("ClusterInit", KMEANS_INITS)
-
-
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final result.")]
-JsonLog = Annotated[Path | None, typer.Option("--json-log", help="Append JSON-lines events to this file.")]
-Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
-
-
-@app.callback()
-def _main(debug: Debug = False):
-    """Fast unsupervised image classification (MIX'EM): train, evaluate, export, embed, cluster, bench."""
-    set_debug(debug)
-
 
 _errors = one_line_errors  # every command: one line for any error, the traceback only with --debug
 
@@ -118,31 +72,14 @@ def train(
     json_log: JsonLog = None,
 ):
     """Train MIX'EM and print how well its clusters match the labels (when the data has labels)."""
-    from mixem.session import train_command
+    from mixem.api import train as run_train
 
-    model_over = dict(backbone=backbone, image_size=image_size, in_channels=channels, components=components)
-    train_over = dict(
-        data=data,
-        out=str(out) if out else None,
-        method=method.value if method else None,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        temperature=temperature,
-        split=split,
-        max_images=max_images,
-        impl=impl.value if impl else None,
-        compile=compile,
-        eval_every=eval_every,
-        refine=refine,
-        refine_epochs=refine_epochs,
-        selflabel_epochs=selflabel_epochs,
-        device=device,
-        seed=seed,
-    )
-    train_command(
-        preset.value, config, model_over, train_over, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log
-    )
+    run_train(data, out, preset=preset.value, config=config, resume=resume, evaluate=evaluate, quiet=quiet,
+              json_log=json_log, backbone=backbone, image_size=image_size, in_channels=channels, components=components,
+              method=method.value if method else None, epochs=epochs, batch_size=batch_size, lr=lr,
+              temperature=temperature, split=split, max_images=max_images, impl=impl.value if impl else None,
+              compile=compile, eval_every=eval_every, refine=refine, refine_epochs=refine_epochs,
+              selflabel_epochs=selflabel_epochs, device=device, seed=seed)  # fmt: skip
 
 
 @app.command("eval")
@@ -261,131 +198,7 @@ def bench(
     typer.echo(f"wrote {result['path']}")
 
 
-@app.command()
-@_errors
-def embed(
-    model: Annotated[
-        Path, typer.Argument(help="Checkpoint/run dir (torch), model.onnx or export dir (onnx), model.plan (trt).")
-    ],
-    images: Annotated[Path, typer.Argument(help="Image folder, searched recursively.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (shards, manifest, summary).")],
-    engine: Annotated[EmbedEngine, typer.Option("--engine", help="Inference engine.")] = EmbedEngine.torch,
-    features: Annotated[
-        EmbedFeatures,
-        typer.Option(
-            "--features",
-            help="What to store: the mixture embedding, or backbone features (onnx/trt: export with --features).",
-        ),
-    ] = EmbedFeatures.embedding,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per engine call.")] = None,
-    shard_size: Annotated[int | None, typer.Option("--shard-size", help="Images per output shard.")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Decode threads (0: one per CPU).")] = None,
-    decoder: Annotated[
-        str | None,
-        typer.Option(
-            "--decoder", help="auto (nvjpeg on a GPU, else pil) | pil | simplejpeg (faster JPEGs on a CPU) | nvjpeg."
-        ),
-    ] = None,
-    update: Annotated[
-        bool,
-        typer.Option(
-            "--update", help="The folder changed since --out listed it: embed new and changed files, keep the rest."
-        ),
-    ] = False,
-    follow_links: Annotated[
-        bool, typer.Option("--follow-links", help="Follow links that lead outside the image folder (off: left out).")
-    ] = False,
-    device: Device = None,
-    quiet: Quiet = False,
-    json_log: JsonLog = None,
-):
-    """Embed every image of a folder into resumable shards; rerun the same command to resume, torchrun to split."""
-    from mixem.config import replace
-    from mixem.runtime import passive_openmp, torchrun_env
-
-    passive_openmp()  # before torch loads: the decode threads need the cores between engine calls
-    from mixem.embed import EmbedOptions, embed_folder
-    from mixem.runlog import RunLog
-
-    opts = replace(
-        EmbedOptions(engine=engine.value, features=features.value, update=update, follow_links=follow_links),
-        batch_size=batch_size,
-        shard_size=shard_size,
-        workers=workers,
-        decoder=decoder,
-        device=device,
-    )
-    rank, _, _ = torchrun_env()
-    try:
-        summary = embed_folder(str(model), images, out, opts, RunLog(json_log, quiet=quiet or rank > 0))
-    except KeyboardInterrupt:
-        typer.echo("interrupted; finished shards are kept: run the same command again to resume", err=True)
-        raise typer.Exit(130) from None
-    typer.echo(json.dumps(summary, indent=2))
-
-
-@app.command()
-@_errors
-def cluster(
-    run: Annotated[Path, typer.Argument(help="Output directory of `mixem-fast embed`.")],
-    k: Annotated[int, typer.Option("--k", help="Number of clusters.")],
-    init: Annotated[
-        ClusterInit, typer.Option("--init", help="mixture: MIX'EM's argmax-pi group means.")
-    ] = ClusterInit.mixture,
-    spherical: Annotated[bool, typer.Option("--spherical", help="Unit-norm centroids, cosine assignment.")] = False,
-    niter: Annotated[int, typer.Option("--niter", help="Lloyd iterations.")] = 25,
-    max_points: Annotated[
-        int | None,
-        typer.Option("--max-points-per-centroid", help="Train on a random k*N subset (default: every point)."),
-    ] = None,
-    labels: Annotated[
-        Path | None,
-        typer.Option(
-            "--labels",
-            help="CSV of 'relative/path,label' to score against (default: sub-folder names when all images have one).",
-        ),
-    ] = None,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
-    seed: Annotated[int, typer.Option(help="Seed for k-means.")] = 0,
-    quiet: Quiet = False,
-    json_log: JsonLog = None,
-):
-    """Cluster an embedding run with FAISS k-means; write clusters.parquet, centroids, index, metrics, report."""
-    from mixem.runtime import passive_openmp
-
-    passive_openmp()  # before faiss loads OpenMP
-    from mixem.cluster import cluster_run
-    from mixem.runlog import RunLog
-
-    summary = cluster_run(
-        run,
-        k,
-        init=init.value,
-        spherical=spherical,
-        niter=niter,
-        seed=seed,
-        max_points_per_centroid=max_points,
-        labels_file=labels,
-        report=report,
-        log=RunLog(json_log, quiet=quiet),
-    )
-    typer.echo(json.dumps(summary, indent=2))
-
-
-@app.command()
-@_errors
-def search(
-    run: Annotated[Path, typer.Argument(help="A clustered embedding run directory.")],
-    image: Annotated[Path, typer.Argument(help="Query image.")],
-    k: Annotated[int, typer.Option("-k", "--top", help="How many neighbours.")] = 10,
-    model: Annotated[Path | None, typer.Option("--model", help="Model path, if it moved since embedding.")] = None,
-    device: Device = None,
-):
-    """Print the images of a run nearest to IMAGE (cosine similarity), best first, as JSON lines."""
-    from mixem.search import search as run_search
-
-    for hit in run_search(run, image, k, model=str(model) if model else None, device=device or "auto"):
-        typer.echo(json.dumps(hit))
+from mixem.cli import pipeline  # noqa: E402, F401 (registers embed, classify, cluster and search after train ...)
 
 
 def main():

@@ -39,6 +39,7 @@ EXPORT_SET = "export"  # model.onnx, parity.json, config.json, export.json: one 
 # An export folder's files; with TensorRT's (model.plan, model.plan.json, timing.cache), the temporaries of all
 # of which a killed export leaves are removed by the next one.
 EXPORT_FILES = (MODEL, PARITY, EXPORT, CONFIG, PARITY_FAILED, record_path(".", EXPORT_SET).name)
+EXPORT_FILES += ("classes.json", "class_centroids.npy")  # the checkpoint's classes, when it has them
 TRT_FILES = ("model.plan", "model.plan.json", "timing.cache")
 
 
@@ -179,6 +180,7 @@ def _export_into(outs: OutputSet, ckpt, model, cfg, fp16, features, opset, parit
     (out / PARITY_FAILED).unlink(missing_ok=True)
     outs.write(PARITY, lambda p: p.write_text(_json(report)))
     outs.write(CONFIG, lambda p: p.write_text(_json(dataclasses.asdict(cfg))))
+    _copy_classes(outs, ckpt)
     summary = describe(tmp, cfg, precision=precision, opset=opset, features=features)
     summary.update(
         path=str(final),
@@ -189,6 +191,20 @@ def _export_into(outs: OutputSet, ckpt, model, cfg, fp16, features, opset, parit
     )
     outs.write(EXPORT, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
     return summary
+
+
+def _copy_classes(outs: OutputSet, ckpt) -> None:
+    """The checkpoint's classes (mixem.classes) travel with the model: `mixem.load(export dir).predict` and
+    `classify` with this model give the classes the run was scored by."""
+    import shutil
+
+    from mixem.classes import CLASS_CENTROIDS, CLASSES, read
+
+    found = read(ckpt)  # checked: classes of other weights are refused, not copied
+    where = Path(found.where).parent if found is not None else None
+    for name in (CLASSES, CLASS_CENTROIDS) if where is not None else ():
+        if (where / name).is_file():
+            outs.write(name, lambda p, src=where / name: shutil.copyfile(src, p))
 
 
 def _json(data: dict) -> str:

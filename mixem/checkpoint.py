@@ -77,7 +77,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-STAGE_NAME = r"(epoch|neighbors|selflabel)_\d{4,}"  # the stages' checkpoint folders (train.Stage prefixes)
+STAGE_NAME = r"(epoch|neighbors|selflabel)_\d{4,}"  # the stages' checkpoint folders (training.Stage prefixes)
 
 
 def resolve(path: str | os.PathLike) -> Path:

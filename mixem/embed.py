@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixem import folders, manifest, owner, rundir, shards
+from mixem import fingerprints, folders, manifest, owner, rundir, shards
 from mixem.config import DECODERS, EMBED_FEATURES
 from mixem.embed_decode import Decoder, resolve_decoder
 from mixem.errors import ConfigError, DataError
@@ -58,14 +58,16 @@ class _Shard:
         self.gone = gone
         self.status, self.errors = [shards.OK] * n, [None] * n
         self.vectors, self.probs = None, None
+        self.fingerprints = np.zeros((n, fingerprints.DIM), np.float16)
         self.t0 = time.perf_counter()
 
-    def add(self, at: int, vectors: np.ndarray, probs: np.ndarray, status):
+    def add(self, at: int, vectors: np.ndarray, probs: np.ndarray, fps: np.ndarray, status):
         if self.vectors is None:
             self.vectors = np.zeros((self.n, vectors.shape[1]), np.float16)
             self.probs = np.zeros((self.n, probs.shape[1]), np.float32)
         self.vectors[at : at + len(vectors)] = vectors
         self.probs[at : at + len(probs)] = probs
+        self.fingerprints[at : at + len(fps)] = fps
         for j, (st, err) in enumerate(status):
             if self.gone[at + j]:  # listed once, gone since (embed --update): a row kept so ids never move
                 st, err = "removed", "removed from the image folder (embed --update)"
@@ -105,7 +107,7 @@ def load_embed_engine(model: str, engine: str, features: str, device: str | torc
 def _clean_tmp(out: Path, todo: list[int]):
     """Before redoing this rank's unfinished shards: remove their half-written files (a killed run's
     `.NAME.tmpPID`, and no other file) and stats that do not check out (another run's, or damaged)."""
-    for d in (shards.EMB_DIR, shards.META_DIR, shards.STATS_DIR):
+    for d in (shards.EMB_DIR, shards.FP_DIR, shards.META_DIR, shards.STATS_DIR):
         owner.clean_temps(out / d, {shards.temp_names(s)[d] for s in todo})
     for s in todo:
         shards.stats_path(out, s).unlink(missing_ok=True)
@@ -259,7 +261,9 @@ def _stream(
             bad = np.array([s != shards.OK for s, _ in status])
             vec, probs, finite = _outputs(engine, x, opts.features, bad)
             _refuse_nonfinite(finite, bad, shard.paths[at : at + len(status)], m.model)
-            shard.add(at, vec, probs, status)
+            fps = fingerprints.describe(x)  # near-duplicate descriptors of the same pixels (mixem.fingerprints)
+            fps[bad] = 0
+            shard.add(at, vec, probs, fps, status)
             counts["images"] += len(status)
             counts["bad"] += int(bad.sum())
             counts["ok"] += int((~bad).sum())
@@ -314,7 +318,9 @@ def _finish_shard(out: Path, sh: _Shard, log: RunLog):
         "seconds": round(time.perf_counter() - sh.t0, 3),
         **sh.stamp,
     }
-    shards.write_shard(out, sh.shard, ids, sh.paths, sh.vectors, sh.probs, sh.status, sh.errors, stats)
+    shards.write_shard(
+        out, sh.shard, ids, sh.paths, sh.vectors, sh.probs, sh.status, sh.errors, stats, fingerprints=sh.fingerprints
+    )
     log.event("shard", shard=sh.shard, rows=sh.n, bad=sum(s != shards.OK for s in sh.status))
 
 

@@ -121,12 +121,16 @@ def decode(path: str, size: int, mode: str, decoder: str = "pil") -> np.ndarray:
         if limit and im.width * im.height > limit:
             # PIL only warns between 1x and 2x its limit; after draft() a big JPEG is small, a bomb is not.
             raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels exceeds the {limit}-pixel limit")
-        im = ImageOps.exif_transpose(im)
-        im = _to_mode(im, mode)
-        w, h = im.size
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        a = np.asarray(im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0))
+        return square(ImageOps.exif_transpose(im), size, mode)
+
+
+def square(im: Image.Image, size: int, mode: str) -> np.ndarray:
+    """An open image as (C, size, size) uint8 in `mode` ("L" or "RGB"): shorter side resized, centre-cropped."""
+    im = _to_mode(im, mode)
+    w, h = im.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    a = np.asarray(im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0))
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 

@@ -2,7 +2,7 @@
 
 The head first learns the lower-objective k-means partition of the embedding (cross-entropy on the frozen
 backbone's features: seconds), so refinement starts from the best clustering the representation gives, not
-from whatever the head's softmax was. Then two stages, each a `train.Stage` with its own checkpoints and resume:
+from whatever the head's softmax was. Then two stages, each a `training.Stage` with its own checkpoints and resume:
   neighbors  every image and one of its mined nearest neighbours (both augmented) should get the same
              class; the batch-marginal entropy keeps every class in use (SCAN's objective);
   selflabel  images classified with probability > threshold, or among the most confident share of their
@@ -30,7 +30,7 @@ from mixem.evaluate import extract_features
 from mixem.files import atomic_write
 from mixem.losses import balanced_cross_entropy_torch, mixture_terms_torch, neighbor_consistency_torch
 from mixem.runlog import RunLog
-from mixem.train import Stage, autocast_for, make_optimizer, make_schedule, run_stage, wrap_for_training
+from mixem.training import Stage, autocast_for, make_optimizer, make_schedule, run_stage, wrap_for_training
 
 NEIGHBORS = "neighbors.npy"  # (N, k) int64 in the run directory: the mined neighbours, reused on resume
 

@@ -14,9 +14,12 @@ METRICS, REPORT = "metrics.json", "report.html"
 CLUSTER_SET = "cluster"
 GENERATION_KEY = b"mixem.generation"  # clusters.parquet's schema metadata: the output set it belongs to
 SUMMARY, BAD_TXT, BAD_JSONL = "summary.json", "bad_files.txt", "bad_files.jsonl"
+DUPLICATES = "duplicates.parquet"  # cluster's near-duplicate pairs (mixem.duplicates), in the cluster set
+# Written by `classify` beside the shards as its own output set, recorded in classify.set.json.
+CLASSIFIED, CLASSIFY_SET = "classes.parquet", "classify"
 # The top-level files of an embedding folder that are written whole (their temporaries are ours to clean).
 TOP_FILES = (manifest.MANIFEST, manifest.FILES, SUMMARY, BAD_TXT, BAD_JSONL, CLUSTERS, CENTROIDS, INDEX, METRICS)
-TOP_FILES += (REPORT, outputs.record_path(".", CLUSTER_SET).name)
+TOP_FILES += (REPORT, DUPLICATES, CLASSIFIED, *(outputs.record_path(".", n).name for n in (CLUSTER_SET, CLASSIFY_SET)))
 KIND = "embed"
 
 

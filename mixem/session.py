@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mixem import checkpoint as ckpt
-from mixem import methods, owner, scoring
+from mixem import methods, owner, run_classes, scoring
 from mixem.config import (
     EVAL_FEATURES,
     EVAL_INITS,
@@ -140,7 +140,7 @@ def train_command(
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
         # Rank 0 owns --out before anything (the log included) is written: a run refused by its checks leaves none.
-        from mixem.train import claim_run
+        from mixem.training import claim_run
 
         with claim_run(train_cfg.out) if ctx.main else contextlib.nullcontext():
             summary = _train_and_report(
@@ -170,7 +170,7 @@ def _saved_configs(out: Path) -> tuple[MixEMConfig, TrainConfig | None]:
 
 
 def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
-    from mixem.train import train
+    from mixem.training import train
 
     log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet, enabled=ctx.main)
     if ctx.enabled:
@@ -230,23 +230,14 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         "preset": name,
     }
     if evaluate and ctx.main:
-        summary.update(
-            _evaluate_and_report(
-                model,
-                ds,
-                k,
-                str(device),
-                train_cfg.seed,
-                result.run_dir,
-                log,
-                method=train_cfg.method,
-                minutes=(time.perf_counter() - t0) / 60,
-                curve=curve,
-                train_minutes=result.seconds / 60,
-                rows=rows,
-                stages=stages,
-            )
-        )
+        summary.update(_evaluate_and_report(
+            model, ds, k, str(device), train_cfg.seed, result.run_dir, log, method=train_cfg.method,
+            minutes=(time.perf_counter() - t0) / 60, curve=curve, train_minutes=result.seconds / 60, rows=rows,
+            stages=stages))  # fmt: skip
+    if ctx.main:  # the run's own page: loss terms and ACC/NMI against epochs (mixem.report_train)
+        from mixem.report_train import write_train_report
+
+        summary["report_html"] = str(write_train_report(result.run_dir, json_log))
     return summary
 
 
@@ -333,10 +324,8 @@ def _evaluate_and_report(
     from mixem.evaluate import format_table, raw_pixel_baseline
 
     if ds.labels is None:
-        log.print(
-            "no labels: clusters are computed by `mixem-fast embed` + `mixem-fast cluster`; nothing to score here"
-        )
-        return {}
+        log.print("no labels: nothing to score; the run's classes are saved for `predict` and `classify`")
+        return {"classes_json": str(run_classes.write(model, ds, k, out_dir, method, seed, device, log))}
     rows = rows if rows is not None else scoring.score(model, ds, k, device, seed, choices=choices)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
     stages = stages or []
@@ -365,4 +354,6 @@ def _evaluate_and_report(
         f"  ({len(ds.images):,} images, k={k})"
     )
     print(line)
-    return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json")}
+    saved = run_classes.write(model, ds, k, out_dir, method, seed, device, log)
+    return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json"),
+            "classes_json": str(saved)}  # fmt: skip

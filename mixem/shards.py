@@ -19,6 +19,7 @@ from mixem.errors import DataError
 from mixem.files import atomic_write, atomic_write_text
 
 EMB_DIR, META_DIR, STATS_DIR = "embeddings", "metadata", "stats"
+FP_DIR = "fingerprints"  # near-duplicate descriptors (mixem.fingerprints), row-aligned; shards of older runs lack them
 OK = "ok"  # other statuses: "corrupt" (decoder refused it), "too_large" (decompression-bomb limit), "unreadable",
 # "outside_root" (a link leaving the image folder, not followed), "removed" (gone from the folder, embed --update)
 STATUSES = (OK, "corrupt", "too_large", "unreadable", "outside_root", "removed")
@@ -35,6 +36,10 @@ _RERUN = "rerun the embed command to embed it again"
 
 def emb_path(out: Path, shard: int) -> Path:
     return Path(out) / EMB_DIR / f"img_emb_{shard:05d}.npy"
+
+
+def fp_path(out: Path, shard: int) -> Path:
+    return Path(out) / FP_DIR / f"fp_{shard:05d}.npy"
 
 
 def meta_path(out: Path, shard: int) -> Path:
@@ -55,10 +60,13 @@ def write_shard(
     status: list[str],
     errors: list[str | None],
     stats: dict,
+    fingerprints: np.ndarray | None = None,
 ):
-    """One shard: embeddings npy, then metadata parquet, each via a temporary name; stats json last = done.
+    """One shard: embeddings npy, fingerprints npy, then metadata parquet, each via a temporary name; stats json
+    last = done.
 
-    vectors (n, D) float16 (zero rows where status != ok); probs (n, K) float32 (ignored where not ok).
+    vectors (n, D) float16 (zero rows where status != ok); probs (n, K) float32 (ignored where not ok);
+    fingerprints (n, F) float16 near-duplicate descriptors (zero rows where not ok), or None.
     stats: what ties the shard to its run (run_id, digest, model_sha256, start, end) and timings.
     """
     out = Path(out)
@@ -68,6 +76,13 @@ def write_shard(
     e_final, m_final = emb_path(out, shard), meta_path(out, shard)
     vec16 = np.ascontiguousarray(vectors, dtype=np.float16)
     atomic_write(e_final, lambda tmp: _save_npy(tmp, vec16))
+    fp = {}
+    if fingerprints is not None:
+        fp16 = np.ascontiguousarray(fingerprints, dtype=np.float16)
+        if len(fp16) != n:
+            raise DataError(f"shard {shard}: {len(fp16)} fingerprints for {n} rows")
+        atomic_write(fp_path(out, shard), lambda tmp: _save_npy(tmp, fp16))
+        fp = {"fp_bytes": fp_path(out, shard).stat().st_size, "fp_dim": int(fp16.shape[1])}
     ok = np.array([s == OK for s in status])
     argmax = np.where(ok, probs.argmax(1) if probs.size else -1, -1).astype(np.int32)
     K = probs.shape[1]
@@ -88,6 +103,7 @@ def write_shard(
         **stats,
         "npy_bytes": e_final.stat().st_size,
         "parquet_bytes": m_final.stat().st_size,
+        **fp,
     }
     atomic_write_text(stats_path(out, shard), json.dumps(stats, indent=1) + "\n")
 
@@ -147,6 +163,22 @@ def check(out: Path, m, shard: int, digest: str) -> str | None:
         return "its npy or parquet file is damaged"
     if dtype != np.float16 or len(shape) != 2 or shape[0] != end - start or rows != end - start:
         return f"its files hold {shape} {dtype} vectors and {rows} rows, not {end - start} rows of float16"
+    return _check_fingerprints(out, shard, st, end - start)
+
+
+def _check_fingerprints(out: Path, shard: int, st: dict, rows: int) -> str | None:
+    """A shard's fingerprints, when its stats say it has them (older shards do not): present, unchanged, shaped."""
+    if "fp_bytes" not in st:
+        return None
+    f = fp_path(out, shard)
+    if not f.is_file() or f.stat().st_size != st["fp_bytes"]:
+        return "its fingerprints file is missing or was changed after it was written"
+    try:
+        shape, dtype, _ = npy_header(f)
+    except DataError:
+        return "its fingerprints file is damaged"
+    if dtype != np.float16 or shape != (rows, st.get("fp_dim")):
+        return f"its fingerprints file holds {shape} {dtype}, not ({rows}, {st.get('fp_dim')}) float16"
     return None
 
 
@@ -231,6 +263,23 @@ def read_ok(out: Path, n_shards: int, columns=("id", "image_path", "mixture_prob
     return np.concatenate(vecs), {c: np.concatenate(v) for c, v in cols.items()}
 
 
+def read_fingerprints(out: Path, n_shards: int) -> np.ndarray | None:
+    """(N, F) float32 near-duplicate descriptors of read_ok's rows (same order), or None when a shard was made
+    before fingerprints existed (embed into a new --out to get them)."""
+    parts = []
+    for s in range(n_shards):
+        st = read_stats(out, s) or {}
+        if "fp_bytes" not in st:
+            return None
+        status = pq.read_table(meta_path(out, s), columns=["status"]).column("status").to_numpy(zero_copy_only=False)
+        fp = np.load(fp_path(out, s), mmap_mode="r", allow_pickle=False)
+        parts.append(np.asarray(fp[status == OK], dtype=np.float32))
+    out_ = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    if not np.isfinite(out_).all():
+        raise DataError(f"{Path(out) / FP_DIR}: holds NaN or infinite fingerprints; {_RERUN}")
+    return out_
+
+
 def escape_path(p: str) -> str:
     """A path on one line of bad_files.txt: backslash, tab, newline and carriage return as \\\\, \\t, \\n, \\r."""
     return p.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
@@ -240,6 +289,7 @@ def temp_names(shard: int) -> dict[str, str]:
     """The final names in each shard folder that shard `shard` writes (their temporaries are `.NAME.tmpPID`)."""
     return {
         EMB_DIR: emb_path(".", shard).name,
+        FP_DIR: fp_path(".", shard).name,
         META_DIR: meta_path(".", shard).name,
         STATS_DIR: stats_path(".", shard).name,
     }

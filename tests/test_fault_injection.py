@@ -38,7 +38,8 @@ TINY = {
     | dict(refine_epochs=2, selflabel_epochs=1, refine_neighbors=5),
 }
 PRELOAD = ["torch", "torchvision", "faiss", "pyarrow.parquet", "onnx", "onnxruntime", "onnxscript", "sklearn.metrics"]
-PRELOAD += ["mixem.cli.app", "mixem.embed", "mixem.cluster", "mixem.search", "mixem.export", "mixem.session"]
+PRELOAD += ["mixem.cli.app", "mixem.embed", "mixem.clustering", "mixem.search", "mixem.export", "mixem.session"]
+PRELOAD += ["mixem.classification", "mixem.report", "matplotlib.figure"]
 
 
 def _cli(args: list[str]):
@@ -119,10 +120,13 @@ def setup(tmp_path_factory, fork):
     }
     took = {}
     took["train"] = finish(fork, [*commands["train"], "--device", "cpu", "--out", tmp / "ref_train"])
+    finish(fork, ["eval", tmp / "ref_train", "-q", "--device", "cpu"])  # the run's classes (classes.json)
+    commands["classify"] = ["classify", *commands["embed"][1:]]
+    took["classify"] = finish(fork, [*commands["classify"], "--out", tmp / "ref_classify"])
     took["embed"] = finish(fork, [*commands["embed"], "--out", tmp / "ref_embed"])
     took["cluster"] = finish(fork, ["cluster", tmp / "ref_embed", "--k", "3", "-q"])
     took["export"] = finish(fork, [*commands["export"], "--out", tmp / "ref_export"])
-    ref = {k: tmp / f"ref_{k}" for k in ("train", "embed", "export")}
+    ref = {k: tmp / f"ref_{k}" for k in ("train", "embed", "export", "classify")}
     return tmp, commands, ref, took
 
 
@@ -146,10 +150,28 @@ def test_embed_killed_anywhere_resumes_to_the_same_shards(setup, fork):
         no_temporaries(out)
 
 
+def test_classify_killed_anywhere_resumes_to_the_same_classes(setup, fork):
+    """A kill in the embedding or in the class step: the next run ends with the uninterrupted run's classes."""
+    tmp, commands, ref, took = setup
+    want = pq.read_table(ref["classify"] / "classes.parquet")
+    assert want.num_rows == 40 and "class_name" in want.column_names  # classes from the run's classes.json
+    for seed in SEEDS:
+        out = tmp / f"classify_{seed}"
+        kill_at(fork, [*commands["classify"], "--out", out], np.random.default_rng(seed).uniform(0, took["classify"]))
+        finish(fork, [*commands["classify"], "--out", out])
+        assert pq.read_table(out / "classes.parquet").equals(want)
+        m = manifest.load(out)
+        for s in range(m.n_shards):
+            np.testing.assert_array_equal(
+                np.load(shards.emb_path(out, s)), np.load(shards.emb_path(ref["classify"], s))
+            )
+        no_temporaries(out)
+
+
 def _cluster_files(out: Path) -> dict:
     """The cluster set's content that does not depend on when it ran (metrics without timings, generation)."""
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("seconds_kmeans", "generation"):
+    for key in [k for k in metrics if k.startswith("seconds")] + ["generation"]:  # timings and the set's id
         metrics.pop(key)
     table = pq.read_table(out / "clusters.parquet").replace_schema_metadata(None)
     return {"metrics": metrics, "clusters": table.to_pydict(), "centroids": np.load(out / "centroids.npy").tolist()}

@@ -65,7 +65,7 @@ def test_the_package_is_what_the_test_reads():
         "mixem.methods",
         "mixem.engines",
         "mixem.kmeans",
-        "mixem.cluster",
+        "mixem.clustering",
         "mixem.kernels.nt_xent",
         "mixem.export.onnx",
         "mixem.cli.app",

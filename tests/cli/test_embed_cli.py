@@ -75,7 +75,7 @@ def test_embed_cluster_search(setup):
     r = runner.invoke(app, ["cluster", str(out), "--k", "3", "--init", "kmeans++", "--spherical", "--quiet"])
     assert r.exit_code == 0, r.output
     c = json.loads(r.output)
-    assert c["points"] == 60 and c["labels"] == "sub-folder names" and len(c["outputs"]) == 5
+    assert c["points"] == 60 and c["labels"] == "sub-folder names" and len(c["outputs"]) == 6  # + duplicates
     r = runner.invoke(app, ["search", str(out), str(root / "c1/01.jpg"), "-k", "3"])
     assert r.exit_code == 0, r.output
     hits = [json.loads(line) for line in r.output.splitlines()]
@@ -91,6 +91,10 @@ def test_embed_cluster_search(setup):
         (["embed", "{tmp}/ckpt", "{root}", "--out", "{tmp}/o4", "--decoder", "nvjpeg"], "--decoder"),
         (["cluster", "{tmp}/not_a_run", "--k", "3"], "mixem-fast embed"),
         (["search", "{tmp}/not_a_run", "{root}/c0/00.jpg"], "mixem-fast embed"),
+        (["classify", "{tmp}/nope", "{root}", "--out", "{tmp}/o5"], "nope"),
+        (["cluster", "{tmp}/not_a_run"], "--k K (or --k auto), or --centroids"),
+        (["cluster", "{tmp}/not_a_run", "--k", "many"], "--k must be a number of clusters or 'auto'"),
+        (["cluster", "{tmp}/not_a_run", "--k", "auto", "--k-range", "5"], "--k-range '5'"),
     ],
 )
 def test_bad_input_is_one_line(setup, args, needle):
@@ -107,3 +111,36 @@ def test_cluster_k_too_large_and_search_bad_query(setup):
     assert runner.invoke(app, ["cluster", str(out), "--k", "2", "-q", "--no-report"]).exit_code == 0
     r = runner.invoke(app, ["search", str(out), str(root / "c0/broken.jpg")])
     assert "cannot read this image" in _one_error_line(r)
+
+
+def test_classify_cluster_auto_and_given_centroids(setup):
+    """classify writes one class per readable file; --k auto picks a k of its range and says how; --centroids
+    assigns a second batch to the first batch's clusters."""
+    tmp, root = setup
+    out = tmp / "classified"
+    r = runner.invoke(app, ["classify", str(tmp / "ckpt"), str(root), "--out", str(out), "--shard-size", "16", "-q"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["complete"] and s["classified"] == 60 and s["skipped"] == 1
+    assert "no classes.json" in s["classes_from"]  # an untrained checkpoint: the argmax of its head
+    r = runner.invoke(app, ["cluster", str(out), "--k", "auto", "--k-range", "2:5", "-q", "--no-report"])
+    assert r.exit_code == 0, r.output
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["k_scan"]["best"] == json.loads(r.output)["k"] and 2 <= first["k"] <= 5
+    assert [row["k"] for row in first["k_scan"]["rows"]] == [2, 3, 4, 5]
+    again = tmp / "again"
+    assert runner.invoke(app, ["embed", str(tmp / "ckpt"), str(root / "c1"), "--out", str(again), "-q"]).exit_code == 0
+    r = runner.invoke(app, ["cluster", str(again), "--centroids", str(out / "centroids.npy"), "-q", "--no-report"])
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
+    before = dict(zip(*pq.read_table(out / "clusters.parquet", columns=["image_path", "cluster"]).to_pydict().values()))
+    after = dict(
+        zip(*pq.read_table(again / "clusters.parquet", columns=["image_path", "cluster"]).to_pydict().values())
+    )
+    assert len(after) == 20 and all(before[p] == c for p, c in after.items())  # the same images, the same clusters
+    wrong = tmp / "wrong.npy"
+    np.save(wrong, np.zeros((3, 5), np.float32))
+    assert "not (k, 32) floats" in _one_error_line(
+        runner.invoke(app, ["cluster", str(again), "--centroids", str(wrong)])
+    )

@@ -211,7 +211,7 @@ def test_disk_full_while_clustering_keeps_the_previous_set(run, tmp_path, monkey
     writer fails with ENOSPC as it would on a full disk (the real full disk: test_real_full_and_read_only_disk)."""
     import faiss
 
-    import mixem.cluster
+    import mixem.clustering
 
     _, _, _, out = run
     out = copy_of(out, tmp_path / "o")
@@ -221,10 +221,10 @@ def test_disk_full_while_clustering_keeps_the_previous_set(run, tmp_path, monkey
         Path(path).write_bytes(b"part of an index")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mixem.cluster.faiss, "write_index", full)
+    monkeypatch.setattr(mixem.clustering.faiss, "write_index", full)
     line = one_line(runner.invoke(app, ["cluster", str(out), "--k", "2", "--report"]))
     assert "index.faiss: no space left on the device" in line
-    monkeypatch.setattr(mixem.cluster.faiss, "write_index", faiss.write_index)
+    monkeypatch.setattr(mixem.clustering.faiss, "write_index", faiss.write_index)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".mixem.lock"}
     assert after == before  # the k = 3 set, whole; no report of k = 2, no temporary left
 

@@ -65,3 +65,13 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
     d = load_digits()
     return np.rint(d.images * (255 / 16)).astype(np.uint8), d.target.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """mixem.train on the first 600 embedded Fashion-MNIST images, refined: a TrainResult with classes.json."""
+    from tiny import TINY_RUN
+
+    import mixem
+
+    return mixem.train(out=tmp_path_factory.mktemp("tiny_run") / "run", preset="cpu", **TINY_RUN)

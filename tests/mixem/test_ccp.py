@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mixem import checkpoint as ckpt
 from mixem import losses
-from mixem import train as train_mod
+from mixem import training as train_mod
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.data import load_images
 from mixem.errors import ConfigError

@@ -11,13 +11,13 @@ import pytest
 import torch
 from dataset_writers import write_png
 
-from mixem.cluster import cluster_run
+from mixem.clustering import cluster_run
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.embed import EmbedOptions, embed_folder
 from mixem.errors import DataError
 from mixem.evaluate import raw_pixel_baseline
 from mixem.search import search
-from mixem.train import train
+from mixem.training import train
 
 N, SIDE = 2000, 36
 
@@ -129,15 +129,18 @@ def test_report_is_self_contained_and_lists_every_cluster(run):
     page = (out / "report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*['"]?\s*(https?:)?//""", page)  # nothing fetched from a network
     srcs = re.findall(r"<img [^>]*src='([^']*)'", page)
-    assert srcs and all(s.startswith("data:image/jpeg;base64,") for s in srcs)
-    assert len(srcs) == 7 * 12
+    thumbs = [s for s in srcs if s.startswith("data:image/jpeg;base64,")]
+    figures = [s for s in srcs if s.startswith("data:image/svg+xml;base64,")]
+    assert len(thumbs) + len(figures) == len(srcs)
+    assert len(figures) == 2  # the map and the cluster x label heat-map (labels from sub-folder names)
+    assert len(thumbs) >= 7 * (12 + 6)  # per cluster the 12 most typical and the 6 most atypical (+ duplicates)
     for c in range(7):
         assert f"id='c{c}'" in page and f"href='#c{c}'" in page
-    # Majority label per cluster (sub-folder names), recomputed from clusters.parquet.
+    # Majority label and purity per cluster (sub-folder names), recomputed from clusters.parquet.
     t = pq.read_table(out / "clusters.parquet", columns=["image_path", "cluster"]).to_pydict()
     label = np.array([p.rsplit("/", 2)[-2] for p in t["image_path"]])
     cluster = np.array(t["cluster"])
-    rows = re.findall(r"<tr><td><a href='#c(\d+)'>.*?<td>(class\d) \((\d+)%\)</td></tr>", page)
+    rows = re.findall(r"<a href='#c(\d+)'>\d+</a></td>.*?<td class='b'>(class\d)</td><td>(\d+)%</td></tr>", page)
     assert len(rows) == 7
     for c, name, pct in rows:
         names, counts = np.unique(label[cluster == int(c)], return_counts=True)

@@ -10,7 +10,7 @@ from mixem import losses, methods
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.errors import ConfigError
 from mixem.session import build_configs
-from mixem.train import train
+from mixem.training import train
 
 TINY_MODEL = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.29,), std=(0.35,))
 

@@ -18,7 +18,7 @@ from dataset_writers import write_png
 
 from mixem import manifest, owner, shards
 from mixem.checkpoint import save_checkpoint
-from mixem.cluster import cluster_run
+from mixem.clustering import cluster_run
 from mixem.config import MixEMConfig
 from mixem.embed import EmbedOptions, embed_folder
 from mixem.errors import ConfigError, DataError, OutputFolderError

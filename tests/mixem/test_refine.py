@@ -17,7 +17,7 @@ from mixem.evaluate import extract_features
 from mixem.metrics import cluster_accuracy, nmi
 from mixem.refine import NEIGHBORS, mine_neighbors, refine, start_partition
 from mixem.runlog import RunLog
-from mixem.train import train
+from mixem.training import train
 
 TINY_MODEL = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=32, mean=(0.29,), std=(0.35,))
 TINY_TRAIN = dict(

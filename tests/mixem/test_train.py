@@ -10,7 +10,7 @@ from cli_runs import cli, kill_when
 from safetensors.torch import load_file
 
 from mixem import checkpoint as ckpt
-from mixem import train as train_mod
+from mixem import training as train_mod
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.data import load_images
 from mixem.errors import CheckpointError, TrainingDiverged

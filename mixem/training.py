@@ -1,4 +1,4 @@
-"""The training loop: data on the device, augmentation on the device, checkpoints every epoch, resume."""
+"""The training loop: on-device data and augmentation, checkpoints every epoch, resume (mixem.train is the API)."""
 
 from __future__ import annotations
 
@@ -284,7 +284,7 @@ def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resu
         run_dir.mkdir(parents=True, exist_ok=True)
         # What a killed run left half-written: checkpoint directories being written or replaced.
         owner.clean_temps(run_dir / "checkpoints")
-        owner.clean_temps(run_dir, ("config.json", "train_config.json", "metrics.json"))
+        owner.clean_temps(run_dir, ("config.json", "train_config.json", "metrics.json", "report.html"))
         save_json(model_cfg, run_dir / "config.json")
         save_json(train_cfg, run_dir / "train_config.json")
 
