@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -17,39 +17,75 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", 
 
 
 def list_images(root: Path, follow_links: bool = True, left_out: list[str] | None = None) -> list[str]:
-    """Relative POSIX paths of the image files under root, sorted; hidden files and folders left out.
+    """Relative POSIX paths of the image files under root, sorted; hidden files and folders left out (iter_images)."""
+    return list(iter_images(root, follow_links, left_out))
+
+
+def iter_images(root: Path, follow_links: bool = True, left_out: list[str] | None = None) -> Iterator[str]:
+    """The relative POSIX paths of the image files under root, yielded in sorted (code point) order while the
+    folder is walked: one folder's entries in memory at a time, never the whole listing. Each folder's entries
+    are sorted by name, a sub-folder's as name + "/": every path below it starts with exactly that, so the walk
+    yields what sorting all the paths would. Hidden files and folders (and __MACOSX) are left out.
 
     follow_links=False: links (to files or folders) whose target lies outside root are not followed; their
-    relative paths are appended to `left_out`. Links that stay inside root are followed either way.
+    relative paths are appended to `left_out`. Links that stay inside root are followed either way. A folder
+    reached twice (linked twice) is walked once, where it comes first; a link up to the root or above it (a
+    loop) adds nothing.
     """
-    found, seen = [], set()
+    root = os.fspath(root)
     top = os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    seen: set[str] = set()
+
+    def enter(dirpath: str) -> Iterator[tuple[str, str, bool]] | None:
         real = os.path.realpath(dirpath)
-        # A folder seen before (linked twice) or a link up to the root or above it (a loop) adds nothing new.
         if real in seen or (seen and (top == real or top.startswith(real.rstrip(os.sep) + os.sep))):
-            dirnames[:] = []
-            continue
+            return None
         seen.add(real)
-        # Hidden folders hold copies (.ipynb_checkpoints) or metadata (.git); __MACOSX holds AppleDouble files.
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-        rel = os.path.relpath(dirpath, root)
-        if not follow_links:
-            # Only a link can lead out: every folder walked into is inside root (links out are pruned here).
-            outside = [d for d in dirnames if leaves(os.path.join(dirpath, d), top)]
-            dirnames[:] = [d for d in dirnames if d not in outside]
+        return iter(_entries(dirpath))
+
+    first = enter(root)
+    stack = [(root, "", first)] if first is not None else []
+    while stack:
+        dirpath, rel, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        _, name, is_dir = entry
+        path, relpath = os.path.join(dirpath, name), (f"{rel}/{name}" if rel else name)
+        if not follow_links and leaves(path, top):
             if left_out is not None:
-                left_out += [d if rel == "." else f"{Path(rel).as_posix()}/{d}" for d in outside]
-        for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue  # "._x.jpg" AppleDouble files start with a dot too
-            path = name if rel == "." else f"{Path(rel).as_posix()}/{name}"
-            if not follow_links and leaves(os.path.join(dirpath, name), top):
-                if left_out is not None:
-                    left_out.append(path)
-                continue
-            found.append(path)
-    return sorted(found)
+                left_out.append(relpath)
+            continue
+        if not is_dir:
+            yield relpath
+        elif (sub := enter(path)) is not None:
+            stack.append((path, relpath, sub))
+
+
+def _entries(dirpath: str) -> list[tuple[str, str, bool]]:
+    """(sort key, name, is a folder) of a folder's image files and sub-folders, sorted; [] when unreadable."""
+    try:
+        with os.scandir(dirpath) as it:
+            found = list(it)
+    except OSError:
+        return []  # as os.walk: a folder that cannot be listed adds nothing
+    out = []
+    for e in found:
+        name = e.name
+        if name.startswith("."):  # hidden: copies (.ipynb_checkpoints), metadata (.git), "._x.jpg" AppleDouble
+            continue
+        try:
+            is_dir = e.is_dir()  # links followed: a link to a folder is a folder (leaves() decides on it)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            if name != "__MACOSX":  # AppleDouble files
+                out.append((name + "/", name, True))
+        elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            out.append((name, name, False))
+    out.sort()
+    return out
 
 
 def leaves(path: str, real_root: str) -> bool:

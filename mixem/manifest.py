@@ -11,10 +11,12 @@ rows changed are embedded again (a shard's stats carry a digest of its rows: sha
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 from mixem.config import ENGINES, check_types
 from mixem.errors import ConfigError, DataError
 from mixem.files import atomic_write, atomic_write_text
-from mixem.folders import IMAGE_EXTENSIONS, list_images
+from mixem.folders import IMAGE_EXTENSIONS, iter_images
 
 MANIFEST = "manifest.json"  # run settings and counts; written after FILES, so its presence means "ready"
 FILES = "files.parquet"  # one row per input file, id = row index, one row group per shard
@@ -131,13 +133,11 @@ def rank_shards(n_shards: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n_shards, world))
 
 
-def scan(root: Path, follow_links: bool) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """{relative path: (bytes, mtime_ns)} of the images under root (-1, -1 for a dangling link), and what was
-    left out: links that lead outside root (when not following them), and files whose names are not UTF-8."""
-    left_out: list[str] = []
-    rel = list_images(root, follow_links=follow_links, left_out=left_out)
-    found = {}
-    for p in rel:
+def scan_rows(root: Path, follow_links: bool, left_out: list[str]) -> Iterator[tuple[str, int, int]]:
+    """(relative path, bytes, mtime_ns) of the images under root in sorted order, as the folder is walked
+    (-1, -1 for a dangling link); what is left out is appended to left_out: links that lead outside root (when
+    not following them), and files whose names are not UTF-8."""
+    for p in iter_images(root, follow_links=follow_links, left_out=left_out):
         try:
             p.encode("utf-8")
         except UnicodeEncodeError:  # a name that is not UTF-8: parquet cannot hold it; left out, and said
@@ -145,10 +145,15 @@ def scan(root: Path, follow_links: bool) -> tuple[dict[str, tuple[int, int]], li
             continue
         try:
             st = os.stat(root / p)
-            found[p] = (st.st_size, st.st_mtime_ns)
+            yield p, st.st_size, st.st_mtime_ns
         except OSError:
-            found[p] = (-1, -1)  # listed, unreadable: the run records it as such
-    return found, left_out
+            yield p, -1, -1  # listed, unreadable: the run records it as such
+
+
+def scan(root: Path, follow_links: bool) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """{relative path: (bytes, mtime_ns)} of the images under root, and what was left out (scan_rows)."""
+    left_out: list[str] = []
+    return {p: (b, t) for p, b, t in scan_rows(root, follow_links, left_out)}, left_out
 
 
 def _sha256(path: Path) -> str:
@@ -167,6 +172,52 @@ def _write(out: Path, table: pa.Table, shard_size: int, want: dict) -> Manifest:
     return m
 
 
+def _write_listing(out: Path, rows: Iterator[tuple[str, int, int]], shard_size: int, want: dict, empty) -> Manifest:
+    """A new run's files.parquet written as the folder is walked, one row group (a shard's rows) at a time, so
+    memory does not grow with the number of files; then manifest.json. empty(): the error when nothing is found."""
+    schema = pa.schema(list(_COLUMNS.items()))
+
+    def write(tmp: Path) -> None:
+        n = 0
+        with pq.ParquetWriter(tmp, schema) as w:
+            while chunk := list(itertools.islice(rows, shard_size)):
+                paths, nbytes, mtimes = zip(*chunk)
+                cols = [range(n, n + len(chunk)), paths, nbytes, mtimes, [False] * len(chunk)]
+                w.write_table(pa.table(dict(zip(_COLUMNS, cols)), schema=schema), row_group_size=shard_size)
+                n += len(chunk)
+        if n == 0:
+            raise empty()
+
+    atomic_write(out / FILES, write)
+    m = Manifest(n_files=pq.ParquetFile(out / FILES).metadata.num_rows, files_sha256=_sha256(out / FILES), **want)
+    atomic_write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
+    return m
+
+
+def _unchanged(m: Manifest, out: Path, rows: Iterator[tuple[str, int, int]]) -> bool:
+    """Does the listing equal files.parquet row for row (and files.parquet its manifest)? Read one row group at a
+    time against the walk, so a resume checks a run of any size in flat memory. False also where the table was
+    changed by --update (gone rows, files appended out of order): the caller then compares the two as sets."""
+    path = out / FILES
+    try:
+        if _sha256(path) != m.files_sha256:
+            return False
+        f = pq.ParquetFile(path)
+        _check_columns(f.schema_arrow, path)
+        if f.metadata.num_rows != m.n_files:
+            return False
+        for g in range(f.metadata.num_row_groups):
+            t = f.read_row_group(g, columns=["path", "bytes", "mtime_ns", "gone"])
+            if any(t.column("gone").to_pylist()):
+                return False
+            old = zip(t.column("path").to_pylist(), t.column("bytes").to_pylist(), t.column("mtime_ns").to_pylist())
+            if list(old) != list(itertools.islice(rows, t.num_rows)):
+                return False
+    except (OSError, pa.ArrowException, ValueError):
+        return False  # the set comparison below reads it again and says what is wrong
+    return next(rows, None) is None
+
+
 def open_run(root: Path, out: Path, settings: dict, shard_size: int, update: bool = False):
     """Rank 0: list root and write a new run, or check an existing one against the listing (--update: apply it).
 
@@ -178,17 +229,22 @@ def open_run(root: Path, out: Path, settings: dict, shard_size: int, update: boo
     if not root.is_dir():
         raise DataError(f"{root}: no such image folder")
     want = dict(root=str(root), shard_size=shard_size, **settings)
-    found, left_out = scan(root, want.get("follow_links", False))
+    follow = want.get("follow_links", False)
+    left_out: list[str] = []
     existing = load(out, strict=False)
     if existing is None:
-        if not found:
+
+        def empty():
             exts = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
             outside = f"; {len(left_out)} links leading outside it were not followed (--follow-links)" * bool(left_out)
-            raise DataError(f"{root}: no image files found (looked recursively for {exts}, any case){outside}")
-        rel = sorted(found)
-        table = _table(list(range(len(rel))), rel, [found[p] for p in rel], [False] * len(rel))
-        return _write(out, table, shard_size, want), {"added": len(rel), "new_run": True, "links_left_out": left_out}
+            return DataError(f"{root}: no image files found (looked recursively for {exts}, any case){outside}")
+
+        m = _write_listing(out, scan_rows(root, follow, left_out), shard_size, want, empty)
+        return m, {"added": m.n_files, "new_run": True, "links_left_out": left_out}
     _same(existing, want, out)
+    if _unchanged(existing, out, scan_rows(root, follow, left_out)):  # the usual resume: flat in memory
+        return existing, {"links_left_out": left_out}
+    found, left_out = scan(root, follow)  # changed (or changed by --update before): compared as sets
     table = read_files(out)
     changes = diff(table, found)
     if existing.n_files != table.num_rows or existing.files_sha256 != _sha256(out / FILES):
