@@ -20,6 +20,7 @@ from mixem.config import (
     preset,
     replace,
     to_dict,
+    with_min_steps,
 )
 from mixem.errors import ConfigError
 from mixem.files import read_json, save_json
@@ -36,6 +37,7 @@ def build_configs(
         preset_name = "paper" if (dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())) else "cpu"
     model_cfg, train_cfg = preset(preset_name)
     head_given, model_given = False, {k for k, v in model_over.items() if v is not None}
+    train_given = {k for k, v in train_over.items() if v is not None}
     if config_file is not None:
         path = Path(config_file)
         data = read_json(path, "--config file")
@@ -45,7 +47,13 @@ def build_configs(
         head_given = "head" in data.get("model", {})
         model_given |= set(data.get("model", {}))
         train_cfg = from_dict(TrainConfig, {**to_dict(train_cfg), **data.get("train", {})}, where=f"{path} train")
+        train_given |= set(data.get("train", {}))
     train_cfg = replace(train_cfg, **train_over)
+    # Epochs given (--epochs, a config file, an API override) mean exactly that many: no step floor.
+    if "epochs" in train_given and "min_steps" not in train_given:
+        train_cfg = replace(train_cfg, min_steps=0)
+    if "refine_epochs" in train_given and "refine_min_steps" not in train_given:
+        train_cfg = replace(train_cfg, refine_min_steps=0)
     if preset_name == "cpu" and not model_given & {"in_channels", "image_size"}:
         model_over = {**_fit_to_data(train_cfg), **{k: v for k, v in model_over.items() if v is not None}}
     model_cfg = _apply_model_options(model_cfg, model_over)
@@ -181,6 +189,14 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         f"-> {train_cfg.out}"
     )
     ds = load_data(train_cfg, model_cfg, log)
+    fitted = with_min_steps(train_cfg, len(ds.images))
+    if fitted != train_cfg:
+        log.print(
+            f"small data: {fitted.epochs} epochs (at least {train_cfg.min_steps} steps of {train_cfg.batch_size})"
+            + (f", neighbour stage {fitted.refine_epochs} epochs" if fitted.refine and fitted.refine_epochs else "")
+            + " (--epochs / --refine-epochs set them exactly)"
+        )
+        train_cfg = fitted
     k = scoring.num_clusters(ds, model_cfg)
     t0 = time.perf_counter()
     curve, trained = [], {"s": 0.0}  # training seconds so far: the curve's clock excludes its own evaluations

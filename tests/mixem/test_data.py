@@ -592,3 +592,28 @@ def test_probe_and_the_cpu_preset_follow_the_data(tmp_path, tiles, fashion):
     assert (m.in_channels, m.image_size) == (1, 28)  # an explicit --channels or --image-size: the preset as written
     m, _, _ = build_configs("paper", None, {}, {"data": str(gray)})
     assert (m.in_channels, m.image_size) == (3, 32)  # the paper preset is the paper's
+
+
+def test_small_data_gets_the_cpu_presets_steps_not_its_epochs(tmp_path):
+    """The cpu preset's epochs are a floor in steps (min_steps): 1,797 images get as many updates as the
+    10,000-image quickstart; epochs given explicitly are taken exactly; a resume recomputes the same."""
+    import json
+
+    from mixem.config import TrainConfig, with_min_steps
+    from mixem.session import build_configs
+
+    _, t, _ = build_configs("cpu", None, {}, {"data": None})
+    assert (t.epochs, t.min_steps, t.refine_epochs, t.refine_min_steps) == (12, 900, 10, 750)
+    assert with_min_steps(t, 10_000) == t  # the quickstart: 78 steps an epoch, 12 and 10 epochs reach both floors
+    small = with_min_steps(t, 1797)  # 14 steps an epoch
+    assert (small.epochs, small.refine_epochs) == (65, 54) and 65 * 14 >= 900 > 64 * 14 and 54 * 14 >= 750 > 53 * 14
+    assert with_min_steps(small, 1797) == small  # idempotent: a resumed run trains the same epochs
+    assert with_min_steps(TrainConfig(epochs=3, refine_epochs=0, min_steps=100), 50).refine_epochs == 0  # off stays off
+    _, t, _ = build_configs("cpu", None, {}, {"data": None, "epochs": 5})
+    assert (t.epochs, t.min_steps, t.refine_min_steps) == (5, 0, 750)  # --epochs: exactly 5
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"train": {"refine_epochs": 2}}))
+    _, t, _ = build_configs("cpu", cfg, {}, {"data": None})
+    assert (t.min_steps, t.refine_epochs, t.refine_min_steps) == (900, 2, 0)
+    _, t, _ = build_configs("paper", None, {}, {"data": None})
+    assert with_min_steps(t, 100) == t  # the paper preset trains its epochs as written
