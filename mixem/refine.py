@@ -61,10 +61,12 @@ def load_or_mine(x: np.ndarray, train_cfg: TrainConfig, run_dir: Path, log: RunL
     them, else mined (every rank mines the same ones; rank 0 writes the file atomically)."""
     path = Path(run_dir) / NEIGHBORS
     k = min(train_cfg.refine_neighbors, len(x) - 1)
-    if path.exists():
-        nb = np.load(path, allow_pickle=False)
-        if nb.shape == (len(x), k):
-            return nb
+    nb = np.load(path, allow_pickle=False) if path.exists() else None
+    # Every rank looks before rank 0 may write the file: a rank that looked after it was written would skip the
+    # barrier below that the others wait at (it hung under torchrun).
+    barrier(ctx)
+    if nb is not None and nb.shape == (len(x), k):
+        return nb
     nb = mine_neighbors(x, k)
     if ctx.main:
         atomic_write(path, lambda tmp: _save_npy(tmp, nb))
@@ -168,6 +170,7 @@ def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
     if not train_cfg.refine_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
+    freeze_outside_head(model, model_cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = _trainer(params, train_cfg.refine_lr, train_cfg, stage, len(images))
     fwd = wrap_for_training(model, train_cfg, ctx, device)
@@ -193,6 +196,22 @@ def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
     return (opt, sched), one_step
 
 
+def freeze_outside_head(model, model_cfg, device) -> None:
+    """Stop the gradient of the parameters the class logits do not depend on (MIX'EM's component embeddings):
+    the refinement losses use the logits alone, so those get no gradient anyway (and no update), but DDP under
+    torchrun would wait for it and fail at the next step. Found by differentiating the logits of a probe batch
+    in eval mode (BatchNorm statistics untouched); run_stage's caller unfreezes everything after the stage."""
+    was = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    probe = torch.rand(2, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size, device=device)
+    grads = torch.autograd.grad(model(probe).mixture_logits.sum(), params, allow_unused=True)
+    model.train(was)
+    for p, g in zip(params, grads):
+        if g is None:
+            p.requires_grad_(False)
+
+
 def pseudo_labels(probs: torch.Tensor, threshold: float, share: float) -> torch.Tensor:
     """(N,) targets from class probabilities (N, K): an image's argmax where its probability passes `threshold`
     or ranks in the top `share` of the images assigned to that class, else -1 (no target).
@@ -214,6 +233,7 @@ def _selflabel_step(model, images, _, model_cfg, train_cfg, ctx, device, stage):
 
     Pseudo-labels are drawn at the start of every epoch from the un-augmented images (model in eval mode);
     images without one are masked out of the loss, so all ranks run the same graph."""
+    freeze_outside_head(model, model_cfg, device)
     opt, sched = _trainer(model.parameters(), train_cfg.selflabel_lr, train_cfg, stage, len(images))
     fwd = wrap_for_training(model, train_cfg, ctx, device)
     strong = build_augment(model_cfg, train_cfg, erase=0.5).to(device)
