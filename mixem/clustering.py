@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from mixem import kscan, owner, rundir, shards
 from mixem.config import KMEANS_INITS
-from mixem.duplicates import DEFAULT_THRESHOLD
+from mixem.duplicates import DEFAULT_THRESHOLD, TooManyPairs
 from mixem.duplicates import find as find_duplicates
 from mixem.errors import ConfigError, DataError
 from mixem.kmeans import KMeansResult, describe_backend, kmeans, l2_normalize, resolve_backend, sq_distances
@@ -113,6 +113,7 @@ def cluster_run(
         metrics = _metrics(settings, res, m.features, cols, y, label_source, seconds=t_km)
         dup = _duplicates(out, m, duplicates, seed, log)
         metrics.update(k_scan=scan, duplicates=_dup_summary(dup, duplicates))
+        dup = None if isinstance(dup, str) else dup
         metrics.update(seconds_k_scan=scan.pop("seconds") if scan else None, seconds_duplicates=dup and dup.seconds)
         with OutputSet(out, CLUSTER_SET, tie=rundir.cluster_tie(m)) as outs:
             metrics["generation"] = outs.generation  # metrics.json, clusters.parquet and the record share it
@@ -210,14 +211,19 @@ def assign_to(x: np.ndarray, centroids: np.ndarray) -> KMeansResult:
 
 
 def _duplicates(out: Path, m, threshold: float | None, seed: int, log: RunLog):
-    """The near-duplicate pairs of the run's fingerprints, or None (not asked for, or a run made before them)."""
+    """The near-duplicate pairs of the run's fingerprints; None (not asked for, or a run made before them); or
+    why there are none (a str: more pairs than any near-duplicate list should hold)."""
     if threshold is None:
         return None
     fps = shards.read_fingerprints(out, m.n_shards)
     if fps is None:
         log.print(f"{out}: no fingerprints (embedded by an older mixem-fast): no near-duplicates; embed again for them")
         return None
-    dup = find_duplicates(fps, threshold, seed=seed)
+    try:
+        dup = find_duplicates(fps, threshold, seed=seed)
+    except TooManyPairs as e:  # the clusters still count: said, and written down, not fatal
+        log.print(f"near-duplicates: none written: {e}")
+        return str(e)
     log.print(
         f"near-duplicates (cosine >= {threshold} of fingerprints): {len(dup.i):,} pairs in {len(dup.groups):,} "
         f"groups of {dup.images:,} images ({dup.seconds:.1f} s)"
@@ -228,6 +234,8 @@ def _duplicates(out: Path, m, threshold: float | None, seed: int, log: RunLog):
 def _dup_summary(dup, threshold) -> dict | None:
     if dup is None:
         return None if threshold is None else {"threshold": threshold, "available": False}
+    if isinstance(dup, str):
+        return {"threshold": threshold, "available": False, "why": dup}
     return {"threshold": dup.threshold, "pairs": len(dup.i), "groups": len(dup.groups), "images": dup.images,
             "how": dup.how, "available": True}  # fmt: skip
 

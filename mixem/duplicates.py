@@ -133,6 +133,10 @@ def _partitioned(v: np.ndarray, threshold: float, seed: int) -> tuple[np.ndarray
     return key // len(v), key % len(v)
 
 
+class TooManyPairs(DataError):
+    """More than MAX_PAIRS pairs reach the threshold: a folder of mostly copies, or a threshold far too low."""
+
+
 def find(
     fingerprints: np.ndarray, threshold: float = DEFAULT_THRESHOLD, seed: int = 0, brute_max: int = BRUTE_MAX
 ) -> Duplicates:
@@ -151,7 +155,7 @@ def find(
         i, j = _partitioned(v, threshold, seed)
         how = "FAISS range search per Voronoi cell, exact by the bisector bound (mixem.duplicates)"
     if len(i) > MAX_PAIRS:
-        raise DataError(
+        raise TooManyPairs(
             f"more than {MAX_PAIRS:,} pairs reach cosine {threshold}: that is no near-duplicate threshold; "
             "raise --dup-threshold"
         )

@@ -225,6 +225,7 @@ def _duplicates_section(h: _Html, page: Page, groups: list[np.ndarray]) -> None:
     h.add("<h2 id='duplicates'>Near-duplicates</h2>")
     if not info or not info.get("available"):
         why = "not searched (--no-duplicates)" if not info else "not available: this run has no fingerprints"
+        why = f"none listed: {info['why']}" if info and info.get("why") else why
         h.add(f"<p class='meta'>{why}.</p>")
         return
     d = page.dup

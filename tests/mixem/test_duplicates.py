@@ -120,3 +120,23 @@ def test_fingerprints_ignore_brightness_and_resizing(fashion):
     assert (np.einsum("ij,ij->i", a, b) > 0.999).all()
     assert not fingerprints.describe(np.full((1, 1, 28, 28), 77, np.uint8)).any()  # a blank image: a zero row
     assert a[0] @ a[1] < 0.9  # two different items are far apart
+
+
+def test_a_folder_of_mostly_copies_still_clusters(planted, tmp_path, monkeypatch):
+    """More pairs than a near-duplicate list should hold (a folder of many copies of few images, or a threshold
+    far too low) is said in the log, metrics and report, and the clusters are still written: the scaling
+    study's 1M images (70k Fashion-MNIST items, each ~14 times) stopped `cluster` here before."""
+    root, want = planted
+    cfg = MixEMConfig(
+        backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=16, mean=(0.3,), std=(0.3,)
+    )
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", MixEM(cfg), cfg)
+    out = tmp_path / "emb"
+    embed_folder(str(tmp_path / "ckpt"), root, out, EmbedOptions(batch_size=64, shard_size=100))
+    monkeypatch.setattr(duplicates, "MAX_PAIRS", len(want) - 1)  # the planted pairs are one too many
+    s = cluster_run(out, 5, report=True)
+    info = s["duplicates"]
+    assert not info["available"] and f"more than {len(want) - 1:,} pairs reach cosine" in info["why"]
+    assert (out / "clusters.parquet").is_file() and not (out / "duplicates.parquet").exists()
+    assert "none listed: more than" in (out / "report.html").read_text()
