@@ -85,6 +85,10 @@ def resolve_backend(gpu="auto", backend: str = "auto", spherical: bool = False) 
     return ("sklearn" if backend == "auto" and not spherical else "faiss"), "cpu"
 
 
+def _non_finite() -> DataError:
+    return DataError("k-means input holds NaN or infinite values: check the embeddings that produced it")
+
+
 def _all_finite(x: np.ndarray, rows: int = 65536) -> bool:
     return all(np.isfinite(x[s : s + rows]).all() for s in range(0, len(x), rows))  # bounded temporaries
 
@@ -125,8 +129,14 @@ def kmeans(
         raise ConfigError(f"k must be between 1 and the number of points ({N}), got {k}")
     if niter < 0 or nredo < 1:
         raise ConfigError(f"niter must be >= 0 and nredo >= 1, got niter={niter}, nredo={nredo}")
-    if not _all_finite(x):
-        raise DataError("k-means input holds NaN or infinite values: check the embeddings that produced it")
+    how, dev = resolve_backend(gpu, backend, spherical)
+    # Non-finite input is refused. For scikit-learn from a start that does not draw points (the mixture's
+    # groups, given centroids), every point's distance to its final centre, which k-means returns anyway, is
+    # non-finite exactly where the point is (x - c with NaN or inf in x): checked there, one pass fewer.
+    # (faiss stops on such input in C++ with a RuntimeError, and seeding draws by distance: checked first.)
+    after = how == "sklearn" and not (isinstance(init, str) and init in KMEANS_SEEDINGS)
+    if not after and not _all_finite(x):
+        raise _non_finite()
     if isinstance(init, str) and init == "mixture":
         if mixture_probs is None:
             raise ConfigError("init='mixture' needs the mixture probabilities (mixture_probs)")
@@ -140,7 +150,6 @@ def kmeans(
     mppc = math.ceil(N / k) if max_points_per_centroid is None else int(max_points_per_centroid)
     if mppc < 1:
         raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")
-    how, dev = resolve_backend(gpu, backend, spherical)
     x_sq = row_sq(x) if spherical else None
 
     # Independent streams per redo, so calls with seeds 0 and 1 do not share nredo - 1 of their runs.
@@ -156,6 +165,8 @@ def kmeans(
             centroids, assign, dist = _lloyd_sklearn(x, c0, niter, mppc, int(redo_seeds[r]), overwrite_x)
         else:
             centroids, assign, dist = _lloyd_faiss(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev, x_sq)
+        if after and not np.isfinite(dist).all():
+            raise _non_finite()
         obj = float(dist.sum(dtype=np.float64))
         if best is None or obj < best.objective:
             best = KMeansResult(
@@ -204,6 +215,7 @@ def _lloyd_sklearn(x: np.ndarray, c0: np.ndarray, niter: int, mppc: int, seed: i
     more iterations change nothing), on every point or faiss's random sample of k * mppc; then every point
     assigned to the final centroids. An empty cluster takes the point farthest from its centre (sklearn's
     rule; faiss splits a large cluster instead)."""
+    import sklearn
     from sklearn.cluster import KMeans
 
     N, k = len(x), len(c0)
@@ -216,8 +228,9 @@ def _lloyd_sklearn(x: np.ndarray, c0: np.ndarray, niter: int, mppc: int, seed: i
             k, init=c0, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=seed,
             copy_x=train is x and not overwrite_x,  # a sample is a copy already: scratch either way
         )  # fmt: skip
-        with warnings.catch_warnings():  # "fewer distinct points than clusters": the result says so by its objective
-            warnings.simplefilter("ignore")
+        # assume_finite: kmeans() refuses non-finite input itself (sklearn's own check is one more pass).
+        with warnings.catch_warnings(), sklearn.config_context(assume_finite=True):
+            warnings.simplefilter("ignore")  # "fewer distinct points than clusters": the objective says so
             km.fit(train)
         centroids = np.ascontiguousarray(km.cluster_centers_, dtype=np.float32)
     if train is x and niter > 0:

@@ -155,6 +155,24 @@ def test_bad_inputs_are_named():
         kmeans(x, 2)
 
 
+@pytest.mark.parametrize("backend", ["sklearn", "faiss"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_non_finite_input_is_refused_for_every_start(digits, backend, bad, sampled):
+    """A start that draws points checks the input first; a given or mixture start finds a non-finite point by
+    its distance to its final centre (checked after k-means, one pass fewer): the same one-line error."""
+    x = digits[0].copy()
+    x[len(x) // 3, 5] = bad  # one value of one point
+    mppc = 20 if sampled else None  # 10 * 20 points train it; every point is still assigned and measured
+    probs = np.eye(10, dtype=np.float32)[digits[1]]
+    starts = ["kmeans++", "random", "mixture", x[:10].copy()]
+    for init in starts:
+        if isinstance(init, np.ndarray):
+            init[3, 5] = 0.0  # the given centroids themselves are finite
+        with pytest.raises(DataError, match="NaN or infinite"):
+            kmeans(x, 10, init=init, mixture_probs=probs, niter=3, backend=backend, max_points_per_centroid=mppc)
+
+
 @pytest.mark.skipif(faiss_num_gpus() > 0 or torch.cuda.is_available(), reason="checks the CPU fallback; a GPU is here")
 def test_gpu_request_without_gpu_falls_back_to_cpu(digits):
     with pytest.warns(UserWarning, match="runs on the CPU"):
