@@ -28,6 +28,8 @@ CELL_ROWS = 1000  # rows per cell of the partitioned search
 SLACK = 1e-3
 MAX_PAIRS = 20_000_000  # more pairs than this means the threshold is far too low for near-duplicates
 BLOCK = 16384  # rows per distance block when assigning rows to cells
+RESULTS_MAX = 1 << 28  # queries x members per range-search call: bounds what one call can return
+QUERIES = (1024, 8192)  # queries per range-search call, at least and at most (fewer per call run slower)
 
 
 @dataclass
@@ -48,15 +50,16 @@ class Duplicates:
         return int(sum(len(g) for g in self.groups))
 
 
+class TooManyPairs(DataError):
+    """More than MAX_PAIRS pairs reach the threshold: a folder of mostly copies, or a threshold far too low."""
+
+
 def _brute(v: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(i, j) with i < j of every pair at or above the threshold: one range search of all rows against all."""
-    index = faiss.IndexFlatIP(v.shape[1])
-    index.add(v)
-    lims, _, hits = index.range_search(v, threshold)
-    q = np.repeat(np.arange(len(v), dtype=np.int64), np.diff(lims).astype(np.int64))
-    hits = hits.astype(np.int64)
-    keep = q < hits
-    return q[keep], hits[keep]
+    rows = np.arange(len(v), dtype=np.int64)
+    found: list = []
+    _search(v, rows, rows, threshold, found, 0, within=True)
+    return _pairs(found)
 
 
 def _cells(v: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,16 +91,35 @@ def _borders(v, c, cc, c_sq, eps: float) -> tuple[np.ndarray, np.ndarray, np.nda
     return own, rows, own[rows], other
 
 
-def _search(v, queries: np.ndarray, members: np.ndarray, threshold: float, out: list) -> int:
-    """Range search of queries against members (global row ids); appends the (i, j), i < j, found."""
+def _search(v, queries: np.ndarray, members: np.ndarray, threshold: float, out: list, total: int, within=False) -> int:
+    """Range search of queries against members (global row ids); appends the (i, j), i < j, found and returns the
+    running count. `within`: queries and members are the same rows, so each pair is kept from its lower row only.
+    The queries go in chunks whose results stay bounded (RESULTS_MAX); past MAX_PAIRS it stops with TooManyPairs,
+    so a folder of mostly copies costs bounded memory instead of every pair it holds."""
     index = faiss.IndexFlatIP(v.shape[1])
     index.add(v[members])
-    lims, _, hits = index.range_search(v[queries], threshold)
-    q = np.repeat(queries, np.diff(lims).astype(np.int64))
-    m = members[hits.astype(np.int64)]
-    keep = q != m
-    out.append((np.minimum(q, m)[keep], np.maximum(q, m)[keep]))
-    return int(keep.sum())
+    chunk = int(np.clip(RESULTS_MAX // max(1, len(members)), *QUERIES))
+    for s in range(0, len(queries), chunk):
+        qs = queries[s : s + chunk]
+        lims, _, hits = index.range_search(v[qs], threshold)
+        q = np.repeat(qs, np.diff(lims).astype(np.int64))
+        m = members[hits.astype(np.int64)]
+        keep = q < m if within else q != m
+        q, m = q[keep], m[keep]
+        out.append((np.minimum(q, m), np.maximum(q, m)))
+        total += len(q)
+        if total > MAX_PAIRS:
+            raise TooManyPairs(
+                f"more than {MAX_PAIRS:,} pairs reach cosine {threshold}: a folder of mostly copies, or no "
+                "near-duplicate threshold; raise --dup-threshold"
+            )
+    return total
+
+
+def _pairs(found: list) -> tuple[np.ndarray, np.ndarray]:
+    i = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+    j = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+    return i, j
 
 
 def _partitioned(v: np.ndarray, threshold: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +135,7 @@ def _partitioned(v: np.ndarray, threshold: float, seed: int) -> tuple[np.ndarray
     for b in range(len(c)):
         members = order[bounds[b] : bounds[b + 1]]
         if len(members) > 1:
-            total += _search(v, members, members, threshold, found)
+            total = _search(v, members, members, threshold, found, total, within=True)
     lo, hi = np.minimum(mine, other), np.maximum(mine, other)
     key = lo * len(c) + hi
     side = mine == lo  # True: the row lies in the lower-numbered cell of the pair
@@ -124,17 +146,9 @@ def _partitioned(v: np.ndarray, threshold: float, seed: int) -> tuple[np.ndarray
     for s, e in zip(starts.tolist(), ends.tolist()):
         split = s + int(np.searchsorted(side[s:e], True))  # side is sorted within the pair: False, then True
         if s < split < e:
-            total += _search(v, rows[split:e], rows[s:split], threshold, found)
-        if total > 2 * MAX_PAIRS:
-            break  # find() says so
-    i = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
-    j = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
-    key = np.unique(i * len(v) + j)  # within a cell each pair is found from both of its rows
-    return key // len(v), key % len(v)
-
-
-class TooManyPairs(DataError):
-    """More than MAX_PAIRS pairs reach the threshold: a folder of mostly copies, or a threshold far too low."""
+            total = _search(v, rows[split:e], rows[s:split], threshold, found, total)
+    i, j = _pairs(found)
+    return i, j  # each pair once: within a cell from its lower row, across two cells from one side only
 
 
 def find(
@@ -154,11 +168,6 @@ def find(
     else:
         i, j = _partitioned(v, threshold, seed)
         how = "FAISS range search per Voronoi cell, exact by the bisector bound (mixem.duplicates)"
-    if len(i) > MAX_PAIRS:
-        raise TooManyPairs(
-            f"more than {MAX_PAIRS:,} pairs reach cosine {threshold}: that is no near-duplicate threshold; "
-            "raise --dup-threshold"
-        )
     sim = np.einsum("ij,ij->i", v[i], v[j]).astype(np.float32)
     keep = sim >= threshold  # one rounding for every pair, whichever search found it
     i, j, sim = i[keep], j[keep], sim[keep]

@@ -140,3 +140,29 @@ def test_a_folder_of_mostly_copies_still_clusters(planted, tmp_path, monkeypatch
     assert not info["available"] and f"more than {len(want) - 1:,} pairs reach cosine" in info["why"]
     assert (out / "clusters.parquet").is_file() and not (out / "duplicates.parquet").exists()
     assert "none listed: more than" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("brute_max", [10_000, 100])
+def test_too_many_pairs_stop_the_search_early(monkeypatch, brute_max):
+    """Past MAX_PAIRS the search stops at once (TooManyPairs) rather than collecting every pair first: both the
+    all-against-all search and the per-cell one, and the pairs it held when it stopped stay near the cap."""
+    rng = np.random.default_rng(1)
+    items = rng.standard_normal((40, 32)).astype(np.float32)
+    v = np.repeat(items, 100, axis=0) + 1e-4 * rng.standard_normal((4000, 32)).astype(np.float32)  # 198,000 pairs
+    held = []
+    real = duplicates._search
+
+    def spy(v_, queries, members, threshold, out, total, within=False):
+        try:
+            return real(v_, queries, members, threshold, out, total, within)
+        finally:
+            held.append(sum(len(f[0]) for f in out))
+
+    monkeypatch.setattr(duplicates, "_search", spy)
+    assert len(duplicates.find(v, 0.99, brute_max=brute_max).i) == 40 * 100 * 99 // 2
+    monkeypatch.setattr(duplicates, "MAX_PAIRS", 5000)
+    monkeypatch.setattr(duplicates, "QUERIES", (100, 100))
+    held.clear()
+    with pytest.raises(duplicates.TooManyPairs, match="more than 5,000 pairs reach cosine 0.99"):
+        duplicates.find(v, 0.99, brute_max=brute_max)
+    assert held and held[-1] <= 5000 + 100 * 100  # the cap plus at most one chunk of 100 queries' hits
