@@ -137,16 +137,7 @@ def kmeans(
     after = how == "sklearn" and not (isinstance(init, str) and init in KMEANS_SEEDINGS)
     if not after and not _all_finite(x):
         raise _non_finite()
-    if isinstance(init, str) and init == "mixture":
-        if mixture_probs is None:
-            raise ConfigError("init='mixture' needs the mixture probabilities (mixture_probs)")
-        init = mixture_init_centroids(x, mixture_probs, k, seed=seed)
-    if isinstance(init, np.ndarray):
-        if init.shape != (k, D):
-            raise ConfigError(f"initial centroids must have shape ({k}, {D}), got {tuple(init.shape)}")
-        nredo = 1
-    elif init not in KMEANS_SEEDINGS:
-        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(KMEANS_INITS)}, or pass centroids")
+    init, nredo = _resolve_init(x, k, init, mixture_probs, seed, nredo)
     mppc = math.ceil(N / k) if max_points_per_centroid is None else int(max_points_per_centroid)
     if mppc < 1:
         raise ConfigError(f"max_points_per_centroid must be >= 1, got {mppc}")
@@ -180,6 +171,22 @@ def kmeans(
                 backend=how,
             )
     return best
+
+
+def _resolve_init(x: np.ndarray, k: int, init, mixture_probs, seed: int, nredo: int):
+    """(init, nredo): the mixture's start as centroids, checked centroids (one run: every redo would start from
+    them), or a seeding's name."""
+    if isinstance(init, str) and init == "mixture":
+        if mixture_probs is None:
+            raise ConfigError("init='mixture' needs the mixture probabilities (mixture_probs)")
+        init = mixture_init_centroids(x, mixture_probs, k, seed=seed)
+    if isinstance(init, np.ndarray):
+        if init.shape != (k, x.shape[1]):
+            raise ConfigError(f"initial centroids must have shape ({k}, {x.shape[1]}), got {tuple(init.shape)}")
+        return init, 1
+    if init not in KMEANS_SEEDINGS:
+        raise ConfigError(f"unknown k-means init {init!r}: choose one of {', '.join(KMEANS_INITS)}, or pass centroids")
+    return init, nredo
 
 
 def _lloyd_faiss(x, c0, niter, spherical, mppc, seed, dev, x_sq):
