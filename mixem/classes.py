@@ -19,7 +19,6 @@ for a class none of them has).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mixem.errors import DataError
-from mixem.files import atomic_write, atomic_write_text
+from mixem.files import atomic_write, atomic_write_text, sha256_file
 
 CLASSES, CLASS_CENTROIDS = "classes.json", "class_centroids.npy"
 BY = ("head", "centroids")
@@ -53,14 +52,6 @@ class Classes:
 def head_only(k: int) -> Classes:
     """The classes of a model with no classes.json: the argmax of its head, no centres (distances are NaN)."""
     return Classes("head", k, where="the model's head (no classes.json beside it: `mixem-fast eval` writes one)")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def class_means(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
@@ -159,7 +150,7 @@ def read(model: str | Path) -> Classes | None:
     if by not in BY or k < 1 or not scale > 0:
         raise DataError(f"{path}: 'by' {by!r}, k {k}, scale {scale}: not what this version writes; run eval again")
     weights = where / "model.safetensors"
-    if weights.is_file() and doc.get("checkpoint_sha256") not in (None, sha256_of(weights)):
+    if weights.is_file() and doc.get("checkpoint_sha256") not in (None, sha256_file(weights)):
         raise DataError(f"{path}: computed for other weights than {weights}; run `mixem-fast eval` on it again")
     centroids = None
     name = doc.pop("centroids", None)

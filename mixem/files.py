@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -84,3 +85,13 @@ def read_json(path: str | os.PathLike, what: str = "config file"):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); it was damaged or edited by hand") from None
+
+
+def sha256_file(path: str | os.PathLike, h=None) -> str:
+    """Hex sha256 of a file's bytes, read 1 MiB at a time; `h` (a hashlib object) is fed instead, to digest
+    several files as one."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

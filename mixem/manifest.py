@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from mixem.config import ENGINES, check_types
 from mixem.errors import ConfigError, DataError
-from mixem.files import atomic_write, atomic_write_text
+from mixem.files import atomic_write, atomic_write_text, sha256_file
 from mixem.folders import IMAGE_EXTENSIONS, iter_images
 
 MANIFEST = "manifest.json"  # run settings and counts; written after FILES, so its presence means "ready"
@@ -156,18 +156,10 @@ def scan(root: Path, follow_links: bool) -> tuple[dict[str, tuple[int, int]], li
     return {p: (b, t) for p, b, t in scan_rows(root, follow_links, left_out)}, left_out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write(out: Path, table: pa.Table, shard_size: int, want: dict) -> Manifest:
     """files.parquet, then manifest.json describing it (a kill between the two is repaired by the next run)."""
     atomic_write(out / FILES, lambda tmp: pq.write_table(table, tmp, row_group_size=shard_size))
-    m = Manifest(n_files=table.num_rows, files_sha256=_sha256(out / FILES), **want)
+    m = Manifest(n_files=table.num_rows, files_sha256=sha256_file(out / FILES), **want)
     atomic_write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
     return m
 
@@ -189,7 +181,7 @@ def _write_listing(out: Path, rows: Iterator[tuple[str, int, int]], shard_size: 
             raise empty()
 
     atomic_write(out / FILES, write)
-    m = Manifest(n_files=pq.ParquetFile(out / FILES).metadata.num_rows, files_sha256=_sha256(out / FILES), **want)
+    m = Manifest(n_files=pq.ParquetFile(out / FILES).metadata.num_rows, files_sha256=sha256_file(out / FILES), **want)
     atomic_write_text(out / MANIFEST, json.dumps(m.to_dict(), indent=2) + "\n")
     return m
 
@@ -200,7 +192,7 @@ def _unchanged(m: Manifest, out: Path, rows: Iterator[tuple[str, int, int]]) -> 
     changed by --update (gone rows, files appended out of order): the caller then compares the two as sets."""
     path = out / FILES
     try:
-        if _sha256(path) != m.files_sha256:
+        if sha256_file(path) != m.files_sha256:
             return False
         f = pq.ParquetFile(path)
         _check_columns(f.schema_arrow, path)
@@ -247,7 +239,7 @@ def open_run(root: Path, out: Path, settings: dict, shard_size: int, update: boo
     found, left_out = scan(root, follow)  # changed (or changed by --update before): compared as sets
     table = read_files(out)
     changes = diff(table, found)
-    if existing.n_files != table.num_rows or existing.files_sha256 != _sha256(out / FILES):
+    if existing.n_files != table.num_rows or existing.files_sha256 != sha256_file(out / FILES):
         existing = _write(out, table, shard_size, want)  # an --update killed between files.parquet and manifest
     if not any(changes.values()):
         return existing, {"links_left_out": left_out}
@@ -342,7 +334,7 @@ def load(out: Path, strict: bool = True) -> Manifest | None:
         raise DataError(f"{path}: impossible values (n_files {m.n_files}, shard_size {m.shard_size}); {_EDITED}")
     if strict and not (Path(out) / FILES).is_file():
         raise DataError(f"{Path(out) / FILES}: missing; {_EDITED}")
-    if strict and _sha256(Path(out) / FILES) != m.files_sha256:
+    if strict and sha256_file(Path(out) / FILES) != m.files_sha256:
         raise DataError(
             f"{Path(out) / FILES}: does not match {MANIFEST} (an --update was interrupted, or it was edited); "
             "rerun the embed command to repair it"

@@ -8,6 +8,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from mixem import classes, methods
+from mixem.files import sha256_file
 from mixem.kmeans import kmeans, l2_normalize
 
 
@@ -64,7 +65,7 @@ def write(model, ds, k: int, out_dir: Path, method: str, seed: int, device: str,
     found, _ = compute(
         feats, refined=refined, k=k, method=method, seed=seed, labels=ds.labels, class_names=ds.class_names
     )
-    found.info.update(checkpoint=where.name, checkpoint_sha256=classes.sha256_of(where / ckpt.WEIGHTS))
+    found.info.update(checkpoint=where.name, checkpoint_sha256=sha256_file(where / ckpt.WEIGHTS))
     found.info.update(source=ds.source, seed=seed)
     path = classes.save(where, found)
     log.print(

@@ -13,6 +13,7 @@ from pathlib import Path
 from mixem.config import ENGINES
 from mixem.engines.base import Engine
 from mixem.errors import ConfigError
+from mixem.files import sha256_file
 
 __all__ = ["Engine", "load_engine", "model_identity"]
 
@@ -47,7 +48,5 @@ def model_identity(engine: Engine) -> tuple[str, str]:
     h = hashlib.sha256()
     for f in engine.files:
         h.update(Path(f).name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        sha256_file(f, h)
     return str(Path(engine.path).resolve()), h.hexdigest()

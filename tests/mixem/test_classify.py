@@ -20,6 +20,7 @@ from mixem import classes, manifest, shards
 from mixem.classification import classify_folder, read_classified
 from mixem.embed import EmbedOptions
 from mixem.errors import ConfigError, DataError
+from mixem.files import sha256_file
 from mixem.kmeans import kmeans
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # big.png, on purpose
@@ -36,7 +37,7 @@ def model(tmp_path_factory, tiny_run, tiles, fashion):
     emb = m.embed(list(tiles(40, 64)) + list(fashion[0][:200]))
     res = kmeans(emb, 4, init="kmeans++", nredo=3, seed=0)
     found = classes.Classes("centroids", 4, res.centroids, ["a", "b", "c", "d"], float(res.distances.mean()))
-    found.info = {"checkpoint_sha256": classes.sha256_of(path / "model.safetensors")}
+    found.info = {"checkpoint_sha256": sha256_file(path / "model.safetensors")}
     classes.save(path, found)
     return path
 
