@@ -110,8 +110,8 @@ def _search(v, queries: np.ndarray, members: np.ndarray, threshold: float, out: 
         total += len(q)
         if total > MAX_PAIRS:
             raise TooManyPairs(
-                f"more than {MAX_PAIRS:,} pairs reach cosine {threshold}: a folder of mostly copies, or no "
-                "near-duplicate threshold; raise --dup-threshold"
+                f"more than {MAX_PAIRS:,} pairs reach cosine {threshold}: a folder of mostly copies (remove them), "
+                "or a threshold too low for near-duplicates (raise --dup-threshold)"
             )
     return total
 
