@@ -26,3 +26,14 @@ def kill_when(cmd, kw, run_dir: Path, ready, timeout: float = 240) -> str:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return latest.read_text().strip()
+
+
+def kill_after_first_shard(proc: subprocess.Popen, out: Path) -> None:
+    """SIGKILL an `embed`/`classify` child as soon as it has finished a shard (stats/NNNNN.json written); fails if
+    it ended on its own before that."""
+    stats = Path(out) / "stats"
+    while proc.poll() is None and not (stats.is_dir() and any(stats.glob("[0-9]*.json"))):
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_runs import kill_after_first_shard
 from test_embed import REPO, assert_same_output, make_model, messy  # noqa: F401 (messy: real, odd and broken files)
 
 import mixem
@@ -87,12 +86,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(messy, model, classified,
            "--shard-size", "8", "--workers", "2", "-q"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stats = out / "stats"
-    while proc.poll() is None and not (stats.is_dir() and any(stats.glob("[0-9]*.json"))):
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_shard(proc, out)
     m = manifest.load(out)
     assert 1 <= len(shards.done_shards(out, m)) < m.n_shards and not (out / "classes.parquet").exists()
     again = classify_folder(str(model), root, out, EmbedOptions(**OPTS))

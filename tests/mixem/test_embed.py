@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_runs import kill_after_first_shard
 from dataset_writers import write_png
 from PIL import Image
 
@@ -272,12 +271,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(plain, model, tmp_path):
     root, ref = plain
     out = tmp_path / "out"
     proc = _cli(model, root, out)
-    stats = out / "stats"
-    while proc.poll() is None and not (stats.is_dir() and any(stats.glob("[0-9]*.json"))):
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_shard(proc, out)
     n_done = len(shards.done_shards(out, manifest.load(out)))
     assert 1 <= n_done < 50  # killed mid-run, with finished shards to keep
     again = embed_folder(str(model), root, out, EmbedOptions(batch_size=4, shard_size=4, workers=2))
