@@ -1,4 +1,4 @@
-"""The cluster command: FAISS k-means over an embedding run's shards, its outputs, metrics and report."""
+"""The cluster command: k-means (mixem.kmeans) over an embedding run's shards, its outputs, metrics and report."""
 
 from __future__ import annotations
 

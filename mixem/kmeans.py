@@ -1,4 +1,5 @@
-"""k-means over every point: FAISS on the CPU or its GPUs, faiss's Lloyd in torch on a CUDA GPU it cannot use."""
+"""k-means over every point: scikit-learn's Lloyd on the CPU (FAISS for spherical k-means), FAISS on its GPUs,
+faiss's Lloyd in torch on a CUDA GPU it cannot use (resolve_backend)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def kmeans(
     backend: str = "auto",
     overwrite_x: bool = False,
 ) -> KMeansResult:
-    """Lloyd k-means with faiss (`faiss.Kmeans`), keeping the best of `nredo` seedings by objective.
+    """Lloyd k-means on the backend resolve_backend picks, keeping the best of `nredo` seedings by objective.
 
     x: (N, D) float32. init: "kmeans++", "random", "mixture" (MIX'EM's start: the means of the argmax
     groups of `mixture_probs`, (N, K) row-aligned with x; see mixture_init_centroids), or (k, D) initial

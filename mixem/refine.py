@@ -234,7 +234,8 @@ def _selflabel_step(model, images, _, model_cfg, train_cfg, ctx, device, stage):
     Pseudo-labels are drawn at the start of every epoch from the un-augmented images (model in eval mode);
     images without one are masked out of the loss, so all ranks run the same graph."""
     freeze_outside_head(model, model_cfg, device)
-    opt, sched = _trainer(model.parameters(), train_cfg.selflabel_lr, train_cfg, stage, len(images))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = _trainer(params, train_cfg.selflabel_lr, train_cfg, stage, len(images))
     fwd = wrap_for_training(model, train_cfg, ctx, device)
     strong = build_augment(model_cfg, train_cfg, erase=0.5).to(device)
     autocast = autocast_for(train_cfg, device)
