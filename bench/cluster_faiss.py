@@ -1,8 +1,9 @@
 """Benchmark: k-means seconds of every CPU candidate against scikit-learn's Lloyd, same points, init and iterations.
 
 Candidates: `mixem_cpu` (mixem.kmeans.kmeans as `cluster` runs it on the CPU: backend auto, which picks
-scikit-learn's Lloyd there by this measurement, on its own array as scratch (overwrite_x, no copy of the
-data), plus every point's distance to its centre), FAISS
+scikit-learn's Lloyd there by this measurement, its iteration loop driven directly without KMeans.fit's
+extra passes, on its own array as scratch (overwrite_x, no copy of the data), plus every point's distance to
+its centre), FAISS
 (`faiss_cpu`, and its assignment step alone), scikit-learn's Elkan and the torch Lloyd loop on the CPU (at
 100k only: 3-4x slower), and `gemm_floor`, the iterations' matrix products alone (numpy's BLAS): the
 floor under any exact Lloyd here. On a CUDA machine also the GPU k-means `cluster` runs there: faiss-gpu when

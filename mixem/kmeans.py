@@ -3,6 +3,7 @@ faiss's Lloyd in torch on a CUDA GPU it cannot use (resolve_backend)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -61,8 +62,8 @@ def _torch_cuda() -> bool:
 def resolve_backend(gpu="auto", backend: str = "auto", spherical: bool = False) -> tuple[str, str]:
     """(backend, device) k-means runs on: faiss on its GPUs when it has any; else, for gpu "auto"/True,
     Lloyd's iterations in torch on a CUDA GPU (pip's faiss-cpu has no GPU code; faiss-gpu is rarely
-    installable); else the CPU: scikit-learn's Lloyd (OpenMP over 256-row blocks, BLAS inside each), the
-    fastest CPU Lloyd we measured (`bench cluster_faiss`: 1.3-1.4x faiss-cpu at 100k and 1M points), or
+    installable); else the CPU: scikit-learn's Lloyd (OpenMP over 256-row blocks, BLAS inside each; its loop
+    driven from here without KMeans.fit's extra passes), the fastest CPU Lloyd we measured (`bench cluster_faiss`: 1.3-1.4x faiss-cpu at 100k and 1M points), or
     faiss for spherical k-means, which scikit-learn does not have. backend forces "sklearn", "faiss" or
     "torch" (torch: cuda when there is one, else the CPU; used to check it against faiss). device is
     "gpu" or "cpu"."""
@@ -223,29 +224,84 @@ def _lloyd_sklearn(x: np.ndarray, c0: np.ndarray, niter: int, mppc: int, seed: i
     more iterations change nothing), on every point or faiss's random sample of k * mppc; then every point
     assigned to the final centroids. An empty cluster takes the point farthest from its centre (sklearn's
     rule; faiss splits a large cluster instead)."""
-    import sklearn
-    from sklearn.cluster import KMeans
-
     N, k = len(x), len(c0)
     rng = np.random.default_rng(seed)
     train = x if N <= k * mppc else x[np.sort(rng.choice(N, k * mppc, replace=False))]
     if niter == 0:
         centroids = np.ascontiguousarray(c0, dtype=np.float32)
     else:
-        km = KMeans(
-            k, init=c0, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=seed,
-            copy_x=train is x and not overwrite_x,  # a sample is a copy already: scratch either way
-        )  # fmt: skip
-        # assume_finite: kmeans() refuses non-finite input itself (sklearn's own check is one more pass).
-        with warnings.catch_warnings(), sklearn.config_context(assume_finite=True):
-            warnings.simplefilter("ignore")  # "fewer distinct points than clusters": the objective says so
-            km.fit(train)
-        centroids = np.ascontiguousarray(km.cluster_centers_, dtype=np.float32)
-    if train is x and niter > 0:
-        assign = km.labels_.astype(np.int64)  # sklearn's last pass assigns every point to the final centroids
-    else:
-        assign = faiss.knn(x, centroids, 1)[1][:, 0].astype(np.int64)
+        scratch = train is not x or overwrite_x  # a sample is a copy already: scratch either way
+        data = train if scratch else train.copy()
+        mean = data.mean(axis=0)  # centred, as scikit-learn does, for accurate float32 distances
+        data -= mean
+        try:
+            centroids, labels = _sklearn_iterations(data, np.asarray(c0, np.float32) - mean, niter, seed)
+            if train is x:  # the last pass assigned every point to the final centroids: distances here
+                dist = sq_distances(data, centroids, labels)
+        finally:
+            if scratch:
+                data += mean  # the caller's points back, each value to within one float32 rounding
+        centroids = np.ascontiguousarray(centroids + mean, dtype=np.float32)
+        if train is x:
+            return centroids, labels, dist
+    assign = faiss.knn(x, centroids, 1)[1][:, 0].astype(np.int64)
     return centroids, assign, sq_distances(x, centroids, assign)
+
+
+def _sklearn_iterations(x: np.ndarray, c0: np.ndarray, niter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, labels of every x at them) after scikit-learn's Lloyd on centred float32 x.
+
+    KMeans.fit's own loop (`lloyd_iter_chunked_dense`: OpenMP over blocks of rows, one BLAS thread each,
+    labels fused into the GEMM's blocks), driven from here: fit's extra passes are work `kmeans` does not
+    need (row norms for seeding it does not do, a separate inertia pass where our per-point distances give
+    it, a Python set of the labels), 4 % of its time at 100k points (`bench cluster_faiss`). A scikit-learn
+    without that private function gets the public KMeans: the same iterations, slower."""
+    try:
+        from sklearn.cluster._k_means_lloyd import lloyd_iter_chunked_dense as step
+        from sklearn.utils._openmp_helpers import _openmp_effective_n_threads as omp_threads
+    except ImportError:
+        return _sklearn_public(x, c0, niter, seed)
+    centers, spare = np.array(c0, np.float32), np.zeros_like(c0, dtype=np.float32)
+    labels = np.full(len(x), -1, np.int32)
+    old, ones = labels.copy(), np.ones(len(x), np.float32)
+    weights, shift = np.zeros(len(centers), np.float32), np.zeros(len(centers), np.float32)
+    threads, fixed = omp_threads(), False
+    with _blas_limit():
+        for _ in range(niter):
+            step(x, ones, centers, spare, weights, labels, shift, threads)
+            centers, spare = spare, centers
+            if np.array_equal(labels, old):  # a fixed point: more iterations change nothing
+                fixed = True
+                break
+            old[:] = labels
+        if not fixed:  # labels for the final centres, as fit's last E-step
+            step(x, ones, centers, centers, weights, labels, shift, threads, update_centers=False)
+    return centers, labels.astype(np.int64)
+
+
+def _blas_limit():
+    """One BLAS thread inside scikit-learn's OpenMP loop, as fit does (no nested oversubscription)."""
+    return _threadpools().limit(limits=1, user_api="blas")
+
+
+@functools.cache
+def _threadpools():
+    """One threadpoolctl controller for the process: building one scans the loaded libraries (3-14 ms)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _sklearn_public(x: np.ndarray, c0: np.ndarray, niter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import sklearn
+    from sklearn.cluster import KMeans
+
+    km = KMeans(len(c0), init=c0, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=seed, copy_x=False)
+    # assume_finite: kmeans() refuses non-finite input itself (sklearn's own check is one more pass).
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True):
+        warnings.simplefilter("ignore")  # "fewer distinct points than clusters": the objective says so
+        km.fit(x)
+    return np.asarray(km.cluster_centers_, np.float32), km.labels_.astype(np.int64)
 
 
 def sq_distances(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray, rows: int = 8192) -> np.ndarray:

@@ -1,5 +1,6 @@
 """FAISS k-means against scikit-learn on real data, every point counted, inits honoured, mixture init."""
 
+import sys
 import time
 
 import numpy as np
@@ -277,3 +278,14 @@ def test_overwrite_x_gives_the_same_result_and_leaves_x_as_it_was(digits):
     np.testing.assert_array_equal(a.assign, b.assign)
     assert b.objective == pytest.approx(a.objective, rel=1e-6)
     np.testing.assert_allclose(mine, x, rtol=0, atol=1e-6)  # centred in place and restored: one rounding at most
+
+
+def test_without_sklearns_private_loop_the_public_kmeans_gives_the_same_result(digits, monkeypatch):
+    x, _ = digits
+    init = x[np.random.default_rng(5).choice(len(x), 10, replace=False)]
+    fast = kmeans(x, 10, init=init, niter=12, gpu=False)
+    monkeypatch.setitem(sys.modules, "sklearn.cluster._k_means_lloyd", None)  # its import now fails
+    public = kmeans(x, 10, init=init, niter=12, gpu=False)
+    np.testing.assert_array_equal(public.assign, fast.assign)
+    np.testing.assert_allclose(public.centroids, fast.centroids, rtol=0, atol=1e-5)
+    assert public.objective == pytest.approx(fast.objective, rel=1e-6)
