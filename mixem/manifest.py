@@ -186,13 +186,14 @@ def _write_listing(out: Path, rows: Iterator[tuple[str, int, int]], shard_size: 
     return m
 
 
-def _unchanged(m: Manifest, out: Path, rows: Iterator[tuple[str, int, int]]) -> bool:
-    """Does the listing equal files.parquet row for row (and files.parquet its manifest)? Read one row group at a
-    time against the walk, so a resume checks a run of any size in flat memory. False also where the table was
-    changed by --update (gone rows, files appended out of order): the caller then compares the two as sets."""
+def _unchanged(m: Manifest, out: Path, rows: Iterator[tuple[str, int, int]], digest: str | None) -> bool:
+    """Does the listing equal files.parquet row for row (and files.parquet, whose sha256 is `digest`, its
+    manifest)? Read one row group at a time against the walk, so a resume checks a run of any size in flat
+    memory. False also where the table was changed by --update (gone rows, files appended out of order): the
+    caller then compares the two as sets."""
     path = out / FILES
     try:
-        if sha256_file(path) != m.files_sha256:
+        if digest != m.files_sha256:
             return False
         f = pq.ParquetFile(path)
         _check_columns(f.schema_arrow, path)
@@ -234,12 +235,16 @@ def open_run(root: Path, out: Path, settings: dict, shard_size: int, update: boo
         m = _write_listing(out, scan_rows(root, follow, left_out), shard_size, want, empty)
         return m, {"added": m.n_files, "new_run": True, "links_left_out": left_out}
     _same(existing, want, out)
-    if _unchanged(existing, out, scan_rows(root, follow, left_out)):  # the usual resume: flat in memory
+    try:
+        digest = sha256_file(out / FILES)  # once: the row check and the manifest check below both need it
+    except OSError:
+        digest = None  # read_files below says what is wrong
+    if _unchanged(existing, out, scan_rows(root, follow, left_out), digest):  # the usual resume: flat in memory
         return existing, {"links_left_out": left_out}
     found, left_out = scan(root, follow)  # changed (or changed by --update before): compared as sets
     table = read_files(out)
     changes = diff(table, found)
-    if existing.n_files != table.num_rows or existing.files_sha256 != sha256_file(out / FILES):
+    if existing.n_files != table.num_rows or existing.files_sha256 != digest:
         existing = _write(out, table, shard_size, want)  # an --update killed between files.parquet and manifest
     if not any(changes.values()):
         return existing, {"links_left_out": left_out}
