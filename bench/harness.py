@@ -20,7 +20,9 @@ A study (a measurement that is not one timed call, e.g. training each method ove
 Every candidate runs in the same process on the same inputs as the baseline. A candidate that runs
 out of memory is recorded as "oom", any other exception as "error", and the next one runs.
 Timing: CUDA `triton.testing.do_bench` (L2 flushed, 20/50/80 % quantiles); CPU the median of repeated
-`time.perf_counter` calls. Peak memory: CUDA max_memory_allocated over one call; CPU the process RSS.
+`time.perf_counter` calls (median, 20/80 % quantiles, min, max; before stop 22 the CPU's q20/q80 fields held
+the min and max), each candidate's in turn, or round-robin where the module sets INTERLEAVE = True (all its
+candidates alive at once: for comparisons on a shared CPU, bench/timing.py). Peak memory: CUDA max_memory_allocated over one call; CPU the process RSS.
 On CUDA the ceilings (bf16 and fp32 8192² matmul, device copy) are measured in the same run, and each
 candidate's time is compared with the floor max(flop / matmul rate, bytes / copy rate).
 Results: bench/results/<bench>__<device>__pt<torch>__<date>.json, written atomically.
@@ -35,15 +37,13 @@ import json
 import os
 import platform
 import re
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from mixem.bench import timing
 from mixem.errors import ConfigError
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -136,50 +136,6 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _time(fn, dev: torch.device, quick: bool) -> dict:
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-
-        q20, q50, q80 = do_bench(fn, warmup=10 if quick else 25, rep=20 if quick else 100, quantiles=[0.2, 0.5, 0.8])
-        return {"median_ms": q50, "q20_ms": q20, "q80_ms": q80, "timer": "triton.testing.do_bench"}
-    fn()  # warm-up: compiles, fills caches
-    times = []
-    for _ in range(3 if quick else 10):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {
-        "median_ms": statistics.median(times),
-        "q20_ms": min(times),
-        "q80_ms": max(times),
-        "n": len(times),
-        "timer": "time.perf_counter",
-    }
-
-
-def _peak(fn, dev: torch.device) -> dict:
-    if dev.type == "cuda":
-        _sync(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        fn()
-        _sync(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        return {"peak_bytes": peak, "peak_extra_bytes": peak - base}
-    # On CPU both figures are process-wide (ru_maxrss is a lifetime maximum): another call adds nothing.
-    return {"rss_bytes": _rss_bytes(), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
 def measure_ceilings(dev: torch.device) -> dict:
     """Matmul TFLOP/s (bf16, and fp32 without tf32) and device copy GB/s, measured now on this GPU."""
     from triton.testing import do_bench
@@ -243,12 +199,16 @@ def _run_case(mod, case: dict, dev: torch.device, quick: bool, ceilings: dict) -
             out["check"] = {"status": "skipped", "message": "oom" if _is_oom(e) else f"{type(e).__name__}: {e}"}
             _free(dev)
     base_name = next(iter(cands), None)
+    rounds = timing.time_interleaved(cands, quick) if getattr(mod, "INTERLEAVE", False) and dev.type == "cpu" else {}
     for name in list(cands):
         # Dropped once timed: a candidate may hold large state (a retained autograd graph) that must
         # not count against the next one's memory.
         fn = cands.pop(name)
         try:
-            rec = {"status": "ok", **_time(fn, dev, quick), **_peak(fn, dev)}
+            took = rounds[name] if rounds else timing.time_one(fn, dev, quick)
+            if isinstance(took, Exception):
+                raise took
+            rec = {"status": "ok", **took, **timing.peak(fn, dev)}
             _rates(rec, work, ceilings, case)
         except Exception as e:  # noqa: BLE001
             rec = (

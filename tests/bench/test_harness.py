@@ -70,3 +70,31 @@ def test_unknown_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="jobs='many' is not a int"):
         run("methods", quick=True, out_dir=str(tmp_path), device="cpu", settings={"jobs": "many"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interleaved_timing_runs_the_candidates_round_robin_and_keeps_their_errors():
+    from mixem.bench import timing
+
+    calls = []
+
+    def cand(name, fail_at=None):
+        def fn():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+
+        return fn
+
+    got = timing.time_interleaved({"a": cand("a"), "b": cand("b"), "c": cand("c", fail_at=3)}, quick=True)
+    # Warm-ups in order, then round i of every live candidate before round i + 1; "c" fails in its second round.
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
+    assert list(got) == ["a", "b", "c"] and isinstance(got["c"], RuntimeError)
+    assert got["a"]["n"] == got["b"]["n"] == timing.reps(True)
+
+
+def test_cpu_times_report_true_quantiles_beside_min_and_max():
+    from mixem.bench import timing
+
+    s = timing._stats([float(v) for v in range(1, 11)])  # 1..10 ms
+    assert s["median_ms"] == 5.5 and (s["min_ms"], s["max_ms"]) == (1.0, 10.0)
+    assert s["q20_ms"] == pytest.approx(2.8) and s["q80_ms"] == pytest.approx(8.2)  # inclusive deciles, not the ends
