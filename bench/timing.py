@@ -45,11 +45,16 @@ def time_one(fn, dev: torch.device, quick: bool) -> dict:
     return _stats(times)
 
 
-def time_interleaved(fns: dict, quick: bool) -> dict[str, dict | Exception]:
+SETTLE_S = 0.3  # idle before each round-robin call: the previous candidate's spinning threads go to sleep
+
+
+def time_interleaved(fns: dict, quick: bool, settle_s: float = SETTLE_S) -> dict[str, dict | Exception]:
     """Every candidate's CPU time, timed round-robin: each is warmed up once, then repetition i of every
     candidate runs before repetition i + 1 of any, so a load that comes and goes on a shared machine falls on
-    all of them alike instead of on whichever was being timed then. A candidate that raises is dropped from
-    the rounds and its exception returned in its place."""
+    all of them alike instead of on whichever was being timed then. Each timed call starts after settle_s
+    idle: a BLAS or OpenMP pool keeps spinning for a while after its last call (numpy's GEMM loop right
+    before it slowed scikit-learn's k-means 4 %, measured), which would charge one candidate for another.
+    A candidate that raises is dropped from the rounds and its exception returned in its place."""
     times: dict[str, list[float]] = {}
     out: dict[str, dict | Exception] = {}
     for name, fn in fns.items():
@@ -60,6 +65,7 @@ def time_interleaved(fns: dict, quick: bool) -> dict[str, dict | Exception]:
             out[name] = e
     for _ in range(reps(quick)):
         for name in list(times):
+            time.sleep(settle_s)
             t0 = time.perf_counter()
             try:
                 fns[name]()

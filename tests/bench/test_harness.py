@@ -85,7 +85,7 @@ def test_interleaved_timing_runs_the_candidates_round_robin_and_keeps_their_erro
 
         return fn
 
-    got = timing.time_interleaved({"a": cand("a"), "b": cand("b"), "c": cand("c", fail_at=3)}, quick=True)
+    got = timing.time_interleaved({"a": cand("a"), "b": cand("b"), "c": cand("c", fail_at=3)}, quick=True, settle_s=0)
     # Warm-ups in order, then round i of every live candidate before round i + 1; "c" fails in its second round.
     assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
     assert list(got) == ["a", "b", "c"] and isinstance(got["c"], RuntimeError)
