@@ -1,13 +1,14 @@
 """Benchmark: k-means seconds of every CPU candidate against scikit-learn's Lloyd, same points, init and iterations.
 
-Candidates: `mixem_cpu` (mixem.kmeans.kmeans as `cluster` runs it on the CPU: backend auto, which picks
-scikit-learn's Lloyd there by this measurement, its iteration loop driven directly without KMeans.fit's
-extra passes, on its own array as scratch (overwrite_x, no copy of the data), plus every point's distance to
-its centre), FAISS
-(`faiss_cpu`, and its assignment step alone), scikit-learn's Elkan and the torch Lloyd loop on the CPU (at
-100k only: 3-4x slower), and `gemm_floor`, the iterations' matrix products alone (numpy's BLAS): the
-floor under any exact Lloyd here. On a CUDA machine also the GPU k-means `cluster` runs there: faiss-gpu when
-installed, and the torch Lloyd loop (backend "torch"), which is what runs with pip's faiss-cpu.
+Candidates: scikit-learn as a user calls it (`sklearn`, the baseline: `KMeans.fit` copies the data) and
+without the copy (`sklearn_nocopy`, copy_x=False on its own array: the fairest rival); `mixem_cpu`
+(mixem.kmeans.kmeans as `cluster` runs it on the CPU: backend auto, which picks scikit-learn's Lloyd there by
+this measurement, its iteration loop driven directly without KMeans.fit's extra passes, on its own array as
+scratch (overwrite_x, no copy of the data), plus every point's distance to its centre); FAISS (`faiss_cpu`,
+and its assignment step alone); scikit-learn's Elkan and the torch Lloyd loop on the CPU (at 100k only: 3-4x
+slower); and `gemm_floor`, the iterations' matrix products alone (numpy's BLAS): the floor under any exact
+Lloyd here. On a CUDA machine also the GPU k-means `cluster` runs there: faiss-gpu when installed, and the
+torch Lloyd loop (backend "torch"), which is what runs with pip's faiss-cpu. Timed round-robin (INTERLEAVE).
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def setup(case: dict, device) -> dict:
         return lambda: (kmeans(x, k, init=init, niter=niter, gpu=gpu, backend=backend).objective, niter)
 
     own = x.copy()  # `cluster` hands k-means the array it read from the shards, as scratch (overwrite_x)
+    sk_own = x.copy()  # the same for scikit-learn: copy_x=False, its own way of not copying the data
+
+    def sk_nocopy():
+        km = KMeans(k, init=init, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=0, copy_x=False)
+        km.fit(sk_own)
+        return km.inertia_, km.n_iter_
 
     def mixem_cpu():
         return kmeans(own, k, init=init, niter=niter, gpu=False, overwrite_x=True).objective, niter
@@ -109,6 +116,7 @@ def setup(case: dict, device) -> dict:
 
     cands = {
         "sklearn": sk,
+        "sklearn_nocopy": sk_nocopy,
         "gemm_floor": gemm_floor,
         "mixem_cpu": mixem_cpu,
         "faiss_cpu": run("faiss", False),
@@ -132,7 +140,7 @@ def check(case: dict, candidates: dict) -> dict:
     assert abs(ours - sk_obj) <= 1e-4 * sk_obj, f"mixem_cpu objective {ours:.8g} vs sklearn {sk_obj:.8g}"
     fa_obj, _ = candidates["faiss_cpu"]()
     assert abs(fa_obj - sk_obj) <= 0.01 * sk_obj, f"faiss objective {fa_obj:.6g} vs sklearn {sk_obj:.6g}"
-    names = ("sklearn_elkan", "torch_cpu", "faiss_gpu", "torch_gpu")
+    names = ("sklearn_nocopy", "sklearn_elkan", "torch_cpu", "faiss_gpu", "torch_gpu")
     other_obj = {name: candidates[name]()[0] for name in names if name in candidates}
     for name, obj in other_obj.items():
         assert abs(obj - sk_obj) <= 0.01 * sk_obj, f"{name} objective {obj:.6g} vs sklearn {sk_obj:.6g}"
