@@ -10,7 +10,8 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
 from mixem.errors import ConfigError, DataError
-from mixem.kmeans import SPLIT_EPS, _split_empty, faiss_num_gpus, kmeans, l2_normalize, resolve_backend
+from mixem.kmeans import _centre, faiss_num_gpus, kmeans, l2_normalize, resolve_backend
+from mixem.kmeans_torch import SPLIT_EPS, split_empty
 from mixem.metrics import cluster_accuracy
 from mixem.seeding import kmeans_plus_plus, mixture_init_centroids
 
@@ -214,7 +215,7 @@ def test_torch_backend_refills_empty_clusters_and_samples(digits):
 def test_split_empty_follows_faiss():
     c = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, 5.0, 5.0]], np.float32)
     counts = np.array([5, 0, 1])
-    _split_empty(c, counts, 6, np.random.default_rng(0))  # only cluster 0 can be drawn: (1 - 1) / 3 = 0
+    split_empty(c, counts, 6, np.random.default_rng(0))  # only cluster 0 can be drawn: (1 - 1) / 3 = 0
     e = SPLIT_EPS
     np.testing.assert_allclose(c[1], [1 + e, 2 * (1 - e), 3 * (1 + e)], rtol=1e-6)
     np.testing.assert_allclose(c[0], [1 - e, 2 * (1 + e), 3 * (1 - e)], rtol=1e-6)
@@ -254,13 +255,29 @@ def test_every_cpu_backend_assigns_every_point_to_its_nearest_centroid(digits, b
     assert res.objective == pytest.approx(d.min(1).sum(), rel=1e-5) and res.backend == backend
 
 
-def test_sklearn_backend_is_sklearns_lloyd_and_auto_picks_it_on_the_cpu(digits):
+@pytest.mark.parametrize("offset", [0.0, 1000.0])  # near the origin (used as is) and far from it (centred first)
+def test_sklearn_backend_is_sklearns_lloyd_and_auto_picks_it_on_the_cpu(digits, offset):
     x, _ = digits
+    # 1,024 rows of sixteenths: column means are exact, so centring (theirs, ours) gives both loops the same floats.
+    x = x[:1024] - x[:1024].mean(0) + np.float32(offset)
     init = x[np.random.default_rng(3).choice(len(x), 10, replace=False)]
     ours = kmeans(x, 10, init=init, niter=15, gpu=False)
     sk = KMeans(10, init=init, n_init=1, max_iter=15, tol=0.0, algorithm="lloyd").fit(x)
     assert ours.backend == "sklearn" and ours.objective == pytest.approx(sk.inertia_, rel=1e-5)
     np.testing.assert_array_equal(ours.assign, sk.labels_)
+    assert (_centre(x) is None) == (offset == 0)
+
+
+def test_data_used_uncentred_gives_a_lloyd_solution_as_good_as_sklearns(digits):
+    x, _ = digits  # pixels in [0, 1]: mean and spread alike, so not centred; rounding may move a near-tie
+    before = x.copy()
+    init = x[np.random.default_rng(3).choice(len(x), 10, replace=False)]
+    ours = kmeans(x, 10, init=init, niter=15, gpu=False)
+    sk = KMeans(10, init=init, n_init=1, max_iter=15, tol=0.0, algorithm="lloyd").fit(x)
+    assert _centre(x) is None and ours.objective == pytest.approx(sk.inertia_, rel=1e-4)
+    np.testing.assert_array_equal(x, before)  # used in place, and only read
+    assert (ours.assign == sk.labels_).mean() > 0.99
+    x, _ = digits
     sampled = kmeans(x, 10, init=init, niter=5, gpu=False, max_points_per_centroid=40)
     assert sampled.sampled and sampled.n_points_used == 400 and sampled.assign.shape == (len(x),)
     # Spherical k-means is faiss's: scikit-learn has none.
