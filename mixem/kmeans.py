@@ -120,8 +120,8 @@ def kmeans(
     None trains on every point; faiss's own default of 256 silently subsamples to 256·k points.
     gpu: "auto" uses a GPU when there is one (faiss's, else torch's: resolve_backend); the result says
     where it ran. backend: "auto", or "sklearn" / "faiss" / "torch" to force one. overwrite_x: x may serve
-    as scratch (scikit-learn centres it in place and restores it, each value to within one float32 rounding)
-    instead of a copy of the data: one N x D array less at the peak.
+    as scratch where it must be centred (far from the origin: centred in place and restored, each value to
+    within one float32 rounding) instead of a copy of the data: one N x D array less at the peak.
     """
     if x.ndim != 2:
         raise DataError(f"k-means needs a 2-D (points, dims) array, got shape {tuple(x.shape)}")
