@@ -223,6 +223,8 @@ def _run_case(mod, case: dict, dev: torch.device, quick: bool, ceilings: dict) -
     for rec in out["candidates"].values():
         if rec["status"] == "ok" and base.get("status") == "ok":
             rec["speedup_vs_" + base_name] = base["median_ms"] / rec["median_ms"]
+            if rounds and (paired := timing.paired_speedup(base, rec)) is not None:
+                rec["paired_speedup_vs_" + base_name] = paired
     if hasattr(mod, "summarize"):
         out["summary"] = mod.summarize(case, out["candidates"])
     return out

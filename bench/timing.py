@@ -22,6 +22,7 @@ def _stats(times: list[float]) -> dict:
         "max_ms": max(times),
         "n": len(times),
         "timer": "time.perf_counter",
+        "times_ms": [round(t, 3) for t in times],
     }
 
 
@@ -95,3 +96,12 @@ def peak(fn, dev: torch.device) -> dict:
         top = torch.cuda.max_memory_allocated(dev)
         return {"peak_bytes": top, "peak_extra_bytes": top - base}
     return {"rss_bytes": rss_bytes(), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def paired_speedup(base: dict, rec: dict) -> float | None:
+    """Median over round-robin rounds of base's time / rec's time in the same round: a load that comes and goes
+    cancels in each pair, where a ratio of two medians still carries it. None without two rounds of each."""
+    a, b = base.get("times_ms") or [], rec.get("times_ms") or []
+    if min(len(a), len(b)) < 2 or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))

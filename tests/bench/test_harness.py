@@ -89,7 +89,10 @@ def test_interleaved_timing_runs_the_candidates_round_robin_and_keeps_their_erro
     # Warm-ups in order, then round i of every live candidate before round i + 1; "c" fails in its second round.
     assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b"]
     assert list(got) == ["a", "b", "c"] and isinstance(got["c"], RuntimeError)
-    assert got["a"]["n"] == got["b"]["n"] == timing.reps(True)
+    assert got["a"]["n"] == got["b"]["n"] == timing.reps(True) == len(got["a"]["times_ms"])
+    # Paired: each round's ratio, then their median; a slow round for both cancels.
+    base, other = {"times_ms": [10.0, 30.0, 10.0]}, {"times_ms": [5.0, 15.0, 10.0]}
+    assert timing.paired_speedup(base, other) == 2.0 and timing.paired_speedup(base, {"times_ms": [1.0]}) is None
 
 
 def test_cpu_times_report_true_quantiles_beside_min_and_max():
