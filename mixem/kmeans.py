@@ -244,7 +244,7 @@ def _lloyd_sklearn(x: np.ndarray, c0: np.ndarray, niter: int, mppc: int, seed: i
             if train is x:  # the last pass assigned every point to the final centroids: distances here
                 dist = sq_distances(data, centroids, labels)
         finally:
-            if data is train and mean.any():
+            if data is x and mean.any():  # (a centred sample or copy is dropped as it is)
                 data += mean  # the caller's points back, each value to within one float32 rounding
         centroids = np.ascontiguousarray(centroids + mean, dtype=np.float32)
         if train is x:
