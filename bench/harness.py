@@ -22,7 +22,8 @@ out of memory is recorded as "oom", any other exception as "error", and the next
 Timing: CUDA `triton.testing.do_bench` (L2 flushed, 20/50/80 % quantiles); CPU the median of repeated
 `time.perf_counter` calls (median, 20/80 % quantiles, min, max; before stop 22 the CPU's q20/q80 fields held
 the min and max), each candidate's in turn, or round-robin where the module sets INTERLEAVE = True (all its
-candidates alive at once: for comparisons on a shared CPU, bench/timing.py). Peak memory: CUDA max_memory_allocated over one call; CPU the process RSS.
+candidates alive at once: for comparisons on a shared CPU, bench/timing.py). Peak memory: CUDA
+max_memory_allocated over one call; CPU the process RSS.
 On CUDA the ceilings (bf16 and fp32 8192² matmul, device copy) are measured in the same run, and each
 candidate's time is compared with the floor max(flop / matmul rate, bytes / copy rate).
 Results: bench/results/<bench>__<device>__pt<torch>__<date>.json, written atomically.

@@ -63,7 +63,8 @@ def resolve_backend(gpu="auto", backend: str = "auto", spherical: bool = False) 
     """(backend, device) k-means runs on: faiss on its GPUs when it has any; else, for gpu "auto"/True,
     Lloyd's iterations in torch on a CUDA GPU (pip's faiss-cpu has no GPU code; faiss-gpu is rarely
     installable); else the CPU: scikit-learn's Lloyd (OpenMP over 256-row blocks, BLAS inside each; its loop
-    driven from here without KMeans.fit's extra passes), the fastest CPU Lloyd we measured (`bench cluster_faiss`: 1.3-1.4x faiss-cpu at 100k and 1M points), or
+    driven from here without KMeans.fit's extra passes), the fastest CPU Lloyd we measured (`bench
+    cluster_faiss`: 1.3-1.4x faiss-cpu at 100k and 1M points), or
     faiss for spherical k-means, which scikit-learn does not have. backend forces "sklearn", "faiss" or
     "torch" (torch: cuda when there is one, else the CPU; used to check it against faiss). device is
     "gpu" or "cpu"."""
@@ -261,8 +262,9 @@ def _centre(x: np.ndarray, sample: int = 4096) -> np.ndarray | None:
     sit farther from the origin than their spread), as KMeans.fit always does; or None where x already sits
     near the origin relative to its spread (judged on an even sample of rows: ||mean||^2 <= CENTRE_RATIO x
     variance, where those float32 terms lose at most ~2e-5 of a typical distance): centring then buys no
-    accuracy and costs three passes over the data (8 % of the iterations' time at 100k x 128, bench
-    cluster_faiss), and uncentred data need not be copied. Unit-norm embeddings always qualify."""
+    accuracy and costs three passes over the data (the mean, then centring and restoring: 14 of ~500 ms of a
+    20-iteration run at 100k x 128, timed alone), and uncentred data need not be copied. Unit-norm embeddings
+    always qualify."""
     s = x[:: max(1, len(x) // sample)].astype(np.float64)
     m = s.mean(axis=0)
     if m @ m <= CENTRE_RATIO * ((s - m) ** 2).sum(axis=1).mean():
@@ -271,12 +273,12 @@ def _centre(x: np.ndarray, sample: int = 4096) -> np.ndarray | None:
 
 
 def _sklearn_iterations(x: np.ndarray, c0: np.ndarray, niter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(centroids, labels of every x at them) after scikit-learn's Lloyd on centred float32 x.
+    """(centroids, labels of every x at them) after scikit-learn's Lloyd on float32 x (centred where _centre asks).
 
     KMeans.fit's own loop (`lloyd_iter_chunked_dense`: OpenMP over blocks of rows, one BLAS thread each,
     labels fused into the GEMM's blocks), driven from here: fit's extra passes are work `kmeans` does not
     need (row norms for seeding it does not do, a separate inertia pass where our per-point distances give
-    it, a Python set of the labels), 4 % of its time at 100k points (`bench cluster_faiss`). A scikit-learn
+    it, a Python set of the labels): 4 % of its time at 100k points, timed alone. A scikit-learn
     without that private function gets the public KMeans: the same iterations, slower."""
     try:
         from sklearn.cluster._k_means_lloyd import lloyd_iter_chunked_dense as step
