@@ -3,6 +3,7 @@ faiss's Lloyd in torch on a CUDA GPU it cannot use (resolve_backend)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -158,7 +159,9 @@ def kmeans(
 
             centroids, assign, dist = lloyd_torch(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev)
         elif how == "sklearn":
-            centroids, assign, dist = _lloyd_sklearn(x, c0, niter, mppc, int(redo_seeds[r]), overwrite_x)
+            with np.errstate(invalid="ignore", over="ignore") if after else contextlib.nullcontext():
+                # (checked right after: NaN or inf in x gives a NaN distance, not a warning per numpy step)
+                centroids, assign, dist = _lloyd_sklearn(x, c0, niter, mppc, int(redo_seeds[r]), overwrite_x)
         else:
             centroids, assign, dist = _lloyd_faiss(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev, x_sq)
         if after and not np.isfinite(dist).all():

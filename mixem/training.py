@@ -275,6 +275,11 @@ def run_stage(
     return history, seconds
 
 
+# The files a run writes atomically into its folder (refine's mined neighbours among them): a killed run's
+# half-written copies of these are removed when the run is opened again.
+RUN_FILES = ("config.json", "train_config.json", "metrics.json", "report.html", "neighbors.npy")
+
+
 def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resume: bool, ctx: DistContext) -> None:
     """Refuse a folder that already holds a run unless resuming it; rank 0 writes the configs."""
     if not resume and (run_dir / "checkpoints" / "latest").exists():
@@ -284,7 +289,7 @@ def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resu
         run_dir.mkdir(parents=True, exist_ok=True)
         # What a killed run left half-written: checkpoint directories being written or replaced.
         owner.clean_temps(run_dir / "checkpoints")
-        owner.clean_temps(run_dir, ("config.json", "train_config.json", "metrics.json", "report.html"))
+        owner.clean_temps(run_dir, RUN_FILES)
         save_json(model_cfg, run_dir / "config.json")
         save_json(train_cfg, run_dir / "train_config.json")
 

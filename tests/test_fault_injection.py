@@ -241,6 +241,9 @@ def test_train_killed_anywhere_resumes_to_the_same_weights(setup, fork):
         kill_at(fork, args, np.random.default_rng(seed).uniform(0, took["train"]))
         if (out / "checkpoints" / "latest").exists():
             ckpt.load_model(out)  # what `latest` names is whole
+        if out.is_dir():  # as a kill while writing them leaves them (the mined neighbours, the metrics)
+            for name in (".neighbors.npy.tmp999999", ".metrics.json.tmp999998"):
+                (out / name).write_bytes(b"half a file")
         # The next run: --resume once the run saved its configs (with or without a checkpoint), else the same command.
         again = ["train", "--resume", "--out", out, "--no-eval", "-q", "--device", "cpu"]
         finish(fork, again if (out / "train_config.json").exists() else args)

@@ -2,6 +2,7 @@
 
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -172,7 +173,8 @@ def test_non_finite_input_is_refused_for_every_start(digits, backend, bad, sampl
     for init in starts:
         if isinstance(init, np.ndarray):
             init[3, 5] = 0.0  # the given centroids themselves are finite
-        with pytest.raises(DataError, match="NaN or infinite"):
+        with pytest.raises(DataError, match="NaN or infinite"), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the one-line error, not numpy warnings before it
             kmeans(x, 10, init=init, mixture_probs=probs, niter=3, backend=backend, max_points_per_centroid=mppc)
 
 

@@ -17,7 +17,7 @@ from mixem.evaluate import extract_features
 from mixem.metrics import cluster_accuracy, nmi
 from mixem.refine import NEIGHBORS, mine_neighbors, refine, start_partition
 from mixem.runlog import RunLog
-from mixem.training import train
+from mixem.training import RUN_FILES, train
 
 TINY_MODEL = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidden=32, mean=(0.29,), std=(0.35,))
 TINY_TRAIN = dict(
@@ -97,10 +97,14 @@ def test_kill_in_refinement_and_resume_equals_uninterrupted(tmp_path):
     cmd, kw = cli(*common, "--out", str(tmp_path / "killed"), cwd=tmp_path)
     done = kill_when(cmd, kw, tmp_path / "killed", lambda name: name.startswith("neighbors_0001"))
     assert done.startswith("neighbors_"), f"killed at {done}; the refinement stage must be in progress"
+    half = tmp_path / "killed" / f".{NEIGHBORS}.tmp999999"  # as a kill while mining leaves it
+    half.write_bytes(b"half the neighbours")
+    assert NEIGHBORS in RUN_FILES
     cmd, kw = cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
     subprocess.run(cmd, check=True, timeout=300, **kw)
 
     assert ckpt.resolve(tmp_path / "killed").name == ckpt.resolve(tmp_path / "full").name == "selflabel_0002"
+    assert not half.exists(), "the resumed run left a killed run's half-written neighbours behind"
     a = load_file(str(ckpt.resolve(tmp_path / "full") / "model.safetensors"))
     b = load_file(str(ckpt.resolve(tmp_path / "killed") / "model.safetensors"))
     for k in a:
