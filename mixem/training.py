@@ -13,6 +13,7 @@ import torch
 from mixem import checkpoint as ckpt
 from mixem import methods, owner
 from mixem.augment import build_augment
+from mixem.classes import CLASS_CENTROIDS, CLASSES
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
 from mixem.errors import ConfigError, TrainingDiverged
@@ -278,6 +279,8 @@ def run_stage(
 # The files a run writes atomically into its folder (refine's mined neighbours among them): a killed run's
 # half-written copies of these are removed when the run is opened again.
 RUN_FILES = ("config.json", "train_config.json", "metrics.json", "report.html", "neighbors.npy")
+# and what evaluation later writes into a finished checkpoint's folder (its scores, its classes)
+CHECKPOINT_EXTRAS = ("metrics.json", CLASSES, CLASS_CENTROIDS)
 
 
 def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resume: bool, ctx: DistContext) -> None:
@@ -290,6 +293,8 @@ def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resu
         # What a killed run left half-written: checkpoint directories being written or replaced.
         owner.clean_temps(run_dir / "checkpoints")
         owner.clean_temps(run_dir, RUN_FILES)
+        for d in (run_dir / "checkpoints").glob("[!.]*"):
+            owner.clean_temps(d, CHECKPOINT_EXTRAS)
         save_json(model_cfg, run_dir / "config.json")
         save_json(train_cfg, run_dir / "train_config.json")
 

@@ -244,6 +244,8 @@ def test_train_killed_anywhere_resumes_to_the_same_weights(setup, fork):
         if out.is_dir():  # as a kill while writing them leaves them (the mined neighbours, the metrics)
             for name in (".neighbors.npy.tmp999999", ".metrics.json.tmp999998"):
                 (out / name).write_bytes(b"half a file")
+            for d in (out / "checkpoints").glob("[!.]*_*"):  # and an evaluation's, in a finished checkpoint
+                (d / ".classes.json.tmp999997").write_bytes(b"half a file")
         # The next run: --resume once the run saved its configs (with or without a checkpoint), else the same command.
         again = ["train", "--resume", "--out", out, "--no-eval", "-q", "--device", "cpu"]
         finish(fork, again if (out / "train_config.json").exists() else args)

@@ -99,12 +99,15 @@ def test_kill_in_refinement_and_resume_equals_uninterrupted(tmp_path):
     assert done.startswith("neighbors_"), f"killed at {done}; the refinement stage must be in progress"
     half = tmp_path / "killed" / f".{NEIGHBORS}.tmp999999"  # as a kill while mining leaves it
     half.write_bytes(b"half the neighbours")
+    half_classes = tmp_path / "killed" / "checkpoints" / "epoch_0001" / ".classes.json.tmp999998"
+    half_classes.write_bytes(b"half an evaluation's classes")
     assert NEIGHBORS in RUN_FILES
     cmd, kw = cli("--resume", "--out", str(tmp_path / "killed"), "--no-eval", "--quiet", cwd=tmp_path)
     subprocess.run(cmd, check=True, timeout=300, **kw)
 
     assert ckpt.resolve(tmp_path / "killed").name == ckpt.resolve(tmp_path / "full").name == "selflabel_0002"
     assert not half.exists(), "the resumed run left a killed run's half-written neighbours behind"
+    assert not half_classes.exists(), "the resumed run left a killed evaluation's half-written classes behind"
     a = load_file(str(ckpt.resolve(tmp_path / "full") / "model.safetensors"))
     b = load_file(str(ckpt.resolve(tmp_path / "killed") / "model.safetensors"))
     for k in a:
