@@ -159,8 +159,7 @@ def kmeans(
 
             centroids, assign, dist = lloyd_torch(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev)
         elif how == "sklearn":
-            with np.errstate(invalid="ignore", over="ignore") if after else contextlib.nullcontext():
-                # (checked right after: NaN or inf in x gives a NaN distance, not a warning per numpy step)
+            with np.errstate(invalid="ignore", over="ignore") if after else contextlib.nullcontext():  # checked below
                 centroids, assign, dist = _lloyd_sklearn(x, c0, niter, mppc, int(redo_seeds[r]), overwrite_x)
         else:
             centroids, assign, dist = _lloyd_faiss(x, c0, niter, spherical, mppc, int(redo_seeds[r]), dev, x_sq)
