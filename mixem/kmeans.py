@@ -117,9 +117,8 @@ def kmeans(
     x: (N, D) float32. init: "kmeans++", "random", "mixture" (MIX'EM's start: the means of the argmax
     groups of `mixture_probs`, (N, K) row-aligned with x; see mixture_init_centroids), or (k, D) initial
     centroids. "mixture" and given centroids make one run: every redo would start from the same centres.
-    spherical: unit-norm centroids and inner-product
-    assignment (for L2-normalised x this is the same partition as L2). max_points_per_centroid:
-    None trains on every point; faiss's own default of 256 silently subsamples to 256·k points.
+    spherical: unit-norm centroids and inner-product assignment (for L2-normalised x this is the same partition
+    as L2). max_points_per_centroid: None trains on every point; faiss's default of 256 subsamples to 256·k.
     gpu: "auto" uses a GPU when there is one (faiss's, else torch's: resolve_backend); the result says
     where it ran. backend: "auto", or "sklearn" / "faiss" / "torch" to force one. overwrite_x: x may serve
     as scratch where it must be centred (far from the origin: centred in place and restored, each value to
