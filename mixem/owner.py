@@ -73,7 +73,9 @@ def foreign_entries(out: Path, kind: str, legacy: Iterable[str]) -> list[str]:
     if not names:
         return []
     info = read_lock(out) if LOCK in names else {}
-    if info.get("kind") == kind or (LOCK not in names and any((out / m).exists() for m in legacy)):
+    # A lock file without a readable record (an older version's kill between truncating and rewriting it)
+    # says nothing: the folder's own files decide, as for a folder from before lock files.
+    if info.get("kind") == kind or (not info.get("kind") and any((out / m).exists() for m in legacy)):
         return []
     if info.get("kind"):
         return [f"a mixem-fast {info['kind']} folder"]
@@ -173,9 +175,13 @@ def _check_without_flock(path: Path):
 
 
 def _write_record(fd: int, record: dict):
+    """Overwrite the record in place, never shorter than the file: no instant at which a kill leaves it empty
+    (truncating first did: a folder whose lock file is empty is no longer known as ours). A record shorter
+    than the last one is padded with spaces, which JSON allows after a value; a write of a few hundred bytes
+    to a regular file is not cut short by a signal."""
     data = (json.dumps(record, indent=1) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    size = os.fstat(fd).st_size
+    os.pwrite(fd, data + b" " * max(0, size - len(data)), 0)
     os.fsync(fd)
 
 

@@ -42,11 +42,11 @@ PRELOAD += ["mixem.cli.app", "mixem.embed", "mixem.clustering", "mixem.search", 
 PRELOAD += ["mixem.classification", "mixem.report", "matplotlib.figure"]
 
 
-def _cli(args: list[str]):
-    """A child: `mixem-fast ARGS`, output discarded; its exit status is the command's."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
+def _cli(args: list[str], log: str):
+    """A child: `mixem-fast ARGS`, its output to the file `log`; its exit status is the command's."""
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
     from mixem.cli.app import app
 
     try:
@@ -57,23 +57,27 @@ def _cli(args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def fork():
+def fork(tmp_path_factory):
     """start(args) -> a running child process of `mixem-fast ARGS`, forked from a preloaded forkserver."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     os.environ.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")  # the server's environment, for every child
     try:
-        first = ctx.Process(target=_cli, args=(["--help"],))  # starts the server with the preloads
+        first = ctx.Process(target=_cli, args=(["--help"], os.devnull))  # starts the server with the preloads
         first.start()
         first.join(300)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
+    logs = tmp_path_factory.mktemp("fault_logs")
+
     def start(args: list[str]):
-        p = ctx.Process(target=_cli, args=([str(a) for a in args],))
+        log = logs / f"{len(list(logs.iterdir())):04d}.log"
+        p = ctx.Process(target=_cli, args=([str(a) for a in args], str(log)))
         p.start()
+        p.log = log  # what the command printed: shown when a run that must succeed fails
         return p
 
     yield start
@@ -87,7 +91,8 @@ def finish(start, args) -> float:
     t = time.perf_counter()
     p = start(args)
     p.join(300)
-    assert p.exitcode == 0, f"mixem-fast {' '.join(map(str, args))} exited {p.exitcode}"
+    said = p.log.read_text(errors="replace")[-3000:] if p.log.exists() else ""
+    assert p.exitcode == 0, f"mixem-fast {' '.join(map(str, args))} exited {p.exitcode}; it printed:\n{said}"
     return time.perf_counter() - t
 
 

@@ -136,6 +136,30 @@ def test_one_owner_at_a_time_and_a_killed_owner_is_stale(model, fashion, tmp_pat
     cluster_run(out, 2, report=False)
 
 
+def test_a_lock_record_is_never_emptied_and_an_empty_one_does_not_orphan_the_folder(model, fashion, tmp_path):
+    """CI (stop 22): a kill between truncating the lock file and rewriting it left it empty, and the next
+    `cluster` refused the embedding folder as not ours. Records are now rewritten in place, never shorter;
+    and a lock file without a record (as that kill left it) leaves the decision to the folder's own files."""
+    root = images(tmp_path / "imgs", fashion, 8)
+    out = tmp_path / "out"
+    embed_folder(str(model), root, out, EmbedOptions(**OPTS))
+    with owner.claim(out, "embed", command="a command with a long name " * 8):
+        long = (out / owner.LOCK).stat().st_size
+    with owner.claim(out, "embed", command="short") as c:
+        assert c.previous["command"].startswith("a command with a long name")
+        assert (out / owner.LOCK).stat().st_size >= long, "the record was rewritten shorter: a kill could empty it"
+        assert owner.read_lock(out)["command"] == "short" and owner.read_lock(out)["state"] == "running"
+    assert owner.read_lock(out)["state"] == "done"
+
+    (out / owner.LOCK).write_bytes(b"")  # as the old truncate-then-write left it when killed in between
+    cluster_run(out, 2, report=False)
+    assert owner.read_lock(out)["kind"] == "embed" and (out / "cluster.set.json").is_file()
+    (out / owner.LOCK).write_bytes(b"")
+    with pytest.raises(OutputFolderError, match="not from a mixem-fast train run"):
+        with owner.claim(out, "train", command="train", legacy=("checkpoints",)):
+            pass  # an embedding folder is still not a train run's
+
+
 def test_paths_are_resolved_so_any_working_directory_works(model, fashion, tmp_path, monkeypatch):
     """Finding 4: the model path was stored as typed; search elsewhere failed, resume with the absolute path was
     refused."""
