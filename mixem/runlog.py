@@ -21,6 +21,7 @@ class RunLog:
         self.json_path = Path(json_path) if json_path and enabled else None
         if self.json_path:
             self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            _end_cut_line(self.json_path)
         self.t0 = time.perf_counter()
 
     def event(self, kind: str, **fields):
@@ -81,6 +82,17 @@ class _Bar:
         if self.progress:
             self.progress.stop()
         return False
+
+
+def _end_cut_line(path: Path) -> None:
+    """End a last line that a kill cut short, so the first event appended now starts a line of its own (readers
+    skip the cut one; without the newline it would swallow the next)."""
+    try:
+        with open(path, "rb+") as f:
+            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                f.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def _jsonable(o):

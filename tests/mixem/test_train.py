@@ -114,3 +114,19 @@ def test_lr_schedule_shape():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))  # non-increasing after warm-up
     assert f[-1] < 0.001
+
+
+def test_a_log_line_cut_by_a_kill_does_not_swallow_the_next_event(tmp_path):
+    from mixem.report_train import read_log
+    from mixem.runlog import RunLog
+
+    path = tmp_path / "log.jsonl"
+    RunLog(path, quiet=True).event("epoch", epoch=0)  # a new file
+    path.write_text('{"event": "epoch", "epoch": 1}\n{"event": "ep')  # a kill cut the last line short
+    RunLog(path, quiet=True).event("epoch", epoch=2)
+    assert [e["epoch"] for e in read_log(path)] == [1, 2]
+    RunLog(path, quiet=True).event("epoch", epoch=3)  # an intact last line: no blank line added
+    assert "\n\n" not in path.read_text() and [e["epoch"] for e in read_log(path)] == [1, 2, 3]
+    path.write_text("")
+    RunLog(path, quiet=True).event("epoch", epoch=4)
+    assert path.read_text().startswith('{"event": "epoch"')
