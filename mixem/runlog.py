@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,10 @@ def _end_cut_line(path: Path) -> None:
     skip the cut one; without the newline it would swallow the next)."""
     try:
         with open(path, "rb+") as f:
-            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+            if f.seek(0, os.SEEK_END) == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
                 f.write(b"\n")
     except FileNotFoundError:
         pass
