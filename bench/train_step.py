@@ -59,27 +59,27 @@ def _images(model_cfg, n: int) -> torch.Tensor:
 
 
 class _TwoViews(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, transform):
+    def __init__(self, images: torch.Tensor, transforms):
         from PIL import Image
 
         mode = "L" if images.shape[1] == 1 else "RGB"
         arr = images.permute(0, 2, 3, 1).numpy()
         self.pil = [Image.fromarray(a[..., 0] if mode == "L" else a, mode) for a in arr]
-        self.transform = transform
+        self.transforms = transforms  # (first view's, second view's)
 
     def __len__(self):
         return len(self.pil)
 
     def __getitem__(self, i):
         img = self.pil[i]
-        return self.transform(img), self.transform(img)
+        return self.transforms[0](img), self.transforms[1](img)
 
 
-def _torchvision_transform(model_cfg, train_cfg):
+def _torchvision_transform(model_cfg, train_cfg, crop_scale):
     from torchvision import transforms as T
 
     S, s = model_cfg.image_size, train_cfg.color_jitter
-    ops = [T.RandomResizedCrop(S, scale=train_cfg.crop_scale), T.RandomHorizontalFlip()]
+    ops = [T.RandomResizedCrop(S, scale=crop_scale), T.RandomHorizontalFlip()]
     if model_cfg.in_channels == 3:
         ops += [
             T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=train_cfg.jitter_p),
@@ -91,7 +91,7 @@ def _torchvision_transform(model_cfg, train_cfg):
 
 
 def setup(case, device) -> dict:
-    from mixem.augment import build_augment
+    from mixem.augment import build_views
     from mixem.model import MixEM
     from mixem.training import make_optimizer, step
 
@@ -114,8 +114,9 @@ def setup(case, device) -> dict:
         return one_step
 
     workers = min(8, os.cpu_count() or 1)
+    crops = (train_cfg.crop_scale, train_cfg.second_crop_scale or train_cfg.crop_scale)
     loader = torch.utils.data.DataLoader(
-        _TwoViews(images, _torchvision_transform(model_cfg, train_cfg)),
+        _TwoViews(images, [_torchvision_transform(model_cfg, train_cfg, c) for c in crops]),
         batch_size=B,
         shuffle=True,
         drop_last=True,
@@ -135,13 +136,13 @@ def setup(case, device) -> dict:
         return dl_step(torch.cat([v1, v2]).to(device, non_blocking=True))
 
     resident = images.to(device)
-    augment = build_augment(model_cfg, train_cfg).to(device)
+    two_views = build_views(model_cfg, train_cfg).to(device)  # the training loop's own views
     gen = torch.Generator().manual_seed(0)
 
     def views():
         idx = torch.randint(0, resident.shape[0], (B,), generator=gen).to(device)
         x = resident[idx]
-        return torch.cat([augment(x), augment(x)])
+        return two_views(x)
 
     def loop(one_step, threads: int = 0):
         def run():

@@ -8,21 +8,36 @@ from torch import nn
 from mixem.config import MixEMConfig, TrainConfig
 
 
-def build_augment(model_cfg: MixEMConfig, train_cfg: TrainConfig, erase: float = 0.0) -> nn.Module:
+def build_views(model_cfg: MixEMConfig, train_cfg: TrainConfig) -> nn.Module:
+    """uint8 (B, C, H, W) -> the two SimCLR views of every image, (2B, C, S, S): first views, then second.
+
+    The first view crops train_cfg.crop_scale of the image, the second second_crop_scale (asymmetric views,
+    as the global/local crops of SwAV and DINO; None = crop_scale, SimCLR's symmetric views, drawn as before).
+    """
+    first = build_augment(model_cfg, train_cfg)
+    second = first if train_cfg.second_crop_scale is None else build_augment(
+        model_cfg, train_cfg, crop_scale=train_cfg.second_crop_scale
+    )  # fmt: skip
+    return _TwoViews(first, second)
+
+
+def build_augment(
+    model_cfg: MixEMConfig, train_cfg: TrainConfig, erase: float = 0.0, crop_scale: tuple[float, float] | None = None
+) -> nn.Module:
     """uint8 (B, C, H, W) -> normalised float views (B, C, S, S), S = model_cfg.image_size.
 
     SimCLR's recipe: random resized crop, horizontal flip, colour jitter (brightness/contrast and, for
     RGB, saturation/hue) w.p. jitter_p, random grayscale (RGB), gaussian blur (on by default >= 64 px,
     kernel ~10 % of the side as in SimCLR). erase > 0 appends random erasing (Cutout-like, 2-25 % of the
     area, filled with the mean) with that probability: self-labelling's strong view. All parameters are
-    drawn per sample from torch's RNG.
+    drawn per sample from torch's RNG. crop_scale: the crop's area range (None = train_cfg.crop_scale).
     """
     import kornia.augmentation as K
 
     S, C = model_cfg.image_size, model_cfg.in_channels
     s = train_cfg.color_jitter
     ops: list[nn.Module] = [
-        K.RandomResizedCrop((S, S), scale=train_cfg.crop_scale, ratio=(3 / 4, 4 / 3), p=1.0),
+        K.RandomResizedCrop((S, S), scale=crop_scale or train_cfg.crop_scale, ratio=(3 / 4, 4 / 3), p=1.0),
         K.RandomHorizontalFlip(p=0.5),
     ]
     if s > 0 and train_cfg.jitter_p > 0:
@@ -50,3 +65,12 @@ class _Augment(nn.Module):
     @torch.no_grad()
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return self.seq(x_uint8.float().div_(255.0))
+
+
+class _TwoViews(nn.Module):
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first(x_uint8), self.second(x_uint8)])

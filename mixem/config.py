@@ -114,6 +114,7 @@ class TrainConfig:
     w_anchor: float = 1.0  # weight of the anchor loss (centres toward their soft cluster means + separation)
     anchor_temperature: float = 0.5  # tau_a of the centre separation (uniformity) term
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area range
+    second_crop_scale: tuple[float, float] | None = None  # the second view's crop range; None = crop_scale
     color_jitter: float = 0.8  # jitter strength s (brightness/contrast/saturation 0.8s... as SimCLR)
     jitter_p: float = 0.8  # probability of colour jitter
     grayscale_p: float = 0.2  # probability of random grayscale (RGB only)
@@ -169,9 +170,14 @@ class TrainConfig:
             raise ConfigError("selflabel_threshold must be below 1 (no probability passes 1), got 1")
         if self.refine_batch_size < 0 or self.refine_batch_size == 1:
             raise ConfigError(f"refine_batch_size must be 0 (= batch_size) or >= 2, got {self.refine_batch_size}")
-        self.crop_scale = tuple(float(c) for c in self.crop_scale)
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
+        for name in ("crop_scale", "second_crop_scale"):
+            scale = getattr(self, name)
+            if scale is None and name == "second_crop_scale":
+                continue
+            scale = tuple(float(c) for c in scale)
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ConfigError(f"{name} must be two numbers 0 < lo <= hi <= 1, got {scale}")
+            setattr(self, name, scale)
 
 
 MAX_IMAGE_SIZE = 2048  # pixels a side: 2048^2 x 3 bytes x a batch of 256 is already 3 GiB of pixels per batch
@@ -245,6 +251,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             warmup_epochs=1.0,
             temperature=0.5,
             crop_scale=(0.35, 1.0),
+            # Asymmetric views: the second is a mild crop (README "cpu preset"): digits +0.06 ACC on every seed,
+            # Fashion-MNIST level (seeds 0-2), against both views at 35-100 %.
+            second_crop_scale=(0.8, 1.0),
             color_jitter=0.5,
             jitter_p=0.8,
             grayscale_p=0.0,

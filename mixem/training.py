@@ -12,7 +12,7 @@ import torch
 
 from mixem import checkpoint as ckpt
 from mixem import methods, owner
-from mixem.augment import build_augment
+from mixem.augment import build_views
 from mixem.classes import CLASS_CENTROIDS, CLASSES
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
@@ -178,7 +178,7 @@ def _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run
     open_run(run_dir, model_cfg, train_cfg, resume, ctx)
 
     fwd_model = wrap_for_training(model, train_cfg, ctx, device)
-    augment = build_augment(model_cfg, train_cfg).to(device)
+    two_views = build_views(model_cfg, train_cfg).to(device)
     images = images.to(device)
     autocast = autocast_for(train_cfg, device)
     params = sum(p.numel() for p in model.parameters())
@@ -194,7 +194,7 @@ def _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run
 
     def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
         x = images[idx]
-        views = torch.cat([augment(x), augment(x)]).contiguous(memory_format=torch.channels_last)  # (2B, C, S, S)
+        views = two_views(x).contiguous(memory_format=torch.channels_last)  # (2B, C, S, S)
         return step(fwd_model, views, opt, sched, train_cfg, ctx, autocast)
 
     history, seconds = run_stage(

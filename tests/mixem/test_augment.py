@@ -1,0 +1,61 @@
+"""The two training views: each takes its own crop range; symmetric views draw exactly as before."""
+
+import pytest
+import torch
+
+from mixem.augment import build_augment, build_views
+from mixem.config import MixEMConfig, TrainConfig
+from mixem.errors import ConfigError
+
+MODEL = MixEMConfig(backbone="convnet", width=8, image_size=28, in_channels=1, mean=(0.5,), std=(0.5,))
+PLAIN = dict(jitter_p=0.0, blur=False, grayscale_p=0.0)  # crops and flips only
+
+
+def _ramps(n: int) -> torch.Tensor:
+    """n uint8 images whose pixel value is 9 x the column: a crop's value range is its width."""
+    ramp = (torch.arange(28) * 9).to(torch.uint8)
+    return ramp.expand(n, 1, 28, 28).contiguous()
+
+
+def _widths(views: torch.Tensor) -> torch.Tensor:
+    """Each view's value range as a share of the whole image's (1.0 = the crop spans every column)."""
+    full = (27 * 9 / 255) / 0.5  # after Normalize(0.5, 0.5)
+    flat = views.flatten(1)
+    return (flat.amax(1) - flat.amin(1)) / full
+
+
+def test_second_view_takes_its_own_crop_range():
+    torch.manual_seed(0)
+    cfg = TrainConfig(crop_scale=(0.1, 0.1), second_crop_scale=(1.0, 1.0), **PLAIN)
+    views = build_views(MODEL, cfg)(_ramps(64))
+    assert views.shape == (128, 1, 28, 28)
+    first, second = _widths(views[:64]), _widths(views[64:])
+    assert first.max() < 0.6, first  # a 10 % crop spans at most ~37 % of the columns (aspect 3/4..4/3)
+    assert second.min() > 0.95, second  # the whole image
+    # Symmetric views (the default): both halves are the small crops.
+    torch.manual_seed(0)
+    sym = build_views(MODEL, TrainConfig(crop_scale=(0.1, 0.1), **PLAIN))(_ramps(64))
+    assert _widths(sym).max() < 0.6
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_symmetric_views_draw_as_two_calls_of_one_augmentation(seed):
+    """second_crop_scale=None must consume the RNG as before it existed: old runs resume to the same weights."""
+    cfg = TrainConfig(crop_scale=(0.35, 1.0))  # SimCLR's jitter on, so the stream's every draw counts
+    x = torch.randint(0, 256, (33, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    new = build_views(MODEL, cfg)(x)
+    torch.manual_seed(seed)
+    aug = build_augment(MODEL, cfg)
+    old = torch.cat([aug(x), aug(x)])
+    assert torch.equal(new, old)
+
+
+def test_second_crop_scale_is_checked():
+    assert TrainConfig(second_crop_scale=[0.8, 1]).second_crop_scale == (0.8, 1.0)  # a JSON list
+    assert TrainConfig().second_crop_scale is None
+    for bad in ([0.0, 1.0], [0.5, 1.2], [0.9, 0.8], [0.5]):
+        with pytest.raises(ConfigError, match=r"^second_crop_scale must be two numbers 0 < lo <= hi <= 1"):
+            TrainConfig(second_crop_scale=bad)
+    with pytest.raises(ConfigError, match="^second_crop_scale must be a list of numbers or null"):
+        TrainConfig(second_crop_scale="0.8")
