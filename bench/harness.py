@@ -277,7 +277,7 @@ def run(
     """Run one benchmark; returns the result dict, with the JSON file it wrote under "path".
 
     settings ("--set KEY=VALUE"): for a benchmark of cases, keep only the cases whose fields equal these
-    values (compared as strings), e.g. {"M": 4096, "dtype": "bfloat16"}, to fit a long grid into a
+    values (compared as strings; "a,b" takes either), e.g. {"M": "4096,65536", "dtype": "bfloat16"}, to fit a long grid into a
     time-limited GPU session; for a study (a module with PARAMS and study()), its parameters.
     """
     modules = _modules()
@@ -332,7 +332,8 @@ def _run_cases(mod, dev: torch.device, quick: bool, select: dict) -> dict:
         )
         not_measured.append("ceilings (matmul TFLOP/s, copy GB/s) and fraction of the floor: need a GPU")
         not_measured.append("per-candidate peak memory: on CPU only the process RSS is recorded")
-    chosen = [c for c in mod.cases(quick) if all(str(c.get(k)) == str(v) for k, v in select.items())]
+    wanted = {k: {w.strip() for w in str(v).split(",")} for k, v in select.items()}  # "M=4096,65536": either
+    chosen = [c for c in mod.cases(quick) if all(str(c.get(k)) in vs for k, vs in wanted.items())]
     if not chosen:
         raise ConfigError(
             f"{mod.NAME}: no case matches {select}; its cases have the fields "

@@ -170,7 +170,7 @@ def bench(
         list[str] | None,
         typer.Option(
             "--set",
-            help="KEY=VALUE, repeatable: run only the cases with this field value (e.g. M=4096), or set a "
+            help="KEY=VALUE, repeatable: run only the cases with this field value (e.g. M=4096; M=4096,65536 takes either), or set a "
             "study's parameter (e.g. seeds=0,1,2).",
         ),
     ] = None,

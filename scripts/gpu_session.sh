@@ -12,6 +12,12 @@
 #   bash scripts/gpu_session.sh train      # train_step (loop vs DataLoader), embed_pipeline (nvJPEG decode)
 #   bash scripts/gpu_session.sh engines    # embed_engines (torch vs onnxruntime on the GPU), cluster_faiss (GPU k-means)
 #   bash scripts/gpu_session.sh fmnist [MIN]   # paper preset on the 70k Fashion-MNIST for MIN minutes (8)
+# Or everything that fits in one call (a session's 15 device minutes hold one start and one ~9-minute call):
+#   bash scripts/gpu_session.sh own        # here: .whl/own/, this package as a wheel (install fallback there)
+#   bash scripts/gpu_session.sh all [S]    # there, carry [".whl", ".data"]: S seconds in all (560); steps in
+#       order of what only a GPU can show, each cut to the time left: the compiled kernel tests beside GPU training
+#       runs (quickstart and digits, cpu preset, bf16 + Triton losses), then the benchmarks; $OUT/gpu_all.tgz
+#       holds every log and JSON (re-packed after each step, so a cut call still returns what finished).
 # Results: copy $OUT's JSON into bench/results/ (the harness names them by device) and commit them.
 set -uo pipefail
 stage=${1:?usage: bash scripts/gpu_session.sh wheels|data|check|kernels|kernels32|train|engines|fmnist [minutes]}
@@ -28,12 +34,14 @@ ignore() {  # keep a carried folder out of git (device README: carried paths are
 WHEELS=(faiss-cpu==1.15.1 kornia==0.9.0 kornia_rs==0.2.0 pytorch-metric-learning==2.9.0 embedding-reader==1.8.1)
 
 setup_device() {
+  if [ -n "${DRY:-}" ]; then echo "DRY: no GPU setup"; return; fi  # here, to try a stage's logic on the CPU
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed: run 'bash scripts/gpu_session.sh wheels' here and carry .whl"; exit 1; }
   export PYTHONPATH=/tmp/site
   python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e . >/dev/null \
-    || python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir . >/dev/null || exit 1
+    || python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir . >/dev/null \
+    || python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl/own/*.whl || exit 1
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 }
 
@@ -61,6 +69,55 @@ case $stage in
     [ -d "$src" ] || { tmp=$(mktemp -d); (cd "$tmp" && apt-get download dataset-fashion-mnist && dpkg-deb -x ./*.deb x) \
       && src=$tmp/x/usr/share/datasets/fashion-mnist; }
     cp "$src"/*-ubyte.gz .data/fashion-mnist/ && ls -la .data/fashion-mnist ;;
+  own)
+    mkdir -p .whl/own && ignore .whl && rm -f .whl/own/*.whl && python3 -m pip wheel -q --no-deps -w .whl/own . ;;
+  all)
+    budget=${2:-560}
+    work=/tmp/gpu_all; mkdir -p "$work"
+    deadline=$((SECONDS + budget - 25))  # 25 s kept for the last packing
+    left() { local l=$((deadline - SECONDS)); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
+    pack() { tar -C "$work" -czf "$OUT/gpu_all.tgz.part" . && mv "$OUT/gpu_all.tgz.part" "$OUT/gpu_all.tgz"; }
+    OUT_FINAL=$OUT; OUT=$work  # steps log under $work; only the packed archive goes back
+    setup_device 2>&1 | tee "$work/setup.log"
+    export PYTHONPATH=/tmp/site
+    nvidia-smi > "$work/nvidia-smi.txt" 2>&1
+    python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|onnxruntime|faiss|kornia|scikit-learn) ' > "$work/versions.txt"
+    # 1. Untimed work side by side: the compiled kernel tests (+ the GPU-marked tests elsewhere) on 8 workers,
+    #    and six GPU training runs (quickstart and digits, seeds 0-2, `cpu` preset: bf16 autocast, Triton losses).
+    python3 -c "from sklearn.datasets import load_digits as l; import numpy as np; d=l(); np.savez('$work/digits.npz', images=np.clip(d.images*16, 0, 255).astype(np.uint8), labels=d.target)"
+    t=$(left 170)
+    xd=""; python3 -c "import xdist" 2>/dev/null && xd="-n 8"
+    ( timeout "$t" python3 -m pytest -q -rs -p no:cacheprovider $xd tests/kernels --ignore=tests/kernels/test_sm90_build.py \
+        --junitxml="$work/tests_kernels.xml" > "$work/tests_kernels.log" 2>&1; echo "rc=$?" >> "$work/tests_kernels.log"
+      timeout "$(left 60)" python3 -m pytest -q -rs -p no:cacheprovider tests/mixem tests/export -m "gpu and not trt" \
+        > "$work/tests_gpu_marked.log" 2>&1; echo "rc=$?" >> "$work/tests_gpu_marked.log" ) &
+    tests_pid=$!
+    for s in 0 1 2; do
+      for set in quickstart digits; do
+        data=""; [ $set = digits ] && data="$work/digits.npz"
+        OMP_NUM_THREADS=1 timeout "$t" python3 -m mixem.cli train $data --preset cpu --seed $s --out "$work/runs/${set}_$s" \
+          --json-log "$work/runs/${set}_$s.jsonl" > "$work/train_${set}_$s.log" 2>&1 &
+      done
+    done
+    wait
+    mkdir -p "$work/metrics"
+    for f in "$work"/runs/*/metrics.json; do [ -f "$f" ] && cp "$f" "$work/metrics/$(basename "$(dirname "$f")").json"; done
+    rm -rf "$work/runs"/*/  # checkpoints stay there; the logs and metrics come back
+    tail -n 3 "$work"/tests_*.log; grep -h "headline\|ACC" "$work"/train_*.log | tail -n 12
+    OUT=$OUT_FINAL pack
+    # 2. Timed, one at a time: kernels first (the fused loss against eager and torch.compile; M = 262144 is where
+    #    the 2M x 2M matrix no longer fits), then the training step and the mixture kernel, then clustering.
+    bench() { local name=$1 cap=$2; shift 2; local t; t=$(left "$cap"); [ "$t" -gt 20 ] || { echo "== $name: no time left"; return; }
+      step "$name" timeout "$t" python3 -m mixem.cli bench "$@" --out "$work/$name"; OUT=$OUT_FINAL pack; }
+    bench nt_xent 130 kernel_nt_xent --set D=32,128 --set dtype=bfloat16 --set M=8192,65536 --set phase=fwd+bwd
+    bench nt_xent_fp32 50 kernel_nt_xent --set D=128 --set dtype=float32 --set M=65536 --set phase=fwd+bwd
+    bench nt_xent_large 60 kernel_nt_xent --set D=32 --set dtype=bfloat16 --set M=262144 --set phase=fwd,fwd+bwd
+    bench train_step 70 train_step
+    bench mixture_entropy 45 kernel_mixture_entropy --set dtype=bfloat16 --set K=10,100 --set B=65536,1048576 --set phase=fwd+bwd
+    bench cluster_faiss 70 cluster_faiss
+    bench embed_engines 60 embed_engines
+    OUT=$OUT_FINAL pack
+    echo "== all: $SECONDS s"; ls -la "$work" "$OUT_FINAL" ;;
   check)
     setup_device
     # Compiled kernels (no TRITON_INTERPRET on a CUDA machine: tests/conftest.py), bf16 cases and the

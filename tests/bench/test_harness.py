@@ -72,6 +72,20 @@ def test_unknown_settings_are_one_line_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_setting_may_list_several_values(tmp_path, monkeypatch):
+    import mixem.bench.kernel_mixture_entropy as mod
+
+    grid = [{"B": B, "K": K, "dtype": "float32", "phase": "fwd"} for B in (5, 7, 9) for K in (2, 3)]
+    monkeypatch.setattr(mod, "cases", lambda quick: grid)
+    from mixem.losses import mixture_terms_torch
+
+    monkeypatch.setattr(mod, "_compiled", lambda: mixture_terms_torch)  # no compiles in a selection test
+    res = run(
+        "kernel_mixture_entropy", quick=True, out_dir=str(tmp_path), device="cpu", settings={"B": "5, 9", "K": "3"}
+    )
+    assert [(c["case"]["B"], c["case"]["K"]) for c in res["cases"]] == [(5, 3), (9, 3)]
+
+
 def test_interleaved_timing_runs_the_candidates_round_robin_and_keeps_their_errors():
     from mixem.bench import timing
 
