@@ -145,12 +145,12 @@ def measure_ceilings(dev: torch.device) -> dict:
     out = {}
     for dtype in (torch.bfloat16, torch.float32):
         a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-        ms = do_bench(lambda a=a, b=b: a @ b, warmup=25, rep=100, quantiles=[0.5])[0]
+        ms = do_bench(lambda a=a, b=b: a @ b, warmup=25, rep=100, return_mode="median")
         out[f"matmul_{str(dtype).split('.')[1]}_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
     a = b = None  # free before the copy's 2 GiB
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100, quantiles=[0.5])[0]
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")  # one quantile: a float in Triton 3.6
     out["copy_gbps"] = 2 * x.numel() / (ms * 1e-3) / 1e9  # read + write
     x = y = None
     torch.cuda.empty_cache()

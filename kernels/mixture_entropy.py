@@ -94,8 +94,9 @@ def _mixture_bwd_kernel(
     tl.store(DA + rows[:, None] * stride_da + cols[None, :], da.to(DA.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return isinstance(_mixture_fwd_kernel, InterpretedFunction)
+# Fixed when the kernels are defined (TRITON_INTERPRET is read at import). A constant, not a call: Dynamo traces
+# _check under torch.compile and cannot evaluate isinstance() on a compiled Triton kernel (seen on an H200).
+INTERPRETING = isinstance(_mixture_fwd_kernel, InterpretedFunction)
 
 
 def _on(t: torch.Tensor):
@@ -122,9 +123,9 @@ def _check(logits: torch.Tensor) -> None:
         raise MixEMError(f"the mixture kernel supports K <= {MAX_K}, got K = {logits.shape[1]}; use impl='torch'")
     if logits.numel() >= 2**31:  # the kernels index with int32
         raise MixEMError(f"the mixture kernel takes fewer than 2^31 logits, got {logits.numel()}")
-    if logits.device.type != "cuda" and not _interpreting():
+    if logits.device.type != "cuda" and not INTERPRETING:
         raise MixEMError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
-    if _interpreting() and logits.dtype == torch.bfloat16:
+    if INTERPRETING and logits.dtype == torch.bfloat16:
         raise MixEMError("bfloat16 needs a GPU: Triton's CPU interpreter computes bf16 wrongly; use float16 or float32")
 
 

@@ -129,6 +129,11 @@ def _interpreting(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+# Fixed when the kernels are defined (TRITON_INTERPRET is read at import). A constant, not a call: Dynamo traces
+# _check under torch.compile and cannot evaluate isinstance() on a compiled Triton kernel (seen on an H200).
+INTERPRETING = _interpreting(_ntxent_lse_fwd_kernel)
+
+
 def _on(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -149,7 +154,7 @@ def _check(*zs: torch.Tensor) -> None:
         raise MixEMError(
             f"the NT-Xent kernel takes fewer than 2^31 elements per matrix, got {max(t.numel() for t in zs)}"
         )
-    interp = _interpreting(_ntxent_lse_fwd_kernel)
+    interp = INTERPRETING
     if z.device.type != "cuda" and not interp:
         raise MixEMError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
     if interp and z.dtype == torch.bfloat16:

@@ -82,6 +82,7 @@ case $stage in
     export PYTHONPATH=/tmp/site
     nvidia-smi > "$work/nvidia-smi.txt" 2>&1
     python3 -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|onnxruntime|faiss|kornia|scikit-learn) ' > "$work/versions.txt"
+    if [ -z "${SKIP_UNTIMED:-}" ]; then  # SKIP_UNTIMED=1: the benchmarks alone (a second call)
     # 1. Untimed work side by side: the compiled kernel tests (+ the GPU-marked tests elsewhere) on 8 workers,
     #    and six GPU training runs (quickstart and digits, seeds 0-2, `cpu` preset: bf16 autocast, Triton losses).
     python3 -c "from sklearn.datasets import load_digits as l; import numpy as np; d=l(); np.savez('$work/digits.npz', images=np.clip(d.images*16, 0, 255).astype(np.uint8), labels=d.target)"
@@ -93,6 +94,7 @@ case $stage in
         > "$work/tests_gpu_marked.log" 2>&1; echo "rc=$?" >> "$work/tests_gpu_marked.log" ) &
     tests_pid=$!
     for s in 0 1 2; do
+      [ -n "${NO_TRAIN:-}" ] && break  # NO_TRAIN=1: the tests and benchmarks without the training runs
       for set in quickstart digits; do
         data=""; [ $set = digits ] && data="$work/digits.npz"
         OMP_NUM_THREADS=1 timeout "$t" python3 -m mixem.cli train $data --preset cpu --seed $s --out "$work/runs/${set}_$s" \
@@ -105,6 +107,7 @@ case $stage in
     rm -rf "$work/runs"/*/  # checkpoints stay there; the logs and metrics come back
     tail -n 3 "$work"/tests_*.log; grep -h "headline\|ACC" "$work"/train_*.log | tail -n 12
     OUT=$OUT_FINAL pack
+    fi
     # 2. Timed, one at a time: kernels first (the fused loss against eager and torch.compile; M = 262144 is where
     #    the 2M x 2M matrix no longer fits), then the training step and the mixture kernel, then clustering.
     bench() { local name=$1 cap=$2; shift 2; local t; t=$(left "$cap"); [ "$t" -gt 20 ] || { echo "== $name: no time left"; return; }
