@@ -133,11 +133,14 @@ def setup(case: dict, device) -> dict:
 
 
 def check(case: dict, candidates: dict) -> dict:
-    """Same init and iterations: mixem_cpu's objective (sum of squared distances) within 1e-4 of scikit-learn's,
-    the others (another rule for empty clusters, other float sums) within 1 %."""
+    """Same init and iterations: mixem_cpu's objective (sum of squared distances) at most 1e-4 above scikit-learn's
+    (below is no fault: on 16 threads another float summation order moved near-ties over 20 iterations of the 1M
+    case to a 3e-4 lower objective on an H200 machine), the others (another rule for empty clusters, other float
+    sums) within 1 %."""
     sk_obj, sk_iter = candidates["sklearn"]()
     ours, _ = candidates["mixem_cpu"]()
-    assert abs(ours - sk_obj) <= 1e-4 * sk_obj, f"mixem_cpu objective {ours:.8g} vs sklearn {sk_obj:.8g}"
+    gap = (ours - sk_obj) / sk_obj  # > 0: ours is worse
+    assert -0.01 <= gap <= 1e-4, f"mixem_cpu objective {ours:.8g} vs sklearn {sk_obj:.8g} (relative {gap:+.2g})"
     fa_obj, _ = candidates["faiss_cpu"]()
     assert abs(fa_obj - sk_obj) <= 0.01 * sk_obj, f"faiss objective {fa_obj:.6g} vs sklearn {sk_obj:.6g}"
     names = ("sklearn_nocopy", "sklearn_elkan", "torch_cpu", "faiss_gpu", "torch_gpu")
@@ -150,7 +153,7 @@ def check(case: dict, candidates: dict) -> dict:
     return {
         "sklearn_objective": sk_obj,
         "mixem_cpu_objective": ours,
-        "mixem_cpu_relative_gap": abs(ours - sk_obj) / sk_obj,
+        "mixem_cpu_relative_gap": gap,  # signed: below 0, a lower objective than scikit-learn's
         "faiss_objective": fa_obj,
         "sklearn_iterations": int(sk_iter),
         **{f"{name}_objective": obj for name, obj in other_obj.items()},
