@@ -27,7 +27,7 @@ KMEANS_BACKENDS = ("auto", "sklearn", "faiss", "torch")  # mixem.kmeans.resolve_
 EVAL_FEATURES = ("backbone", "embedding")  # what `eval` clusters unless told otherwise
 EVAL_INITS = ("mixture", "kmeans++")  # and from which starts
 OPTIMIZERS = ("adam", "adamw")
-TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast on CUDA, fp32 on the CPU
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where native (CUDA, AVX512_BF16/AMX CPUs), else fp32
 ENGINE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the torch engine; auto = fp16 on CUDA, fp32 on the CPU
 DATA_FORMATS = ("folder", "npz", "idx", "cifar10", "cifar100", "cifar100-20", "stl10")  # mixem.data
 SPLITS = ("auto", "train", "test", "all", "unlabeled")
@@ -120,7 +120,7 @@ class TrainConfig:
     grayscale_p: float = 0.2  # probability of random grayscale (RGB only)
     blur: bool | None = None  # gaussian blur; None = on for images >= 64 px (SimCLR)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     impl: str = "auto"  # loss kernels: auto (Triton on CUDA) | triton | torch
     seed: int = 0  # seeds torch, numpy and the augmentation stream

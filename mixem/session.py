@@ -178,7 +178,7 @@ def _saved_configs(out: Path) -> tuple[MixEMConfig, TrainConfig | None]:
 
 
 def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
-    from mixem.training import train
+    from mixem.training import train, uses_bf16
 
     log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet, enabled=ctx.main)
     if ctx.enabled:
@@ -187,6 +187,9 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         f"mixem-fast train: preset {name}, {model_cfg.backbone} {model_cfg.in_channels}x{model_cfg.image_size}px, "
         f"K={model_cfg.components}, method {train_cfg.method}, {train_cfg.epochs} epochs x batch {train_cfg.batch_size} "
         f"-> {train_cfg.out}"
+    )
+    log.print(
+        f"device {device}, {'bf16 autocast' if uses_bf16(train_cfg, device) else 'fp32'} (precision {train_cfg.precision})"
     )
     ds = load_data(train_cfg, model_cfg, log)
     fitted = with_min_steps(train_cfg, len(ds.images))

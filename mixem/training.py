@@ -21,7 +21,7 @@ from mixem.files import save_json
 from mixem.model import MixEM, MixEMOutput
 from mixem.objectives import detach_terms, objective
 from mixem.runlog import RunLog
-from mixem.runtime import resolve_device
+from mixem.runtime import native_bf16, resolve_device
 
 
 @dataclass
@@ -218,9 +218,13 @@ def make_schedule(opt, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps))
 
 
+def uses_bf16(train_cfg: TrainConfig, device: torch.device) -> bool:
+    """precision "auto": bf16 autocast where the device computes bf16 natively (runtime.native_bf16)."""
+    return train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and native_bf16(device))
+
+
 def autocast_for(train_cfg: TrainConfig, device: torch.device):
-    use_bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(train_cfg, device) else nullcontext()
 
 
 def run_stage(
