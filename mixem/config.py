@@ -227,7 +227,7 @@ def bounded(cfg, open_low: bool = False, **limits: tuple[float, float]) -> None:
 
 # Presets are named sets of field overrides, applied before the user's own overrides.
 # "paper": the released MIX'EM recipe (alivaramesh/MIXEM): ResNet-18, K=10, D=32, Adam 1e-4, bs 512, 200 ep.
-# "cpu": chosen for ~3 minutes on 2 CPU cores on 28 px grayscale images (README, "CPU recipe").
+# "cpu": chosen for ~4 minutes on 2 CPU cores (bf16 where native) on 28 px grayscale images (README, "Quickstart").
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {"model": {}, "train": {}},
     "cpu": {
