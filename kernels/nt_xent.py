@@ -154,10 +154,9 @@ def _check(*zs: torch.Tensor) -> None:
         raise MixEMError(
             f"the NT-Xent kernel takes fewer than 2^31 elements per matrix, got {max(t.numel() for t in zs)}"
         )
-    interp = INTERPRETING
-    if z.device.type != "cuda" and not interp:
+    if z.device.type != "cuda" and not INTERPRETING:
         raise MixEMError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
-    if interp and z.dtype == torch.bfloat16:
+    if INTERPRETING and z.dtype == torch.bfloat16:
         raise MixEMError(
             "bfloat16 needs a GPU: Triton's CPU interpreter computes bf16 dots wrongly; use float16 or float32"
         )
