@@ -186,10 +186,8 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
     log.print(
         f"mixem-fast train: preset {name}, {model_cfg.backbone} {model_cfg.in_channels}x{model_cfg.image_size}px, "
         f"K={model_cfg.components}, method {train_cfg.method}, {train_cfg.epochs} epochs x batch {train_cfg.batch_size} "
-        f"-> {train_cfg.out}"
-    )
-    log.print(
-        f"device {device}, {'bf16 autocast' if uses_bf16(train_cfg, device) else 'fp32'} (precision {train_cfg.precision})"
+        f"-> {train_cfg.out}\ndevice {device}, {'bf16 autocast' if uses_bf16(train_cfg, device) else 'fp32'} "
+        f"(precision {train_cfg.precision})"
     )
     ds = load_data(train_cfg, model_cfg, log)
     fitted = with_min_steps(train_cfg, len(ds.images))
