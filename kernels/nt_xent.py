@@ -125,13 +125,10 @@ def _ntxent_lse_bwd_kernel(
     )
 
 
-def _interpreting(kernel) -> bool:
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Fixed when the kernels are defined (TRITON_INTERPRET is read at import). A constant, not a call: Dynamo traces
-# _check under torch.compile and cannot evaluate isinstance() on a compiled Triton kernel (seen on an H200).
-INTERPRETING = _interpreting(_ntxent_lse_fwd_kernel)
+# Fixed when the kernels are defined (TRITON_INTERPRET is read at import, for every kernel of the module alike). A
+# constant, not a call: Dynamo traces _check under torch.compile and cannot evaluate isinstance() on a compiled
+# Triton kernel (seen on an H200).
+INTERPRETING = isinstance(_ntxent_lse_fwd_kernel, InterpretedFunction)
 
 
 def _on(t: torch.Tensor):
@@ -191,7 +188,7 @@ def _config(RA: int, RB: int, D: int, dtype: torch.dtype, backward: bool, interp
 def _launch(kernel, a: torch.Tensor, b: torch.Tensor, backward: bool, *args, **meta) -> None:
     """One program per BM rows of a (against every row of b), with the tile config for this shape."""
     RA, D = a.shape
-    cfg = _config(RA, b.shape[0], D, a.dtype, backward, _interpreting(kernel))
+    cfg = _config(RA, b.shape[0], D, a.dtype, backward, INTERPRETING)
     acc = tl.float64 if a.dtype == torch.float64 else tl.float32
     with _on(a):
         kernel[(triton.cdiv(RA, cfg["BM"]),)](*args, ACC=acc, **meta, **cfg)

@@ -109,7 +109,7 @@ def mixture(dtype, B, K, kind):
 
 
 if __name__ == "__main__":
-    assert not nx._interpreting(nx._ntxent_lse_fwd_kernel), "run without TRITON_INTERPRET"
+    assert not nx.INTERPRETING, "run without TRITON_INTERPRET"
     for D in (32, 128, 256):
         for kind in ("fwd", "bwd", "bwd_cols"):
             nt_xent(torch.bfloat16, 65536, D, kind)
