@@ -5,10 +5,13 @@ Both candidates train the same model with the same optimiser and loss on the sam
   dataloader: the usual SimCLR recipe: PIL images, torchvision transforms in DataLoader workers
               (two views per image), batches copied to the device;
   on_device:  mixem-fast's loop: uint8 images resident on the device, kornia augmentation of the
-              whole batch there, per-sample random parameters; channels_last, eager, torch's threads.
+              whole batch there, per-sample random parameters; channels_last, eager, torch's threads,
+              and the precision `train` picks there (mixem.training.uses_bf16: bf16 autocast on CUDA and on
+              CPUs with native bf16, AVX512_BF16 or AMX; fp32 elsewhere).
 Variants of on_device, each one change: _contiguous (NCHW memory), _compiled (torch.compile of the model;
-its compilation is the warm-up call, not timed), _1thread (torch.set_num_threads(1) for the step), and on the
-CPU _bf16 (bf16 autocast, which CUDA steps always use; fast where the CPU has native bf16, AVX512_BF16 or AMX).
+its compilation is the warm-up call, not timed), _1thread (torch.set_num_threads(1) for the step), and the
+other precision: _fp32 where `train` takes bf16, _bf16 where it takes fp32 (on a CPU without native bf16).
+Both loops run in `train`'s precision, so dataloader vs on_device compares loops, not arithmetic.
 check() trains eager and compiled models from the same start on the same views: their loss curves agree.
 """
 
@@ -94,12 +97,12 @@ def _torchvision_transform(model_cfg, train_cfg, crop_scale):
 def setup(case, device) -> dict:
     from mixem.augment import build_views
     from mixem.model import MixEM
-    from mixem.training import make_optimizer, step
+    from mixem.training import make_optimizer, step, uses_bf16
 
     model_cfg, train_cfg = _configs(case)
     B = case["batch"]
     images = _images(model_cfg, max(4 * B, 1024))
-    use_bf16 = device.type == "cuda"
+    use_bf16 = uses_bf16(train_cfg, device)  # what `train` runs here
 
     def make_step(layout=torch.channels_last, compiled: bool = False, bf16: bool = use_bf16):
         torch.manual_seed(0)
@@ -166,8 +169,8 @@ def setup(case, device) -> dict:
         "on_device_compiled": loop(make_step(compiled=True)),
         "on_device_1thread": loop(make_step(), threads=1),
     }
-    if not use_bf16:
-        out["on_device_bf16"] = loop(make_step(bf16=True))
+    other = "on_device_fp32" if use_bf16 else "on_device_bf16"  # the precision `train` does not pick here
+    out[other] = loop(make_step(bf16=not use_bf16))
     return out
 
 
@@ -179,7 +182,7 @@ def check(case, candidates) -> dict:
     """Every loop trains (finite loss); eager, compiled and NCHW models from one start, stepped on the same views,
     follow the same loss curve: the first loss within 1e-4, the next within 1e-2 (the variants' kernels sum in
     another order, and each step's rounding moves the next step's weights: 1.2e-3 after 4 steps, observed).
-    A bf16 variant (CPU) follows it within 3e-2 (bf16 keeps ~3 significant digits of each product)."""
+    The other precision's model follows it within 3e-2 (bf16 keeps ~3 significant digits of each product)."""
     make_step = _STATE["make_step"]
     fixed = [_STATE["views"]() for _ in range(CURVE_STEPS)]
     losses = {name: float(fn()) for name, fn in candidates.items()}
@@ -187,13 +190,13 @@ def check(case, candidates) -> dict:
         assert v == v and abs(v) < 1e6, f"{name}: loss {v}"
     curves = {}
     variants = {"eager": {}, "compiled": {"compiled": True}, "contiguous": {"layout": torch.contiguous_format}}
-    if "on_device_bf16" in candidates:
-        variants["bf16"] = {"bf16": True}
+    other = next(n for n in ("on_device_fp32", "on_device_bf16") if n in candidates)
+    variants["other_precision"] = {"bf16": other == "on_device_bf16"}  # "eager" is on_device: train's precision
     for name, kw in variants.items():
         one_step = make_step(**kw)
         curves[name] = [float(one_step(v.clone())) for v in fixed]
     for name in [v for v in variants if v != "eager"]:
         for i, (a, b) in enumerate(zip(curves["eager"], curves[name])):
-            tol = 3e-2 if name == "bf16" else 1e-4 if i == 0 else 1e-2
+            tol = 3e-2 if name == "other_precision" else 1e-4 if i == 0 else 1e-2
             assert abs(a - b) <= tol * max(1.0, abs(a)), f"{name} loss curve {curves[name]} vs eager {curves['eager']}"
     return {"first_loss": losses, "loss_curves": curves}
