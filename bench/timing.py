@@ -12,7 +12,9 @@ import torch
 
 
 def _stats(times: list[float]) -> dict:
-    """Median and the 20/80 % quantiles (as do_bench gives them on CUDA), plus min and max, of times in ms."""
+    """Median and the 20/80 % quantiles (as do_bench gives them on CUDA), plus min, max and mean, of times in ms.
+    The mean is what a loop of such calls costs per call: a pipelined loop (a DataLoader's) has fast calls and
+    a stall now and then, which the median hides."""
     q = statistics.quantiles(times, n=10, method="inclusive")  # deciles: q[1] is the 20 %, q[7] the 80 % point
     return {
         "median_ms": statistics.median(times),
@@ -20,6 +22,7 @@ def _stats(times: list[float]) -> dict:
         "q80_ms": q[7],
         "min_ms": min(times),
         "max_ms": max(times),
+        "mean_ms": statistics.fmean(times),
         "n": len(times),
         "timer": "time.perf_counter",
         "times_ms": [round(t, 3) for t in times],

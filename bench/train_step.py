@@ -27,11 +27,18 @@ _MODELS = {"cpu-preset": dict(preset="cpu"), "resnet18-32px": dict(preset="paper
 
 
 def cases(quick: bool) -> list[dict]:
+    # pool: images the loops draw from; the whole embedded split (10,000) as `train` sees it, a small one when quick
     if quick:
-        return [{"model": "cpu-preset", "batch": 32}]
+        return [{"model": "cpu-preset", "batch": 32, "pool": 1024}]
     if torch.cuda.is_available():
-        return [{"model": "resnet18-32px", "batch": 512}, {"model": "cpu-preset", "batch": 512}]
-    return [{"model": "cpu-preset", "batch": 256}, {"model": "resnet18-32px", "batch": 64}]
+        return [
+            {"model": "resnet18-32px", "batch": 512, "pool": 10_000},
+            {"model": "cpu-preset", "batch": 512, "pool": 10_000},
+        ]
+    return [
+        {"model": "cpu-preset", "batch": 256, "pool": 10_000},
+        {"model": "resnet18-32px", "batch": 64, "pool": 10_000},
+    ]
 
 
 def work(case) -> dict:
@@ -101,7 +108,9 @@ def setup(case, device) -> dict:
 
     model_cfg, train_cfg = _configs(case)
     B = case["batch"]
-    images = _images(model_cfg, max(4 * B, 1024))
+    # A pool of 1,024 charged the DataLoader a stall (its workers restarting an epoch) every 4th step, which a
+    # 10,000-image epoch of `train` has every 39th.
+    images = _images(model_cfg, max(4 * B, case.get("pool", 1024)))
     use_bf16 = uses_bf16(train_cfg, device)  # what `train` runs here
 
     def make_step(layout=torch.channels_last, compiled: bool = False, bf16: bool = use_bf16):
@@ -128,6 +137,8 @@ def setup(case, device) -> dict:
         pin_memory=device.type == "cuda",
         persistent_workers=True,
     )
+    for _ in loader:  # one pass before any timing: the forked workers' first touch of each image copies its page
+        pass  # (copy-on-write), which a training run pays in its first epoch only (measured: 274 ms steps vs 115)
     state = {"it": iter(loader)}
     dl_step = make_step()
 
@@ -161,7 +172,9 @@ def setup(case, device) -> dict:
 
         return run
 
-    _STATE.update(make_step=make_step, views=views)  # for check(): fresh models, views from the same augmentation
+    _STATE.update(
+        make_step=make_step, views=views, bf16=use_bf16
+    )  # for check(): fresh models, views from the same augmentation
     out = {
         "dataloader": dataloader,
         "on_device": loop(make_step()),
@@ -182,7 +195,9 @@ def check(case, candidates) -> dict:
     """Every loop trains (finite loss); eager, compiled and NCHW models from one start, stepped on the same views,
     follow the same loss curve: the first loss within 1e-4, the next within 1e-2 (the variants' kernels sum in
     another order, and each step's rounding moves the next step's weights: 1.2e-3 after 4 steps, observed).
-    The other precision's model follows it within 3e-2 (bf16 keeps ~3 significant digits of each product)."""
+    The other precision's model follows it within 3e-2 (bf16 keeps ~3 significant digits of each product), and so
+    does every variant where `train`'s precision is bf16 (NCHW and channels_last bf16 kernels round differently:
+    2e-3 apart at the first step, measured)."""
     make_step = _STATE["make_step"]
     fixed = [_STATE["views"]() for _ in range(CURVE_STEPS)]
     losses = {name: float(fn()) for name, fn in candidates.items()}
@@ -197,6 +212,6 @@ def check(case, candidates) -> dict:
         curves[name] = [float(one_step(v.clone())) for v in fixed]
     for name in [v for v in variants if v != "eager"]:
         for i, (a, b) in enumerate(zip(curves["eager"], curves[name])):
-            tol = 3e-2 if name == "other_precision" else 1e-4 if i == 0 else 1e-2
+            tol = 3e-2 if name == "other_precision" or _STATE["bf16"] else 1e-4 if i == 0 else 1e-2
             assert abs(a - b) <= tol * max(1.0, abs(a)), f"{name} loss curve {curves[name]} vs eager {curves['eager']}"
     return {"first_loss": losses, "loss_curves": curves}

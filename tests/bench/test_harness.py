@@ -114,4 +114,5 @@ def test_cpu_times_report_true_quantiles_beside_min_and_max():
 
     s = timing._stats([float(v) for v in range(1, 11)])  # 1..10 ms
     assert s["median_ms"] == 5.5 and (s["min_ms"], s["max_ms"]) == (1.0, 10.0)
+    assert timing._stats([10.0, 10.0, 10.0, 50.0])["mean_ms"] == 20.0  # a stall counts in the mean, not the median
     assert s["q20_ms"] == pytest.approx(2.8) and s["q80_ms"] == pytest.approx(8.2)  # inclusive deciles, not the ends
