@@ -126,29 +126,7 @@ def setup(case, device) -> dict:
 
         return one_step
 
-    workers = min(8, os.cpu_count() or 1)
-    crops = (train_cfg.crop_scale, train_cfg.second_crop_scale or train_cfg.crop_scale)
-    loader = torch.utils.data.DataLoader(
-        _TwoViews(images, [_torchvision_transform(model_cfg, train_cfg, c) for c in crops]),
-        batch_size=B,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=True,
-    )
-    for _ in loader:  # one pass before any timing: the forked workers' first touch of each image copies its page
-        pass  # (copy-on-write), which a training run pays in its first epoch only (measured: 274 ms steps vs 115)
-    state = {"it": iter(loader)}
-    dl_step = make_step()
-
-    def dataloader():
-        try:
-            v1, v2 = next(state["it"])
-        except StopIteration:
-            state["it"] = iter(loader)
-            v1, v2 = next(state["it"])
-        return dl_step(torch.cat([v1, v2]).to(device, non_blocking=True))
+    dataloader = _dataloader_loop(images, model_cfg, train_cfg, device, make_step())
 
     resident = images.to(device)
     two_views = build_views(model_cfg, train_cfg).to(device)  # the training loop's own views
@@ -185,6 +163,33 @@ def setup(case, device) -> dict:
     other = "on_device_fp32" if use_bf16 else "on_device_bf16"  # the precision `train` does not pick here
     out[other] = loop(make_step(bf16=not use_bf16))
     return out
+
+
+def _dataloader_loop(images, model_cfg, train_cfg, device, dl_step):
+    """The baseline: torchvision views made by DataLoader workers, batches copied to the device, one step a call."""
+    crops = (train_cfg.crop_scale, train_cfg.second_crop_scale or train_cfg.crop_scale)
+    loader = torch.utils.data.DataLoader(
+        _TwoViews(images, [_torchvision_transform(model_cfg, train_cfg, c) for c in crops]),
+        batch_size=train_cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=min(8, os.cpu_count() or 1),
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
+    )
+    for _ in loader:  # one pass before any timing: no timed step pays the workers' start-up or their first
+        pass  # touch of each image (the forked workers' copy-on-write pages), which a run pays once
+    state = {"it": iter(loader)}
+
+    def dataloader():
+        try:
+            v1, v2 = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            v1, v2 = next(state["it"])
+        return dl_step(torch.cat([v1, v2]).to(device, non_blocking=True))
+
+    return dataloader
 
 
 _STATE: dict = {}
