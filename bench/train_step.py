@@ -12,7 +12,7 @@ Variants of on_device, each one change: _contiguous (NCHW memory), _compiled (to
 its compilation is the warm-up call, not timed), _1thread (torch.set_num_threads(1) for the step), and the
 other precision: _fp32 where `train` takes bf16, _bf16 where it takes fp32 (on a CPU without native bf16).
 Both loops run in `train`'s precision, so dataloader vs on_device compares loops, not arithmetic.
-check() trains eager and compiled models from the same start on the same views: their loss curves agree.
+check() trains eager, compiled, NCHW and other-precision models from one start on the same views: their loss curves agree.
 """
 
 from __future__ import annotations
