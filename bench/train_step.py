@@ -25,6 +25,7 @@ import torch
 NAME = "train_step"
 
 _MODELS = {"cpu-preset": dict(preset="cpu"), "resnet18-32px": dict(preset="paper")}
+AUGMENT_ONLY = "augmentation_only"  # the candidate that times the views alone (no loss: check() leaves it out)
 
 
 def cases(quick: bool) -> list[dict]:
@@ -111,7 +112,7 @@ def setup(case, device) -> dict:
     B = case["batch"]
     # A pool of 1,024 charged the DataLoader a stall (its workers restarting an epoch) every 4th step, which a
     # 10,000-image epoch of `train` has every 39th.
-    images = _images(model_cfg, max(4 * B, case.get("pool", 1024)))
+    images = _images(model_cfg, max(4 * B, case["pool"]))
     use_bf16 = uses_bf16(train_cfg, device)  # what `train` runs here
 
     def make_step(layout=torch.channels_last, compiled: bool = False, bf16: bool = use_bf16):
@@ -165,9 +166,6 @@ def setup(case, device) -> dict:
     out[other] = loop(make_step(bf16=not use_bf16))
     out[AUGMENT_ONLY] = views  # no step: what the on-device loop's augmentation costs of its step
     return out
-
-
-AUGMENT_ONLY = "augmentation_only"
 
 
 def _dataloader_loop(images, model_cfg, train_cfg, device, dl_step):
