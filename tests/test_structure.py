@@ -137,3 +137,26 @@ def test_the_readme_map_lists_every_module():
     files = {str(p.relative_to(ROOT)) for p in MODULES.values()} - {"cli/__init__.py", "bench/__init__.py"}
     assert not files - listed, f"modules missing from the README's map: {sorted(files - listed)}"
     assert all((ROOT / f).is_file() for f in listed), f"the map names files that do not exist: {sorted(listed)}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_result_file_and_link_a_document_names_exists(doc):
+    text = doc.read_text()
+    # Quoted JSON/SVG results (globs allowed; templates such as methods_<preset>__... are not files).
+    quoted = set(re.findall(r"`(bench/results/[^`<>\s]+)`", text))
+    missing = [q for q in sorted(quoted) if not any(ROOT.glob(q))]
+    assert not missing, f"{doc.name} quotes result files that are not in the repository: {missing}"
+    for target, anchor in re.findall(r"\]\(((?:docs/)?[\w\-]+\.md)(?:#([\w\-]+))?\)", text):
+        path = (doc.parent / target) if doc.parent.name == "docs" and not target.startswith("docs/") else ROOT / target
+        assert path.is_file(), f"{doc.name} links to {target}, which does not exist"
+        if anchor:
+            slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)}
+            assert anchor in slugs, f"{doc.name} links to {target}#{anchor}, which names no heading there"
