@@ -139,7 +139,9 @@ def train_command(
             raise ConfigError(
                 "--resume continues a run with its saved configs; only --out, --epochs and --device may be given"
             )
-        train_cfg = replace(saved_train, epochs=train_over.get("epochs"), device=train_over.get("device"))
+        # The run continues in --out, the folder it was found in: the saved `out` names where it was trained,
+        # which a copied or moved run must neither write into nor recreate.
+        train_cfg = replace(saved_train, out=str(out), epochs=train_over.get("epochs"), device=train_over.get("device"))
         name = "resumed"
     else:
         model_cfg, train_cfg, name = build_configs(preset_name, config_file, model_over, train_over)

@@ -124,3 +124,19 @@ def test_import_mixem_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), check=True)
     assert out.stdout.strip() == "[]"
     assert {"load", "train", "embed_folder", "classify", "cluster"} <= set(dir(mixem))
+
+
+def test_a_copied_run_resumes_in_its_new_folder(refined, tmp_path):
+    """--resume continues the run in --out: a run folder copied (or moved) elsewhere resumes there, although its
+    saved config names the folder it was trained in; that folder is neither written nor recreated."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(refined.run_dir, copy)
+    before = {p: p.stat().st_mtime_ns for p in refined.run_dir.rglob("*")}
+    log_lines = len((copy / "log.jsonl").read_text().splitlines())
+    run = mixem.train(out=copy, resume=True)
+    assert run.run_dir == copy and run.checkpoint.is_relative_to(copy)
+    assert _scores(run.headline) == _scores(refined.headline)  # nothing left to train: the same classes
+    assert len((copy / "log.jsonl").read_text().splitlines()) > log_lines  # the copy's log took the resume
+    assert {p: p.stat().st_mtime_ns for p in refined.run_dir.rglob("*")} == before  # the original untouched
