@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -129,8 +130,6 @@ def test_import_mixem_is_cheap():
 def test_a_copied_run_resumes_in_its_new_folder(refined, tmp_path):
     """--resume continues the run in --out: a run folder copied (or moved) elsewhere resumes there, although its
     saved config names the folder it was trained in; that folder is neither written nor recreated."""
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(refined.run_dir, copy)
     before = {p: p.stat().st_mtime_ns for p in refined.run_dir.rglob("*")}
