@@ -152,9 +152,8 @@ def setup(case, device) -> dict:
 
         return run
 
-    _STATE.update(
-        make_step=make_step, views=views, bf16=use_bf16
-    )  # for check(): fresh models, views from the same augmentation
+    # for check(): fresh models, views from the same augmentation, and the precision its tolerances depend on
+    _STATE.update(make_step=make_step, views=views, bf16=use_bf16)
     out = {
         "dataloader": dataloader,
         "on_device": loop(make_step()),
@@ -213,8 +212,7 @@ def check(case, candidates) -> dict:
         assert v == v and abs(v) < 1e6, f"{name}: loss {v}"
     curves = {}
     variants = {"eager": {}, "compiled": {"compiled": True}, "contiguous": {"layout": torch.contiguous_format}}
-    other = next(n for n in ("on_device_fp32", "on_device_bf16") if n in candidates)
-    variants["other_precision"] = {"bf16": other == "on_device_bf16"}  # "eager" is on_device: train's precision
+    variants["other_precision"] = {"bf16": not _STATE["bf16"]}  # "eager" is on_device: train's precision
     for name, kw in variants.items():
         one_step = make_step(**kw)
         curves[name] = [float(one_step(v.clone())) for v in fixed]
