@@ -173,3 +173,13 @@ def format_table(rows: list[dict]) -> str:
         return "  ".join(c.ljust(w) if lj else c.rjust(w) for c, w, lj in zip(cells, widths, left)).rstrip()
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def headline_line(metrics: dict) -> str:
+    """The one line a scored run ends with (metrics.json's headline against raw pixels)."""
+    head, base = metrics["headline"], metrics["raw_pixel_kmeans"]
+    return (
+        f"{head['name']}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
+        f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
+        f"  ({metrics['images']:,} images, k={metrics['k']})"
+    )

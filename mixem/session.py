@@ -147,6 +147,17 @@ def train_command(
         model_cfg, train_cfg, name = build_configs(preset_name, config_file, model_over, train_over)
         if train_over.get("out") is None:  # no --out: never collide with an earlier run, take the next free name
             train_cfg = replace(train_cfg, out=str(_fresh_run_dir(Path(train_cfg.out))))
+    if train_cfg.candidate_crop_scale is not None:
+        from mixem import candidates
+        from mixem.training import claim_run
+
+        why_not = candidates.skip_reason(train_cfg)
+        if why_not is None:
+            with claim_run(train_cfg.out):
+                return candidates.train_and_choose(
+                    model_cfg, train_cfg, name, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log
+                )
+        RunLog(None, quiet=quiet).print(f"candidate crops: not chosen, {why_not}; training the configured views")
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
         # Rank 0 owns --out before anything (the log included) is written: a run refused by its checks leaves none.
@@ -340,7 +351,7 @@ def _evaluate_and_report(
     rows: list[dict] | None = None,
     stages: list[dict] | None = None,
 ) -> dict:
-    from mixem.evaluate import format_table, raw_pixel_baseline
+    from mixem.evaluate import format_table, headline_line, raw_pixel_baseline
 
     if ds.labels is None:
         log.print("no labels: nothing to score; the run's classes are saved for `predict` and `classify`")
@@ -367,12 +378,7 @@ def _evaluate_and_report(
     log.print(format_table(rows + [base]))
     if stages:
         log.print("\nwhat each stage adds:\n" + format_table(stages))
-    line = (
-        f"{name}  ACC {head['acc']:.3f}  NMI {head['nmi']:.3f}  ARI {head['ari']:.3f}"
-        f"  |  raw-pixel k-means  ACC {base['acc']:.3f}  NMI {base['nmi']:.3f}  ARI {base['ari']:.3f}"
-        f"  ({len(ds.images):,} images, k={k})"
-    )
-    print(line)
+    print(headline_line(metrics))
     saved = run_classes.write(model, ds, k, out_dir, method, seed, device, log)
     return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json"),
             "classes_json": str(saved)}  # fmt: skip

@@ -603,10 +603,10 @@ def test_small_data_gets_the_cpu_presets_steps_not_its_epochs(tmp_path):
     from mixem.session import build_configs
 
     _, t, _ = build_configs("cpu", None, {}, {"data": None})
-    assert (t.epochs, t.min_steps, t.refine_epochs, t.refine_min_steps) == (24, 1800, 10, 750)
-    assert with_min_steps(t, 10_000) == t  # the quickstart: 78 steps an epoch, 24 and 10 epochs reach both floors
+    assert (t.epochs, t.min_steps, t.refine_epochs, t.refine_min_steps) == (12, 900, 10, 750)
+    assert with_min_steps(t, 10_000) == t  # the quickstart: 78 steps an epoch, 12 and 10 epochs reach both floors
     small = with_min_steps(t, 1797)  # 14 steps an epoch
-    assert (small.epochs, small.refine_epochs) == (129, 54) and 129 * 14 >= 1800 > 128 * 14 and 54 * 14 >= 750 > 53 * 14
+    assert (small.epochs, small.refine_epochs) == (65, 54) and 65 * 14 >= 900 > 64 * 14 and 54 * 14 >= 750 > 53 * 14
     assert with_min_steps(small, 1797) == small  # idempotent: a resumed run trains the same epochs
     assert with_min_steps(TrainConfig(epochs=3, refine_epochs=0, min_steps=100), 50).refine_epochs == 0  # off stays off
     _, t, _ = build_configs("cpu", None, {}, {"data": None, "epochs": 5})
@@ -614,6 +614,6 @@ def test_small_data_gets_the_cpu_presets_steps_not_its_epochs(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"train": {"refine_epochs": 2}}))
     _, t, _ = build_configs("cpu", cfg, {}, {"data": None})
-    assert (t.min_steps, t.refine_epochs, t.refine_min_steps) == (1800, 2, 0)
+    assert (t.min_steps, t.refine_epochs, t.refine_min_steps) == (900, 2, 0)
     _, t, _ = build_configs("paper", None, {}, {"data": None})
     assert with_min_steps(t, 100) == t  # the paper preset trains its epochs as written

@@ -1,0 +1,279 @@
+"""Choosing the crops without labels: one run per candidate crop range, kept by the other's neighbours.
+
+Which crops suit a dataset's classes depends on the data: on Fashion-MNIST both views at 80-100 % end 0.07 ACC
+above the preset's views, on scikit-learn's digits they fall below raw pixels (README "Choosing the crops").
+With `candidate_crop_scale` set (the `cpu` preset sets 80-100 %), `train` makes two whole runs, representation
+and neighbour stage, in OUT/candidates/: the configured views, and both views at candidate_crop_scale. On a CPU
+they run at the same time with half the threads each (two one-thread runs push 1.35x the images per second of
+one two-thread run on 2 cores, measured), elsewhere one after the other. Each candidate's refined classes (the
+argmax of its head) are then scored by cross-agreement: how often an image and one of the neighbours the
+*other* candidate mined share a class. A candidate's own neighbours are what its neighbour stage was trained to
+agree with, so they flatter it; the other's it never saw. The higher score is kept: its checkpoints, neighbours,
+metrics and classes are copied into OUT, which is then a run like any other (eval, export, classify, --resume).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mixem import checkpoint as ckpt
+from mixem.config import MixEMConfig, TrainConfig, replace, to_dict
+from mixem.errors import ConfigError, MixEMError
+from mixem.files import atomic_write_text, read_json, save_json
+from mixem.runlog import RunLog
+
+RULE = "cross-agreement: the share of (image, neighbour mined by the other candidate) pairs put in one class"
+
+
+@dataclass
+class Candidate:
+    name: str
+    crops: str  # for people: "35-100 % and 80-100 %"
+    train: TrainConfig  # its own run: out = OUT/candidates/<name>, no candidates of its own
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.train.out)
+
+
+def skip_reason(train_cfg: TrainConfig) -> str | None:
+    """Why a run with candidate_crop_scale trains only its configured views (None: it trains both)."""
+    if not train_cfg.refine:
+        return "the choice scores refined classes, and --no-refine turns the neighbour stage off"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "under torchrun every process trains one run"
+    return None
+
+
+def _pct(scale) -> str:
+    return f"{round(scale[0] * 100)}-{round(scale[1] * 100)} %"
+
+
+def _views(first, second) -> tuple[str, str]:
+    """(folder name, words) of a pair of crop ranges."""
+    if second is None or tuple(second) == tuple(first):
+        return f"crops-{_pct(first)[:-2]}", f"both views {_pct(first)}"
+    return f"crops-{_pct(first)[:-2]}_{_pct(second)[:-2]}", f"{_pct(first)} and {_pct(second)}"
+
+
+def candidates(train_cfg: TrainConfig, threads: int) -> list[Candidate]:
+    """The configured views first, then both views at candidate_crop_scale; each an ordinary run's config."""
+    out = Path(train_cfg.out) / "candidates"
+    pairs = [(train_cfg.crop_scale, train_cfg.second_crop_scale), (train_cfg.candidate_crop_scale, None)]
+    found = []
+    for first, second in pairs:
+        name, words = _views(first, second)
+        cfg = replace(train_cfg, out=str(out / name), crop_scale=tuple(first), threads=threads)
+        cfg.second_crop_scale, cfg.candidate_crop_scale = second, None  # replace() reads None as "keep"
+        found.append(Candidate(name, words, cfg))
+    if found[0].name == found[1].name:
+        raise ConfigError(f"candidate_crop_scale {list(train_cfg.candidate_crop_scale)} repeats the configured "
+                            "views; set another range, or null to train the configured views only")  # fmt: skip
+    return found
+
+
+def _die_with_parent():  # pragma: no cover (runs in the child between fork and exec)
+    """Linux: the candidate gets SIGTERM when the parent dies, however it dies (no orphaned training)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _command(c: Candidate, model_cfg: MixEMConfig, preset: str, evaluate: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "mixem.cli", "train", "--out", str(c.dir), "--quiet"]
+    if (c.dir / "train_config.json").is_file():  # started before: it continues (a finished one only re-scores)
+        cmd.append("--resume")
+    else:
+        spec = c.dir.parent / f"{c.name}.json"
+        save_json({"model": to_dict(model_cfg), "train": to_dict(c.train)}, spec)
+        cmd += ["--preset", preset, "--config", str(spec)]
+    return cmd + ([] if evaluate else ["--no-eval"])
+
+
+def _progress(c: Candidate, seen: dict, log: RunLog):
+    """One line when a candidate finishes a stage's epoch, read from its own log.jsonl."""
+    import json
+
+    path = c.dir / "log.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return
+    for line in lines[seen.get(c.name, 0) :]:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            break  # a line being written
+        seen[c.name] = seen.get(c.name, 0) + 1
+        if e.get("event") == "start":
+            seen[c.name + ":epochs"] = e.get("train", {}).get("epochs")
+        elif e.get("event") in ("epoch", "neighbors") and "epoch" in e:
+            stage = "representation" if e["event"] == "epoch" else "neighbour stage"
+            total = seen.get(c.name + ":epochs") if e["event"] == "epoch" else None
+            log.print(f"  {c.name}: {stage} epoch {e.get('epoch')}{f'/{total}' if total else ''}"
+                      f" ({e.get('images_per_s', 0):,.0f} img/s)")  # fmt: skip
+
+
+def run_all(cands: list[Candidate], model_cfg, preset: str, *, parallel: bool, evaluate: bool, log: RunLog):
+    """Train every candidate to the end (in parallel or in turn); a failed one is an error naming its output."""
+    batches = [cands] if parallel else [[c] for c in cands]
+    for batch in batches:
+        procs = []
+        try:
+            for c in batch:
+                c.dir.parent.mkdir(parents=True, exist_ok=True)
+                text = open(c.dir.parent / f"{c.name}.txt", "a")  # noqa: SIM115 (closed below, after the child)
+                kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+                procs.append((c, subprocess.Popen(_command(c, model_cfg, preset, evaluate), stdout=text,
+                                                  stderr=subprocess.STDOUT, **kw), text))  # fmt: skip
+            seen: dict = {}
+            while any(p.poll() is None for _, p, _ in procs):
+                time.sleep(2.0)
+                for c, _, _ in procs:
+                    _progress(c, seen, log)
+        finally:
+            for _, p, text in procs:
+                if p.poll() is None:
+                    p.terminate()
+                p.wait()
+                text.close()
+        for c, p, _ in procs:
+            if p.returncode != 0:
+                tail = (c.dir.parent / f"{c.name}.txt").read_text(errors="replace").strip().splitlines()[-1:]
+                raise MixEMError(f"candidate {c.name} failed (exit {p.returncode}): {' '.join(tail)} "
+                                    f"(its output: {c.dir.parent / f'{c.name}.txt'})")  # fmt: skip
+
+
+def agreement(classes: np.ndarray, neighbors: np.ndarray) -> float:
+    """The share of (image, neighbour) pairs whose classes are the same; neighbors: (N, k) row indices."""
+    return float((classes[neighbors] == classes[:, None]).mean())
+
+
+def cross_agreement(classes: list[np.ndarray], neighbors: list[np.ndarray]) -> list[float]:
+    """Each partition's mean agreement with every *other* candidate's neighbours."""
+    n = len(classes)
+    return [float(np.mean([agreement(classes[i], neighbors[j]) for j in range(n) if j != i])) for i in range(n)]
+
+
+def score(cands: list[Candidate], images, device, k_neighbors: int) -> list[dict]:
+    """Each candidate's refined classes on `images` and its own and cross agreement."""
+    from mixem.evaluate import extract_features
+
+    classes, nbs = [], []
+    for c in cands:
+        model, _ = ckpt.load_model(c.dir, device=device)
+        classes.append(extract_features(model, images, device=str(device))["probs"].argmax(1))
+        nbs.append(np.load(c.dir / "neighbors.npy")[:, :k_neighbors])
+    cross = cross_agreement(classes, nbs)
+    return [{"name": c.name, "crops": c.crops, "crop_scale": list(c.train.crop_scale),
+             "second_crop_scale": list(c.train.second_crop_scale) if c.train.second_crop_scale else None,
+             "cross_agreement": round(x, 4), "own_agreement": round(agreement(cl, nb), 4)}
+            for c, x, cl, nb in zip(cands, cross, classes, nbs)]  # fmt: skip
+
+
+def promote(src: Path, out: Path):
+    """Make OUT the kept candidate's run: its checkpoints, neighbours, configs, metrics and classes, the
+    `latest` pointer written last (a run killed while copying has none, and --resume chooses again)."""
+    (out / "checkpoints" / "latest").unlink(missing_ok=True)
+    for d in sorted((src / "checkpoints").iterdir()):
+        if d.is_dir():
+            shutil.rmtree(out / "checkpoints" / d.name, ignore_errors=True)
+            shutil.copytree(d, out / "checkpoints" / d.name)
+    for name in ("neighbors.npy", "config.json", "metrics.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    saved = read_json(src / "train_config.json", "train config")
+    save_json({**saved, "out": str(out)}, out / "train_config.json")
+    atomic_write_text(out / "checkpoints" / "latest", (src / "checkpoints" / "latest").read_text())
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def train_and_choose(model_cfg, train_cfg: TrainConfig, preset: str, *, resume, evaluate, quiet, json_log) -> dict:
+    """`train` with candidate crops, in its claimed OUT: both candidates, the choice, the kept one promoted."""
+    from mixem.data import load_images
+    from mixem.evaluate import format_table, headline_line
+    from mixem.report_train import write_train_report
+    from mixem.runtime import resolve_device
+
+    out = Path(train_cfg.out)
+    if not resume and (
+        (out / "checkpoints" / "latest").exists() or any((out / "candidates").glob("*/train_config.json"))
+    ):
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    t0 = time.perf_counter()
+    log = RunLog(json_log or out / "log.jsonl", quiet=quiet)
+    save_json(model_cfg, out / "config.json")
+    save_json(train_cfg, out / "train_config.json")
+    device = resolve_device(train_cfg.device)
+    cores = train_cfg.threads or _cores()
+    parallel = device.type == "cpu" and cores >= 2
+    cands = candidates(train_cfg, max(1, cores // 2) if parallel else train_cfg.threads)
+    how = f"at the same time, {cands[0].train.threads} thread(s) each" if parallel else "one after the other"
+    log.print(f"mixem-fast train: preset {preset}, choosing the crops without labels: {cands[0].crops} or "
+              f"{cands[1].crops}, two whole runs {how} -> {out / 'candidates'}")  # fmt: skip
+    log.event("candidates", names=[c.name for c in cands], parallel=parallel, threads=cands[0].train.threads)
+    run_all(cands, model_cfg, preset, parallel=parallel, evaluate=evaluate, log=log)
+
+    ds = load_images(train_cfg.data, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
+                     split=train_cfg.split, max_images=train_cfg.max_images, labels=False)  # fmt: skip
+    scores = score(cands, ds.images, device, train_cfg.refine_neighbors)
+    best = max(range(len(cands)), key=lambda i: (scores[i]["cross_agreement"], -i))  # a tie keeps the configured
+    kept = cands[best]
+    promote(kept.dir, out)
+    for c, sc in zip(cands, scores):  # what each scored against the labels, for the record (not used above)
+        head = (
+            read_json(c.dir / "metrics.json", "metrics file").get("headline")
+            if (c.dir / "metrics.json").is_file()
+            else None
+        )
+        if head:
+            sc.update(acc=round(head["acc"], 4), nmi=round(head["nmi"], 4))
+    record = {
+        "rule": RULE,
+        "kept": kept.name,
+        "candidates": scores,
+        "minutes": round((time.perf_counter() - t0) / 60, 3),
+    }
+    save_json(record, out / "candidates.json")
+    log.event("crops_chosen", **record)
+    other = scores[1 - best]
+    log.print(f"crops kept: {kept.crops} ({kept.name}): its classes agree with {scores[best]['cross_agreement']:.1%} "
+              f"of the other candidate's neighbours, the other's {other['cross_agreement']:.1%} "
+              f"(own neighbours {scores[best]['own_agreement']:.1%} / {other['own_agreement']:.1%})")  # fmt: skip
+    summary = {"run_dir": str(out), "checkpoint": str(ckpt.resolve(out)), "preset": preset,
+               "candidates": record, "epochs": kept.train.epochs}  # fmt: skip
+    if (out / "metrics.json").is_file():
+        metrics = read_json(out / "metrics.json", "metrics file")
+        metrics.update(minutes=record["minutes"], candidates=record)
+        save_json(metrics, out / "metrics.json")
+        if "headline" in metrics:
+            log.print(format_table(metrics["rows"] + [metrics["raw_pixel_kmeans"]]))
+            if metrics.get("stages"):
+                log.print("\nwhat each stage adds:\n" + format_table(metrics["stages"]))
+            if all("acc" in sc for sc in scores):
+                log.print("the candidates against the labels (not used to choose): "
+                          + ", ".join(f"{sc['name']} ACC {sc['acc']:.3f} NMI {sc['nmi']:.3f}" for sc in scores))  # fmt: skip
+            print(headline_line(metrics))
+            summary.update(headline=metrics["headline"], raw_pixel_kmeans=metrics["raw_pixel_kmeans"],
+                           metrics_json=str(out / "metrics.json"))  # fmt: skip
+    if (ckpt.resolve(out) / "classes.json").is_file():
+        summary["classes_json"] = str(ckpt.resolve(out) / "classes.json")
+    summary["report_html"] = str(write_train_report(out, kept.dir / "log.jsonl"))
+    return summary
