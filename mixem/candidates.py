@@ -4,10 +4,9 @@ Which crops suit a dataset's classes depends on the data: on Fashion-MNIST both 
 above the preset's views, on scikit-learn's digits they fall below raw pixels (README "Choosing the crops").
 With `candidate_crop_scale` set (the `cpu` preset sets 80-100 %), `train` makes two whole runs, representation
 and neighbour stage, in OUT/candidates/: the configured views, and both views at candidate_crop_scale. On a CPU
-they run at the same time with half the threads each (two one-thread runs push 1.35x the images per second of
-one two-thread run on 2 cores, measured), elsewhere one after the other. Each candidate's refined classes (the
-argmax of its head) are then scored by cross-agreement: how often an image and one of the neighbours the
-*other* candidate mined share a class. A candidate's own neighbours are what its neighbour stage was trained to
+they run at the same time with half the threads each (docs/experiments.md measures why), elsewhere one after
+the other. Each candidate's refined classes (the argmax of its head) are then scored by cross-agreement: how
+often an image and one of the neighbours the *other* candidate mined share a class. A candidate's own neighbours are what its neighbour stage was trained to
 agree with, so they flatter it; the other's it never saw. The higher score is kept: its checkpoints, neighbours,
 metrics and classes are copied into OUT, which is then a run like any other (eval, export, classify, --resume).
 """
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mixem import checkpoint as ckpt
-from mixem.config import MixEMConfig, TrainConfig, replace, to_dict
+from mixem.config import PRESETS, MixEMConfig, TrainConfig, replace, to_dict
 from mixem.errors import ConfigError, MixEMError
 from mixem.files import atomic_write_text, read_json, save_json
 from mixem.runlog import RunLog
@@ -97,7 +96,9 @@ def _command(c: Candidate, model_cfg: MixEMConfig, preset: str, evaluate: bool) 
     else:
         spec = c.dir.parent / f"{c.name}.json"
         save_json({"model": to_dict(model_cfg), "train": to_dict(c.train)}, spec)
-        cmd += ["--preset", preset, "--config", str(spec)]
+        # The spec sets every field, so the preset only names the run; a resumed parent's is "resumed", which the
+        # command line does not take (a candidate killed before it saved its configs starts again from its spec).
+        cmd += ["--preset", preset if preset in PRESETS else "cpu", "--config", str(spec)]
     return cmd + ([] if evaluate else ["--no-eval"])
 
 
@@ -211,6 +212,7 @@ def train_and_choose(model_cfg, train_cfg: TrainConfig, preset: str, *, resume, 
     from mixem.evaluate import format_table, headline_line
     from mixem.report_train import write_train_report
     from mixem.runtime import resolve_device
+    from mixem.training import clean_killed_writes
 
     out = Path(train_cfg.out)
     if not resume and (
@@ -218,6 +220,7 @@ def train_and_choose(model_cfg, train_cfg: TrainConfig, preset: str, *, resume, 
     ):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     t0 = time.perf_counter()
+    clean_killed_writes(out, ("candidates.json",))  # a killed run's half-written files in OUT (promote's too)
     log = RunLog(json_log or out / "log.jsonl", quiet=quiet)
     save_json(model_cfg, out / "config.json")
     save_json(train_cfg, out / "train_config.json")

@@ -287,6 +287,15 @@ RUN_FILES = ("config.json", "train_config.json", "metrics.json", "report.html", 
 CHECKPOINT_EXTRAS = ("metrics.json", CLASSES, CLASS_CENTROIDS)
 
 
+def clean_killed_writes(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    """Remove what a killed run left half-written in run_dir (its owner only): checkpoint directories being written
+    or replaced, the run's files (RUN_FILES + extra), and evaluation files inside finished checkpoints."""
+    owner.clean_temps(run_dir / "checkpoints")
+    owner.clean_temps(run_dir, RUN_FILES + extra)
+    for d in (run_dir / "checkpoints").glob("[!.]*"):
+        owner.clean_temps(d, CHECKPOINT_EXTRAS)
+
+
 def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resume: bool, ctx: DistContext) -> None:
     """Refuse a folder that already holds a run unless resuming it; rank 0 writes the configs."""
     if not resume and (run_dir / "checkpoints" / "latest").exists():
@@ -294,11 +303,7 @@ def open_run(run_dir: Path, model_cfg: MixEMConfig, train_cfg: TrainConfig, resu
     barrier(ctx)  # every rank has checked the run directory before rank 0 writes into it
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        # What a killed run left half-written: checkpoint directories being written or replaced.
-        owner.clean_temps(run_dir / "checkpoints")
-        owner.clean_temps(run_dir, RUN_FILES)
-        for d in (run_dir / "checkpoints").glob("[!.]*"):
-            owner.clean_temps(d, CHECKPOINT_EXTRAS)
+        clean_killed_writes(run_dir)
         save_json(model_cfg, run_dir / "config.json")
         save_json(train_cfg, run_dir / "train_config.json")
 
