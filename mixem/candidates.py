@@ -90,10 +90,10 @@ def _die_with_parent():  # pragma: no cover (runs in the child between fork and 
         pass
 
 
-def _command(c: Candidate, model_cfg: MixEMConfig, preset: str, evaluate: bool) -> list[str]:
+def _command(c: Candidate, model_cfg: MixEMConfig, preset: str, evaluate: bool, resume_args: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "mixem.cli", "train", "--out", str(c.dir), "--quiet"]
     if (c.dir / "train_config.json").is_file():  # started before: it continues (a finished one only re-scores)
-        cmd.append("--resume")
+        cmd += ["--resume", *resume_args]  # what `train --resume` was given (--epochs, --device) reaches both
     else:
         spec = c.dir.parent / f"{c.name}.json"
         save_json({"model": to_dict(model_cfg), "train": to_dict(c.train)}, spec)
@@ -127,7 +127,8 @@ def _progress(c: Candidate, seen: dict, log: RunLog):
                       f" ({e.get('images_per_s', 0):,.0f} img/s)")  # fmt: skip
 
 
-def run_all(cands: list[Candidate], model_cfg, preset: str, *, parallel: bool, evaluate: bool, log: RunLog):
+def run_all(cands: list[Candidate], model_cfg, preset: str, *, parallel: bool, evaluate: bool, log: RunLog,
+            resume_args: list[str] = ()):  # fmt: skip
     """Train every candidate to the end (in parallel or in turn); a failed one is an error naming its output."""
     batches = [cands] if parallel else [[c] for c in cands]
     for batch in batches:
@@ -137,7 +138,7 @@ def run_all(cands: list[Candidate], model_cfg, preset: str, *, parallel: bool, e
                 c.dir.parent.mkdir(parents=True, exist_ok=True)
                 text = open(c.dir.parent / f"{c.name}.txt", "a")  # noqa: SIM115 (closed below, after the child)
                 kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-                procs.append((c, subprocess.Popen(_command(c, model_cfg, preset, evaluate), stdout=text,
+                procs.append((c, subprocess.Popen(_command(c, model_cfg, preset, evaluate, list(resume_args)), stdout=text,
                                                   stderr=subprocess.STDOUT, **kw), text))  # fmt: skip
             seen: dict = {}
             while any(p.poll() is None for _, p, _ in procs):
@@ -207,8 +208,11 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def train_and_choose(model_cfg, train_cfg: TrainConfig, preset: str, *, resume, evaluate, quiet, json_log) -> dict:
-    """`train` with candidate crops, in its claimed OUT: both candidates, the choice, the kept one promoted."""
+def train_and_choose(
+    model_cfg, train_cfg: TrainConfig, preset: str, *, resume, evaluate, quiet, json_log, resume_args=()
+) -> dict:
+    """`train` with candidate crops, in its claimed OUT: both candidates, the choice, the kept one promoted.
+    resume_args: the options `train --resume` was given (--epochs N, --device D), passed on to both candidates."""
     from mixem.data import load_images
     from mixem.evaluate import format_table, headline_line
     from mixem.report_train import write_train_report
@@ -233,7 +237,7 @@ def train_and_choose(model_cfg, train_cfg: TrainConfig, preset: str, *, resume, 
     log.print(f"mixem-fast train: preset {preset}, choosing the crops without labels: {cands[0].crops} or "
               f"{cands[1].crops}, two whole runs {how} -> {out / 'candidates'}")  # fmt: skip
     log.event("candidates", names=[c.name for c in cands], parallel=parallel, threads=cands[0].train.threads)
-    run_all(cands, model_cfg, preset, parallel=parallel, evaluate=evaluate, log=log)
+    run_all(cands, model_cfg, preset, parallel=parallel, evaluate=evaluate, log=log, resume_args=resume_args)
 
     ds = load_images(train_cfg.data, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
                      split=train_cfg.split, max_images=train_cfg.max_images, labels=False)  # fmt: skip

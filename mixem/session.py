@@ -154,9 +154,11 @@ def train_command(
         why_not = candidates.skip_reason(train_cfg)
         if why_not is None:
             with claim_run(train_cfg.out):
+                again = [f"--{k}={train_over[k]}" for k in ("epochs", "device") if resume and train_over.get(k)]
                 return candidates.train_and_choose(
-                    model_cfg, train_cfg, name, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log
-                )
+                    model_cfg, train_cfg, name, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log,
+                    resume_args=again,
+                )  # fmt: skip
         RunLog(None, quiet=quiet).print(f"candidate crops: not chosen, {why_not}; training the configured views")
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:

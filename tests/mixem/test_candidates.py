@@ -160,3 +160,22 @@ def test_kill_the_parent_then_resume_equals_uninterrupted(tmp_path):
     assert _same(_weights(tmp_path / "killed"), _weights(tmp_path / "full"))
     for name in ("crops-35-100_80-100", "crops-80-100"):
         assert _same(_weights(cands / name), _weights(tmp_path / "full" / "candidates" / name))
+
+
+def test_a_resumed_run_passes_its_epochs_and_device_to_both_candidates(tmp_path):
+    """`train --resume --epochs N` reaches each started candidate (not silently dropped); one never started
+    begins from its spec under a preset the command line takes, even when the parent's name is "resumed"."""
+    from mixem import candidates as cand
+
+    train = replace(preset("cpu")[1], out=str(tmp_path / "run"))
+    started, fresh = candidates(train, threads=1)
+    started.dir.mkdir(parents=True)
+    (started.dir / "train_config.json").write_text("{}")
+    model = preset("cpu")[0]
+    assert cand._command(started, model, "resumed", True, ["--epochs=5", "--device=cpu"])[-3:] == [
+        "--resume", "--epochs=5", "--device=cpu"
+    ]  # fmt: skip
+    cmd = cand._command(fresh, model, "resumed", False, ["--epochs=5"])
+    assert cmd[cmd.index("--preset") + 1] == "cpu" and "--resume" not in cmd and cmd[-1] == "--no-eval"
+    spec = json.loads((tmp_path / "run" / "candidates" / f"{fresh.name}.json").read_text())
+    assert spec["train"]["crop_scale"] == [0.8, 1.0] and spec["train"]["out"] == str(fresh.dir)
