@@ -201,6 +201,28 @@ def promote(src: Path, out: Path):
     atomic_write_text(out / "checkpoints" / "latest", (src / "checkpoints" / "latest").read_text())
 
 
+def _kept_metrics(out: Path, record: dict, log: RunLog) -> dict:
+    """Add the choice to OUT's metrics.json; print the kept run's tables, both candidates' scores against the
+    labels (after the choice, for the record) and the headline; return what the run's summary takes from it."""
+    from mixem.evaluate import format_table, headline_line
+
+    metrics = read_json(out / "metrics.json", "metrics file")
+    metrics.update(minutes=record["minutes"], candidates=record)
+    save_json(metrics, out / "metrics.json")
+    if "headline" not in metrics:
+        return {}
+    log.print(format_table(metrics["rows"] + [metrics["raw_pixel_kmeans"]]))
+    if metrics.get("stages"):
+        log.print("\nwhat each stage adds:\n" + format_table(metrics["stages"]))
+    scores = record["candidates"]
+    if all("acc" in sc for sc in scores):
+        log.print("the candidates against the labels (not used to choose): "
+                  + ", ".join(f"{sc['name']} ACC {sc['acc']:.3f} NMI {sc['nmi']:.3f}" for sc in scores))  # fmt: skip
+    print(headline_line(metrics))
+    return {"headline": metrics["headline"], "raw_pixel_kmeans": metrics["raw_pixel_kmeans"],
+            "metrics_json": str(out / "metrics.json")}  # fmt: skip
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -214,7 +236,6 @@ def train_and_choose(
     """`train` with candidate crops, in its claimed OUT: both candidates, the choice, the kept one promoted.
     resume_args: the options `train --resume` was given (--epochs N, --device D), passed on to both candidates."""
     from mixem.data import load_images
-    from mixem.evaluate import format_table, headline_line
     from mixem.report_train import write_train_report
     from mixem.runtime import resolve_device
     from mixem.training import clean_killed_writes
@@ -268,19 +289,7 @@ def train_and_choose(
     summary = {"run_dir": str(out), "checkpoint": str(ckpt.resolve(out)), "preset": preset,
                "candidates": record, "epochs": kept.train.epochs}  # fmt: skip
     if (out / "metrics.json").is_file():
-        metrics = read_json(out / "metrics.json", "metrics file")
-        metrics.update(minutes=record["minutes"], candidates=record)
-        save_json(metrics, out / "metrics.json")
-        if "headline" in metrics:
-            log.print(format_table(metrics["rows"] + [metrics["raw_pixel_kmeans"]]))
-            if metrics.get("stages"):
-                log.print("\nwhat each stage adds:\n" + format_table(metrics["stages"]))
-            if all("acc" in sc for sc in scores):
-                log.print("the candidates against the labels (not used to choose): "
-                          + ", ".join(f"{sc['name']} ACC {sc['acc']:.3f} NMI {sc['nmi']:.3f}" for sc in scores))  # fmt: skip
-            print(headline_line(metrics))
-            summary.update(headline=metrics["headline"], raw_pixel_kmeans=metrics["raw_pixel_kmeans"],
-                           metrics_json=str(out / "metrics.json"))  # fmt: skip
+        summary.update(_kept_metrics(out, record, log))
     if (ckpt.resolve(out) / "classes.json").is_file():
         summary["classes_json"] = str(ckpt.resolve(out) / "classes.json")
     summary["report_html"] = str(write_train_report(out, kept.dir / "log.jsonl"))
