@@ -29,7 +29,7 @@ import numpy as np
 from mixem import checkpoint as ckpt
 from mixem.config import PRESETS, MixEMConfig, TrainConfig, replace, to_dict
 from mixem.errors import ConfigError, MixEMError
-from mixem.files import atomic_write_text, read_json, save_json
+from mixem.files import atomic_write, atomic_write_text, read_json, save_json
 from mixem.runlog import RunLog
 
 RULE = "cross-agreement: the share of (image, neighbour mined by the other candidate) pairs put in one class"
@@ -104,20 +104,23 @@ def _command(c: Candidate, model_cfg: MixEMConfig, preset: str, evaluate: bool, 
 
 
 def _progress(c: Candidate, seen: dict, log: RunLog):
-    """One line when a candidate finishes a stage's epoch, read from its own log.jsonl."""
+    """One line when a candidate finishes a stage's epoch, read from what its log.jsonl gained since last time."""
     import json
 
-    path = c.dir / "log.jsonl"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open(c.dir / "log.jsonl", "rb") as f:
+            f.seek(seen.get(c.name, 0))
+            new = f.read()
     except OSError:
         return
-    for line in lines[seen.get(c.name, 0) :]:
+    for line in new.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break  # a line being written: read again next time
+        seen[c.name] = seen.get(c.name, 0) + len(line)
         try:
             e = json.loads(line)
         except ValueError:
-            break  # a line being written
-        seen[c.name] = seen.get(c.name, 0) + 1
+            continue
         if e.get("event") == "start":
             seen[c.name + ":epochs"] = e.get("train", {}).get("epochs")
         elif e.get("event") in ("epoch", "neighbors") and "epoch" in e:
@@ -145,6 +148,8 @@ def run_all(cands: list[Candidate], model_cfg, preset: str, *, parallel: bool, e
                 time.sleep(2.0)
                 for c, _, _ in procs:
                     _progress(c, seen, log)
+            for c, _, _ in procs:  # what the last two seconds added
+                _progress(c, seen, log)
         finally:
             for _, p, text in procs:
                 if p.poll() is None:
@@ -193,9 +198,9 @@ def promote(src: Path, out: Path):
         if d.is_dir():
             shutil.rmtree(out / "checkpoints" / d.name, ignore_errors=True)
             shutil.copytree(d, out / "checkpoints" / d.name)
-    for name in ("neighbors.npy", "config.json", "metrics.json"):
+    for name in ("neighbors.npy", "config.json", "metrics.json"):  # atomic, as the run's own writes are
         if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
+            atomic_write(out / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
     saved = read_json(src / "train_config.json", "train config")
     save_json({**saved, "out": str(out)}, out / "train_config.json")
     atomic_write_text(out / "checkpoints" / "latest", (src / "checkpoints" / "latest").read_text())

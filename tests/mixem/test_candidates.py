@@ -63,14 +63,20 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_a_real_run_keeps_the_candidate_the_rule_picks(tmp_path):
+def test_a_real_run_keeps_the_candidate_the_rule_picks(tmp_path, capsys):
     """Both candidates train; OUT holds the kept one's classes; the choice is recomputed here from the
     candidates' own saved models and neighbours, without the labels."""
     import mixem
     from mixem.data import load_images
     from mixem.evaluate import extract_features
 
-    run = mixem.train(out=tmp_path / "run", preset="cpu", max_images=384, epochs=3, refine_epochs=2, device="cpu")
+    run = mixem.train(
+        out=tmp_path / "run", preset="cpu", max_images=384, epochs=3, refine_epochs=2, device="cpu", quiet=False
+    )
+    said = capsys.readouterr().out  # each candidate's epochs, read from its log.jsonl as it grows
+    for name in ("crops-35-100_80-100", "crops-80-100"):
+        assert said.count(f"  {name}: representation epoch 3/3 ") == 1, said
+        assert said.count(f"  {name}: neighbour stage epoch 2 ") == 1, said
     out = tmp_path / "run"
     record = json.loads((out / "candidates.json").read_text())
     assert [c["name"] for c in record["candidates"]] == ["crops-35-100_80-100", "crops-80-100"]
