@@ -17,6 +17,7 @@ from mixem.config import KMEANS_INITS
 from mixem.duplicates import DEFAULT_THRESHOLD, TooManyPairs
 from mixem.duplicates import find as find_duplicates
 from mixem.errors import ConfigError, DataError
+from mixem.files import write_npy
 from mixem.kmeans import KMeansResult, describe_backend, kmeans, l2_normalize, resolve_backend, sq_distances
 from mixem.metrics import clustering_metrics
 from mixem.outputs import OutputSet
@@ -292,7 +293,7 @@ def _write_assignments(outs: OutputSet, x: np.ndarray, cols: dict, res) -> None:
         }
     ).replace_schema_metadata({GENERATION_KEY: outs.generation})
     outs.write(CLUSTERS, lambda p: pq.write_table(table, p, row_group_size=CLUSTERS_ROW_GROUP))
-    outs.write(CENTROIDS, lambda p: _save_npy(p, res.centroids))
+    outs.write(CENTROIDS, lambda p: write_npy(p, res.centroids))
     # Inner product on unit rows = cosine; ids are manifest ids, so a hit maps back to files.parquet.
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(x.shape[1]))
     index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), ids.astype(np.int64))
@@ -313,8 +314,3 @@ def _write_pairs(path: Path, dup, rel: list[str], ids: np.ndarray) -> None:
         }
     ).replace_schema_metadata({b"mixem.threshold": str(dup.threshold).encode()})
     pq.write_table(table, path)
-
-
-def _save_npy(path: Path, a: np.ndarray):
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
-        np.save(f, a)

@@ -70,6 +70,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
+def write_npy(path: str | os.PathLike, array) -> None:
+    """np.save to exactly `path` (a file object: given a name, np.save would append ".npy" to a temporary one)."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def save_npy(path: str | os.PathLike, array) -> Path:
+    """An array as a .npy file, written atomically."""
+    return atomic_write(path, lambda tmp: write_npy(tmp, array))
+
+
 def save_json(obj, path: str | os.PathLike) -> Path:
     """A dict or a dataclass (a config) as indented, key-sorted JSON, written atomically."""
     data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -27,7 +27,7 @@ from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier
 from mixem.errors import ConfigError
 from mixem.evaluate import extract_features
-from mixem.files import atomic_write
+from mixem.files import save_npy
 from mixem.losses import balanced_cross_entropy_torch, mixture_terms_torch, neighbor_consistency_torch
 from mixem.runlog import RunLog
 from mixem.training import Stage, autocast_for, make_optimizer, make_schedule, run_stage, wrap_for_training
@@ -69,15 +69,10 @@ def load_or_mine(x: np.ndarray, train_cfg: TrainConfig, run_dir: Path, log: RunL
         return nb
     nb = mine_neighbors(x, k)
     if ctx.main:
-        atomic_write(path, lambda tmp: _save_npy(tmp, nb))
+        save_npy(path, nb)
     barrier(ctx)
     log.event("neighbors", k=k, images=len(x))
     return nb
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save given a name would append ".npy" to the temporary one
-        np.save(f, array, allow_pickle=False)
 
 
 def start_partition(feats: dict, K: int, seed: int) -> np.ndarray:

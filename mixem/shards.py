@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mixem.errors import DataError
-from mixem.files import atomic_write, atomic_write_text
+from mixem.files import atomic_write, atomic_write_text, write_npy
 
 EMB_DIR, META_DIR, STATS_DIR = "embeddings", "metadata", "stats"
 FP_DIR = "fingerprints"  # near-duplicate descriptors (mixem.fingerprints), row-aligned; shards of older runs lack them
@@ -75,13 +75,13 @@ def write_shard(
         raise DataError(f"shard {shard}: columns of different lengths ({n} ids, {len(vectors)} vectors)")
     e_final, m_final = emb_path(out, shard), meta_path(out, shard)
     vec16 = np.ascontiguousarray(vectors, dtype=np.float16)
-    atomic_write(e_final, lambda tmp: _save_npy(tmp, vec16))
+    atomic_write(e_final, lambda tmp: write_npy(tmp, vec16))
     fp = {}
     if fingerprints is not None:
         fp16 = np.ascontiguousarray(fingerprints, dtype=np.float16)
         if len(fp16) != n:
             raise DataError(f"shard {shard}: {len(fp16)} fingerprints for {n} rows")
-        atomic_write(fp_path(out, shard), lambda tmp: _save_npy(tmp, fp16))
+        atomic_write(fp_path(out, shard), lambda tmp: write_npy(tmp, fp16))
         fp = {"fp_bytes": fp_path(out, shard).stat().st_size, "fp_dim": int(fp16.shape[1])}
     ok = np.array([s == OK for s in status])
     argmax = np.where(ok, probs.argmax(1) if probs.size else -1, -1).astype(np.int32)
@@ -106,11 +106,6 @@ def write_shard(
         **fp,
     }
     atomic_write_text(stats_path(out, shard), json.dumps(stats, indent=1) + "\n")
-
-
-def _save_npy(path: Path, a: np.ndarray):
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
-        np.save(f, a)
 
 
 def read_stats(out: Path, shard: int) -> dict | None:
