@@ -2,19 +2,22 @@
 
 Which crops suit a dataset's classes depends on the data: on Fashion-MNIST both views at 80-100 % end 0.07 ACC
 above the preset's views, on scikit-learn's digits they fall below raw pixels (README "Choosing the crops").
-With `candidate_crop_scale` set (the `cpu` preset sets 80-100 %), `train` makes two whole runs, representation
-and neighbour stage, in OUT/candidates/: the configured views, and both views at candidate_crop_scale. On a CPU
-they run at the same time with half the threads each (1.38x the throughput of one after the other on 2 cores,
-README), elsewhere one after the other. Each candidate's refined classes (the argmax of its head) are then
-scored by cross-agreement: how often an image and one of the neighbours the *other* candidate mined share a
-class. A candidate's own neighbours are what its neighbour stage was trained to agree with, so they flatter it;
-the other's it never saw. The higher score is kept: its checkpoints, neighbours, metrics and classes are copied
-into OUT, which is then a run like any other (eval, export, classify, --resume).
+With `candidate_crop_scale` set (the `cpu` preset sets 80-100 %), `train` makes two runs in OUT/candidates/: the
+configured views, and both views at candidate_crop_scale, each a representation and a neighbour stage of half
+the final one's epochs (enough to score it). On a CPU they run at the same time with half the threads each
+(1.38x the throughput of one after the other on 2 cores, README), elsewhere one after the other. Each
+candidate's refined classes (the argmax of its head) are then scored by cross-agreement: how often an image and
+one of the neighbours the *other* candidate mined share a class. A candidate's own neighbours are what its
+neighbour stage was trained to agree with, so they flatter it; the other's it never saw. The higher score is
+kept: OUT gets its representation (checkpoints, configs), and the full neighbour stage runs there on the
+neighbours that both candidates' lists share (shared_neighbors: purer than either list, README "Shared
+neighbours"). OUT is then a run like any other (eval, export, classify, --resume).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import shutil
 import signal
@@ -29,10 +32,11 @@ import numpy as np
 from mixem import checkpoint as ckpt
 from mixem.config import PRESETS, MixEMConfig, TrainConfig, replace, to_dict
 from mixem.errors import ConfigError, MixEMError
-from mixem.files import atomic_write, atomic_write_text, read_json, save_json
+from mixem.files import atomic_write, atomic_write_text, read_json, save_json, save_npy
 from mixem.runlog import RunLog
 
 RULE = "cross-agreement: the share of (image, neighbour mined by the other candidate) pairs put in one class"
+CHOICE_SHARE = 0.5  # a candidate's neighbour stage: this share of the final one's epochs and step floor
 
 
 @dataclass
@@ -48,8 +52,8 @@ class Candidate:
 
 def skip_reason(train_cfg: TrainConfig) -> str | None:
     """Why a run with candidate_crop_scale trains only its configured views (None: it trains both)."""
-    if not train_cfg.refine:
-        return "the choice scores refined classes, and --no-refine turns the neighbour stage off"
+    if not train_cfg.refine or not train_cfg.refine_epochs:
+        return "the choice scores refined classes, and there is no neighbour stage (--no-refine, or 0 epochs)"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "under torchrun every process trains one run"
     return None
@@ -67,13 +71,16 @@ def _views(first, second) -> tuple[str, str]:
 
 
 def candidates(train_cfg: TrainConfig, threads: int) -> list[Candidate]:
-    """The configured views first, then both views at candidate_crop_scale; each an ordinary run's config."""
+    """The configured views first, then both views at candidate_crop_scale; each an ordinary run's config, its
+    neighbour stage CHOICE_SHARE of the configured one."""
     out = Path(train_cfg.out) / "candidates"
     pairs = [(train_cfg.crop_scale, train_cfg.second_crop_scale), (train_cfg.candidate_crop_scale, None)]
     found = []
     for first, second in pairs:
         name, words = _views(first, second)
-        cfg = replace(train_cfg, out=str(out / name), crop_scale=tuple(first), threads=threads)
+        cfg = replace(train_cfg, out=str(out / name), crop_scale=tuple(first), threads=threads,
+                      refine_epochs=math.ceil(train_cfg.refine_epochs * CHOICE_SHARE),
+                      refine_min_steps=math.ceil(train_cfg.refine_min_steps * CHOICE_SHARE))  # fmt: skip
         cfg.second_crop_scale, cfg.candidate_crop_scale = second, None  # replace() reads None as "keep"
         found.append(Candidate(name, words, cfg))
     if found[0].name == found[1].name:
@@ -190,42 +197,75 @@ def score(cands: list[Candidate], images, device, k_neighbors: int) -> list[dict
             for c, x, cl, nb in zip(cands, cross, classes, nbs)]  # fmt: skip
 
 
-def promote(src: Path, out: Path):
-    """Make OUT the kept candidate's run: its checkpoints, neighbours, configs, metrics and classes, the
-    `latest` pointer written last (a run killed while copying has none, and --resume chooses again)."""
+def shared_neighbors(lists: list[np.ndarray]) -> np.ndarray:
+    """(N, k): each image's neighbours that every (N, k) list holds, in the first list's order, repeated in turn
+    to fill k places (so the neighbour stage draws each about equally often). An image whose lists share none
+    gets each list's nearest, in turn."""
+    first = lists[0]
+    k = first.shape[1]
+    held = np.ones(first.shape, bool)
+    for other in lists[1:]:
+        held &= (first[:, :, None] == other[:, None, :]).any(2)
+    count = held.sum(1)
+    ranked = np.take_along_axis(first, np.argsort(~held, axis=1, kind="stable"), 1)  # the shared ones first
+    out = np.take_along_axis(ranked, np.arange(k)[None, :] % np.maximum(count, 1)[:, None], 1)
+    none = count == 0
+    nearest = np.stack([nb[none, 0] for nb in lists], 1)  # (images sharing none, lists)
+    out[none] = np.tile(nearest, (1, k // len(lists) + 1))[:, :k]
+    return out
+
+
+def promote(kept: Candidate, others: list[Candidate], out: Path, final: TrainConfig) -> np.ndarray:
+    """Make OUT the kept candidate's representation, ready for the full neighbour stage: the neighbours its list
+    shares with the others' (OUT/neighbors.npy, which the stage reads), its epoch checkpoints and configs with
+    `final` as their train config, the `latest` pointer written last (a run killed before it has none, and
+    --resume chooses again; once it exists OUT resumes as a run of its own). Returns the shared neighbours."""
+    from mixem.refine import NEIGHBORS
+
     (out / "checkpoints" / "latest").unlink(missing_ok=True)
-    for d in sorted((src / "checkpoints").iterdir()):
-        if d.is_dir():
-            shutil.rmtree(out / "checkpoints" / d.name, ignore_errors=True)
-            shutil.copytree(d, out / "checkpoints" / d.name)
-    for name in ("neighbors.npy", "config.json", "metrics.json"):  # atomic, as the run's own writes are
-        if (src / name).is_file():
-            atomic_write(out / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
-    saved = read_json(src / "train_config.json", "train config")
-    save_json({**saved, "out": str(out)}, out / "train_config.json")
-    atomic_write_text(out / "checkpoints" / "latest", (src / "checkpoints" / "latest").read_text())
+    shared = shared_neighbors([np.load(c.dir / NEIGHBORS, allow_pickle=False) for c in [kept, *others]])
+    save_npy(out / NEIGHBORS, shared)
+    for d in sorted((out / "checkpoints").glob("*_[0-9]*")):  # an earlier choice's, if any
+        shutil.rmtree(d, ignore_errors=True)
+    for d in sorted((kept.dir / "checkpoints").glob("epoch_[0-9]*")):
+        shutil.copytree(d, out / "checkpoints" / d.name)
+        save_json(final, out / "checkpoints" / d.name / "train_config.json")
+    atomic_write(out / "config.json", lambda tmp: shutil.copyfile(kept.dir / "config.json", tmp))
+    save_json(final, out / "train_config.json")
+    atomic_write_text(out / "checkpoints" / "latest", ckpt.newest(kept.dir, "epoch").name + "\n")
+    return shared
 
 
-def _kept_metrics(out: Path, record: dict, log: RunLog) -> dict:
-    """Add the choice to OUT's metrics.json; print the kept run's tables, both candidates' scores against the
-    labels (after the choice, for the record) and the headline; return what the run's summary takes from it."""
-    from mixem.evaluate import format_table, headline_line
-
-    metrics = read_json(out / "metrics.json", "metrics file")
-    metrics.update(minutes=record["minutes"], candidates=record)
-    save_json(metrics, out / "metrics.json")
-    if "headline" not in metrics:
-        return {}
-    log.print(format_table(metrics["rows"] + [metrics["raw_pixel_kmeans"]]))
-    if metrics.get("stages"):
-        log.print("\nwhat each stage adds:\n" + format_table(metrics["stages"]))
-    scores = record["candidates"]
+def _print_choice(kept: Candidate, scores: list[dict], best: int, log: RunLog) -> None:
+    other = scores[1 - best]
+    log.print(f"crops kept: {kept.crops} ({kept.name}): its classes agree with {scores[best]['cross_agreement']:.1%} "
+              f"of the other candidate's neighbours, the other's {other['cross_agreement']:.1%} "
+              f"(own neighbours {scores[best]['own_agreement']:.1%} / {other['own_agreement']:.1%})")  # fmt: skip
     if all("acc" in sc for sc in scores):
         log.print("the candidates against the labels (not used to choose): "
                   + ", ".join(f"{sc['name']} ACC {sc['acc']:.3f} NMI {sc['nmi']:.3f}" for sc in scores))  # fmt: skip
-    print(headline_line(metrics))
-    return {"headline": metrics["headline"], "raw_pixel_kmeans": metrics["raw_pixel_kmeans"],
-            "metrics_json": str(out / "metrics.json")}  # fmt: skip
+
+
+def _adopt_log(kept: Candidate, log_path: Path) -> None:
+    """Append the kept candidate's representation epochs (and its start record) to OUT's log, so OUT's report
+    shows them before its own neighbour stage (a record written twice, after a resume, counts once there)."""
+    import json
+
+    from mixem.report_train import read_log
+
+    mine = [e for e in read_log(kept.dir / "log.jsonl") if e.get("event") in ("start", "epoch")]
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(e) + "\n" for e in mine)
+
+
+def _final_config(kept: Candidate, train_cfg: TrainConfig) -> TrainConfig:
+    """OUT's run: the kept candidate's (its crops, its epochs fitted to the data) with OUT's threads and the
+    configured neighbour stage in full."""
+    from mixem.config import load_json
+
+    saved = load_json(TrainConfig, kept.dir / "train_config.json")
+    return replace(saved, out=train_cfg.out, threads=train_cfg.threads, refine_epochs=train_cfg.refine_epochs,
+                   refine_min_steps=train_cfg.refine_min_steps)  # fmt: skip
 
 
 def _cores() -> int:
@@ -241,7 +281,6 @@ def train_and_choose(
     """`train` with candidate crops, in its claimed OUT: both candidates, the choice, the kept one promoted.
     resume_args: the options `train --resume` was given (--epochs N, --device D), passed on to both candidates."""
     from mixem.data import load_images
-    from mixem.report_train import write_train_report
     from mixem.runtime import resolve_device
     from mixem.training import clean_killed_writes
 
@@ -270,7 +309,6 @@ def train_and_choose(
     scores = score(cands, ds.images, device, train_cfg.refine_neighbors)
     best = max(range(len(cands)), key=lambda i: (scores[i]["cross_agreement"], -i))  # a tie keeps the configured
     kept = cands[best]
-    promote(kept.dir, out)
     for c, sc in zip(cands, scores):  # what each scored against the labels, for the record (not used above)
         head = (
             read_json(c.dir / "metrics.json", "metrics file").get("headline")
@@ -279,23 +317,26 @@ def train_and_choose(
         )
         if head:
             sc.update(acc=round(head["acc"], 4), nmi=round(head["nmi"], 4))
-    record = {
-        "rule": RULE,
-        "kept": kept.name,
-        "candidates": scores,
-        "minutes": round((time.perf_counter() - t0) / 60, 3),
-    }
+    record = {"rule": RULE, "kept": kept.name, "candidates": scores}
     save_json(record, out / "candidates.json")
     log.event("crops_chosen", **record)
-    other = scores[1 - best]
-    log.print(f"crops kept: {kept.crops} ({kept.name}): its classes agree with {scores[best]['cross_agreement']:.1%} "
-              f"of the other candidate's neighbours, the other's {other['cross_agreement']:.1%} "
-              f"(own neighbours {scores[best]['own_agreement']:.1%} / {other['own_agreement']:.1%})")  # fmt: skip
-    summary = {"run_dir": str(out), "checkpoint": str(ckpt.resolve(out)), "preset": preset,
-               "candidates": record, "epochs": kept.train.epochs}  # fmt: skip
+    _print_choice(kept, scores, best, log)
+    final = _final_config(kept, train_cfg)
+    shared = promote(kept, [c for c in cands if c is not kept], out, final)
+    distinct = float(np.mean([len(np.unique(row)) for row in shared]))
+    log.print(f"shared neighbours: {distinct:.1f} of each image's {shared.shape[1]} nearest in {kept.name}'s "
+              f"representation are also among the other's; the neighbour stage trains on those, in {out}")  # fmt: skip
+    log.event("shared_neighbors", k=int(shared.shape[1]), distinct=round(distinct, 3))
+    _adopt_log(kept, Path(json_log or out / "log.jsonl"))
+
+    from mixem.distributed import SINGLE
+    from mixem.session import train_and_report
+
+    summary = train_and_report(model_cfg, final, preset, SINGLE, device, resume=True, evaluate=evaluate,
+                               quiet=quiet, json_log=json_log)  # fmt: skip
+    record["minutes"] = round((time.perf_counter() - t0) / 60, 3)
+    save_json(record, out / "candidates.json")
     if (out / "metrics.json").is_file():
-        summary.update(_kept_metrics(out, record, log))
-    if (ckpt.resolve(out) / "classes.json").is_file():
-        summary["classes_json"] = str(ckpt.resolve(out) / "classes.json")
-    summary["report_html"] = str(write_train_report(out, kept.dir / "log.jsonl"))
-    return summary
+        metrics = read_json(out / "metrics.json", "metrics file")
+        save_json({**metrics, "minutes": record["minutes"], "candidates": record}, out / "metrics.json")
+    return {**summary, "candidates": record}

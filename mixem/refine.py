@@ -128,7 +128,7 @@ def refine(
     nb = load_or_mine(feats["embedding"], train_cfg, run_dir, log, ctx)
     if labels is not None:
         agree = float((np.asarray(labels)[nb] == np.asarray(labels)[:, None]).mean())
-        log.print(f"refine: {nb.shape[1]} neighbours per image mined; {agree:.1%} share the image's label")
+        log.print(f"refine: {nb.shape[1]} neighbours per image ({NEIGHBORS}); {agree:.1%} share the image's label")
         log.event("neighbor_agreement", value=agree)
     if ckpt.newest(run_dir, "neighbors") is None or not resume:  # a fresh start (resume restores the head)
         start = start_partition(feats, model_cfg.components, train_cfg.seed)

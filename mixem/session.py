@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -135,13 +136,19 @@ def train_command(
         if saved_train is None:
             raise ConfigError(f"{out}: the latest checkpoint has no train_config.json; cannot resume")
         extra = {k: v for k, v in train_over.items() if v is not None and k not in ("out", "epochs", "device")}
+        refine_now = extra.get("refine") is True  # --refine: refine a run trained with --no-refine
+        if refine_now:
+            del extra["refine"]
         if extra or any(v is not None for v in model_over.values()) or config_file:
             raise ConfigError(
-                "--resume continues a run with its saved configs; only --out, --epochs and --device may be given"
+                "--resume continues a run with its saved configs; only --out, --epochs, --device and --refine "
+                "may be given"
             )
         # The run continues in --out, the folder it was found in: the saved `out` names where it was trained,
         # which a copied or moved run must neither write into nor recreate.
         train_cfg = replace(saved_train, out=str(out), epochs=train_over.get("epochs"), device=train_over.get("device"))
+        if refine_now and not train_cfg.refine:  # its own representation, refined: no candidate crops now
+            train_cfg = dataclasses.replace(train_cfg, refine=True, candidate_crop_scale=None)
         name = "resumed"
     else:
         model_cfg, train_cfg, name = build_configs(preset_name, config_file, model_over, train_over)
@@ -166,7 +173,7 @@ def train_command(
         from mixem.training import claim_run
 
         with claim_run(train_cfg.out) if ctx.main else contextlib.nullcontext():
-            summary = _train_and_report(
+            summary = train_and_report(
                 model_cfg,
                 train_cfg,
                 name,
@@ -192,7 +199,7 @@ def _saved_configs(out: Path) -> tuple[MixEMConfig, TrainConfig | None]:
     return model_cfg, saved_train
 
 
-def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
+def train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
     from mixem.training import train, uses_bf16
 
     log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet, enabled=ctx.main)

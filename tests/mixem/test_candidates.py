@@ -14,7 +14,7 @@ from cli_runs import cli
 from safetensors.numpy import load_file
 
 from mixem import checkpoint as ckpt
-from mixem.candidates import agreement, candidates, cross_agreement, skip_reason
+from mixem.candidates import agreement, candidates, cross_agreement, shared_neighbors, skip_reason
 from mixem.config import TrainConfig, preset, replace
 from mixem.errors import ConfigError
 
@@ -33,6 +33,17 @@ def test_agreement_and_cross_agreement_by_hand():
     assert cross_agreement([a, b, c], [na, nbb, nc]) == [0.0, 0.5, 0.5]  # the mean over the two others' neighbours
 
 
+def test_shared_neighbors_by_hand():
+    a = np.array([[1, 2, 3], [0, 2, 3], [4, 0, 1], [0, 1, 2]])
+    b = np.array([[3, 4, 1], [4, 1, 0], [3, 1, 0], [3, 4, 5]])
+    # Row 0 shares 1 and 3 (in a's order, repeated to fill 3 places); row 1 only 0; row 2 shares 0 and 1;
+    # row 3 none: each list's nearest in turn (0 from a, 3 from b).
+    assert shared_neighbors([a, b]).tolist() == [[1, 3, 1], [0, 0, 0], [0, 1, 0], [0, 3, 0]]
+    assert shared_neighbors([a, a]).tolist() == a.tolist()  # a list shares all of itself
+    c = np.array([[3, 2, 1], [2, 3, 0], [1, 0, 2], [5, 6, 7]])  # three lists: what all three hold
+    assert shared_neighbors([a, b, c]).tolist() == [[1, 3, 1], [0, 0, 0], [0, 1, 0], [0, 3, 5]]
+
+
 def test_candidates_are_the_configured_views_and_both_views_at_the_candidate_range(tmp_path):
     _, t = preset("cpu")
     t = replace(t, out=str(tmp_path / "run"))
@@ -45,11 +56,14 @@ def test_candidates_are_the_configured_views_and_both_views_at_the_candidate_ran
         assert c.dir == tmp_path / "run" / "candidates" / c.name and c.train.threads == 1
         assert c.train.candidate_crop_scale is None  # a candidate has no candidates of its own
         assert (c.train.epochs, c.train.min_steps, c.train.seed) == (t.epochs, t.min_steps, t.seed)
+        # a neighbour stage of half the final one's length: enough to score the candidate
+        assert (c.train.refine_epochs, c.train.refine_min_steps) == (t.refine_epochs // 2, t.refine_min_steps // 2)
     with pytest.raises(ConfigError, match="repeats the configured views"):
         candidates(replace(t, crop_scale=(0.8, 1.0), second_crop_scale=(0.8, 1.0)), threads=1)
     with pytest.raises(ConfigError, match="candidate_crop_scale must be two numbers"):
         TrainConfig(candidate_crop_scale=(0.9, 0.5))
     assert skip_reason(t) is None and "--no-refine" in skip_reason(replace(t, refine=False))
+    assert "0 epochs" in skip_reason(replace(t, refine_epochs=0))
 
 
 SMALL = ["--max-images", "384", "--epochs", "3", "--refine-epochs", "2", "--device", "cpu"]
@@ -59,13 +73,17 @@ def _weights(run: Path) -> dict:
     return load_file(str(ckpt.resolve(run) / "model.safetensors"))
 
 
+def _weights_of(run: Path, checkpoint: str) -> dict:
+    return load_file(str(run / "checkpoints" / checkpoint / "model.safetensors"))
+
+
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_a_real_run_keeps_the_candidate_the_rule_picks(tmp_path, capsys):
-    """Both candidates train; OUT holds the kept one's classes; the choice is recomputed here from the
-    candidates' own saved models and neighbours, without the labels."""
+    """Both candidates train; the choice is recomputed here from the candidates' own saved models and
+    neighbours, without the labels; OUT holds the kept one's representation, refined on the shared neighbours."""
     import mixem
     from mixem.data import load_images
     from mixem.evaluate import extract_features
@@ -76,7 +94,8 @@ def test_a_real_run_keeps_the_candidate_the_rule_picks(tmp_path, capsys):
     said = capsys.readouterr().out  # each candidate's epochs, read from its log.jsonl as it grows
     for name in ("crops-35-100_80-100", "crops-80-100"):
         assert said.count(f"  {name}: representation epoch 3/3 ") == 1, said
-        assert said.count(f"  {name}: neighbour stage epoch 2 ") == 1, said
+        assert said.count(f"  {name}: neighbour stage epoch 1 ") == 1, said  # half of OUT's 2
+        assert f"  {name}: neighbour stage epoch 2 " not in said
     out = tmp_path / "run"
     record = json.loads((out / "candidates.json").read_text())
     assert [c["name"] for c in record["candidates"]] == ["crops-35-100_80-100", "crops-80-100"]
@@ -89,13 +108,21 @@ def test_a_real_run_keeps_the_candidate_the_rule_picks(tmp_path, capsys):
         nbs.append(np.load(d / "neighbors.npy")[:, :20])
     cross = [agreement(classes[0], nbs[1]), agreement(classes[1], nbs[0])]
     assert [c["cross_agreement"] for c in record["candidates"]] == [round(x, 4) for x in cross]
-    kept = record["candidates"][int(np.argmax(cross))]["name"]
+    best = int(np.argmax(cross))
+    kept = record["candidates"][best]["name"]
     assert record["kept"] == kept
-    assert _same(_weights(out), _weights(out / "candidates" / kept))  # OUT is the kept run
-    assert np.array_equal(np.load(out / "neighbors.npy"), np.load(out / "candidates" / kept / "neighbors.npy"))
+    # OUT: the kept representation (its last epoch, weights unchanged), then its own full neighbour stage
+    kept_dir = out / "candidates" / kept
+    last = ckpt.newest(kept_dir, "epoch").name
+    assert _same(load_file(str(out / "checkpoints" / last / "model.safetensors")), _weights_of(kept_dir, last))
+    assert ckpt.resolve(out).name == "neighbors_0002" and not _same(_weights(out), _weights(kept_dir))
+    assert np.array_equal(np.load(out / "neighbors.npy"), shared_neighbors([nbs[best], nbs[1 - best]]))
     saved = json.loads((out / "train_config.json").read_text())
-    assert saved["out"] == str(out) and saved["candidate_crop_scale"] is None
+    assert saved["out"] == str(out) and saved["candidate_crop_scale"] is None and saved["refine_epochs"] == 2
+    assert json.loads((ckpt.resolve(out) / "train_config.json").read_text())["refine_epochs"] == 2
     assert run.metrics["candidates"]["kept"] == kept and run.headline["acc"] > 0
+    assert json.loads((out / "metrics.json").read_text())["candidates"]["kept"] == kept
+    assert "shared neighbours:" in said and said.count("MIX'EM + refinement (argmax of the refined head)") == 1
     assert (out / "report.html").is_file() and (ckpt.resolve(out) / "classes.json").is_file()
     with pytest.raises(ConfigError, match="already holds a run"):
         mixem.train(out=out, preset="cpu", max_images=384, epochs=3, refine_epochs=2, device="cpu")

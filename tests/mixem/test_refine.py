@@ -186,3 +186,25 @@ def test_refinement_under_torchrun(tmp_path, method):
     again = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stdout[-1500:] + again.stderr[-1500:]
     assert (out / "checkpoints" / "selflabel_0001" / "model.safetensors").read_bytes() == final
+
+
+def test_resume_with_refine_refines_a_run_trained_without(tmp_path):
+    """`train --resume --refine` on a --no-refine run: its own representation is refined (no crop candidates),
+    to the same weights as a run that refined at once; --resume --no-refine is refused."""
+    import mixem
+    from mixem.errors import ConfigError
+
+    small = dict(preset="cpu", max_images=256, epochs=1, refine_epochs=2, device="cpu", evaluate=False)
+    mixem.train(out=tmp_path / "later", refine=False, **small)
+    assert ckpt.newest(tmp_path / "later", "neighbors") is None
+    mixem.train(out=tmp_path / "later", resume=True, refine=True)
+    conf = tmp_path / "one.json"
+    conf.write_text(json.dumps({"train": {"candidate_crop_scale": None}}))
+    mixem.train(out=tmp_path / "at_once", config=conf, **small)
+    assert not (tmp_path / "later" / "candidates").exists()
+    assert ckpt.resolve(tmp_path / "later").name == ckpt.resolve(tmp_path / "at_once").name == "neighbors_0002"
+    a = load_file(str(ckpt.resolve(tmp_path / "later") / "model.safetensors"))
+    b = load_file(str(ckpt.resolve(tmp_path / "at_once") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="only --out, --epochs, --device and --refine"):
+        mixem.train(out=tmp_path / "later", resume=True, refine=False)
