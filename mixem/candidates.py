@@ -276,9 +276,11 @@ def _cores() -> int:
 
 
 def train_and_choose(
-    model_cfg, train_cfg: TrainConfig, preset: str, *, resume, evaluate, quiet, json_log, resume_args=()
+    model_cfg, train_cfg: TrainConfig, preset: str, *, resume, evaluate, quiet, json_log, refine_in_out, resume_args=()
 ) -> dict:
     """`train` with candidate crops, in its claimed OUT: both candidates, the choice, the kept one promoted.
+    refine_in_out(final config): resumes OUT, the promoted representation, through its neighbour stage and
+    evaluation and returns the run's summary (the session's own training path).
     resume_args: the options `train --resume` was given (--epochs N, --device D), passed on to both candidates."""
     from mixem.data import load_images
     from mixem.runtime import resolve_device
@@ -328,12 +330,7 @@ def train_and_choose(
               f"representation are also among the other's; the neighbour stage trains on those, in {out}")  # fmt: skip
     log.event("shared_neighbors", k=int(shared.shape[1]), distinct=round(distinct, 3))
     _adopt_log(kept, Path(json_log or out / "log.jsonl"))
-
-    from mixem.distributed import SINGLE
-    from mixem.session import train_and_report
-
-    summary = train_and_report(model_cfg, final, preset, SINGLE, device, resume=True, evaluate=evaluate,
-                               quiet=quiet, json_log=json_log)  # fmt: skip
+    summary = refine_in_out(final)
     record["minutes"] = round((time.perf_counter() - t0) / 60, 3)
     save_json(record, out / "candidates.json")
     if (out / "metrics.json").is_file():

@@ -162,9 +162,15 @@ def train_command(
         if why_not is None:
             with claim_run(train_cfg.out):
                 again = [f"--{k}={train_over[k]}" for k in ("epochs", "device") if resume and train_over.get(k)]
+                from mixem.distributed import SINGLE
+
+                def refine_in_out(final: TrainConfig) -> dict:  # the kept representation's neighbour stage, in OUT
+                    return _train_and_report(model_cfg, final, name, SINGLE, resolve_device(final.device), resume=True,
+                                             evaluate=evaluate, quiet=quiet, json_log=json_log)  # fmt: skip
+
                 return candidates.train_and_choose(
                     model_cfg, train_cfg, name, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log,
-                    resume_args=again,
+                    resume_args=again, refine_in_out=refine_in_out,
                 )  # fmt: skip
         RunLog(None, quiet=quiet).print(f"candidate crops: not chosen, {why_not}; training the configured views")
     ctx, device = init_from_env(resolve_device(train_cfg.device))
@@ -173,7 +179,7 @@ def train_command(
         from mixem.training import claim_run
 
         with claim_run(train_cfg.out) if ctx.main else contextlib.nullcontext():
-            summary = train_and_report(
+            summary = _train_and_report(
                 model_cfg,
                 train_cfg,
                 name,
@@ -199,7 +205,7 @@ def _saved_configs(out: Path) -> tuple[MixEMConfig, TrainConfig | None]:
     return model_cfg, saved_train
 
 
-def train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
+def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evaluate, quiet, json_log) -> dict:
     from mixem.training import train, uses_bf16
 
     log = RunLog(json_log or Path(train_cfg.out) / "log.jsonl", quiet=quiet, enabled=ctx.main)
