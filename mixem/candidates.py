@@ -10,8 +10,8 @@ candidate's refined classes (the argmax of its head) are then scored by cross-ag
 one of the neighbours the *other* candidate mined share a class. A candidate's own neighbours are what its
 neighbour stage was trained to agree with, so they flatter it; the other's it never saw. The higher score is
 kept: OUT gets its representation (checkpoints, configs), and the full neighbour stage runs there on the
-neighbours that both candidates' lists share (shared_neighbors: purer than either list, README "Shared
-neighbours"). OUT is then a run like any other (eval, export, classify, --resume).
+neighbours that both candidates' lists share (shared_neighbors: purer than either list; README "Choosing the
+crops without labels"). OUT is then a run like any other (eval, export, classify, --resume).
 """
 
 from __future__ import annotations
