@@ -16,13 +16,9 @@ crops without labels"). OUT is then a run like any other (eval, export, classify
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from mixem import checkpoint as ckpt
-from mixem.config import PRESETS, MixEMConfig, TrainConfig, replace, to_dict
-from mixem.errors import ConfigError, MixEMError
+from mixem.children import run_all
+from mixem.config import TrainConfig, replace
+from mixem.errors import ConfigError
 from mixem.files import atomic_write, atomic_write_text, read_json, save_json, save_npy
 from mixem.runlog import RunLog
 
@@ -78,7 +75,7 @@ def candidates(train_cfg: TrainConfig, threads: int) -> list[Candidate]:
     found = []
     for first, second in pairs:
         name, words = _views(first, second)
-        cfg = replace(train_cfg, out=str(out / name), crop_scale=tuple(first), threads=threads,
+        cfg = replace(train_cfg, out=str(out / name), crop_scale=tuple(first), threads=threads, refine_draws=1,
                       refine_epochs=math.ceil(train_cfg.refine_epochs * CHOICE_SHARE),
                       refine_min_steps=math.ceil(train_cfg.refine_min_steps * CHOICE_SHARE))  # fmt: skip
         cfg.second_crop_scale, cfg.candidate_crop_scale = second, None  # replace() reads None as "keep"
@@ -87,87 +84,6 @@ def candidates(train_cfg: TrainConfig, threads: int) -> list[Candidate]:
         raise ConfigError(f"candidate_crop_scale {list(train_cfg.candidate_crop_scale)} repeats the configured "
                             "views; set another range, or null to train the configured views only")  # fmt: skip
     return found
-
-
-def _die_with_parent():  # pragma: no cover (runs in the child between fork and exec)
-    """Linux: the candidate gets SIGTERM when the parent dies, however it dies (no orphaned training)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _command(c: Candidate, model_cfg: MixEMConfig, preset: str, evaluate: bool, resume_args: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "mixem.cli", "train", "--out", str(c.dir), "--quiet"]
-    if (c.dir / "train_config.json").is_file():  # started before: it continues (a finished one only re-scores)
-        cmd += ["--resume", *resume_args]  # what `train --resume` was given (--epochs, --device) reaches both
-    else:
-        spec = c.dir.parent / f"{c.name}.json"
-        save_json({"model": to_dict(model_cfg), "train": to_dict(c.train)}, spec)
-        # The spec sets every field, so the preset only names the run; a resumed parent's is "resumed", which the
-        # command line does not take (a candidate killed before it saved its configs starts again from its spec).
-        cmd += ["--preset", preset if preset in PRESETS else "cpu", "--config", str(spec)]
-    return cmd + ([] if evaluate else ["--no-eval"])
-
-
-def _progress(c: Candidate, seen: dict, log: RunLog):
-    """One line when a candidate finishes a stage's epoch, read from what its log.jsonl gained since last time."""
-    import json
-
-    try:
-        with open(c.dir / "log.jsonl", "rb") as f:
-            f.seek(seen.get(c.name, 0))
-            new = f.read()
-    except OSError:
-        return
-    for line in new.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break  # a line being written: read again next time
-        seen[c.name] = seen.get(c.name, 0) + len(line)
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == "start":
-            seen[c.name + ":epochs"] = e.get("train", {}).get("epochs")
-        elif e.get("event") in ("epoch", "neighbors") and "epoch" in e:
-            stage = "representation" if e["event"] == "epoch" else "neighbour stage"
-            total = seen.get(c.name + ":epochs") if e["event"] == "epoch" else None
-            log.print(f"  {c.name}: {stage} epoch {e.get('epoch')}{f'/{total}' if total else ''}"
-                      f" ({e.get('images_per_s', 0):,.0f} img/s)")  # fmt: skip
-
-
-def run_all(cands: list[Candidate], model_cfg, preset: str, *, parallel: bool, evaluate: bool, log: RunLog,
-            resume_args: list[str] = ()):  # fmt: skip
-    """Train every candidate to the end (in parallel or in turn); a failed one is an error naming its output."""
-    batches = [cands] if parallel else [[c] for c in cands]
-    for batch in batches:
-        procs = []
-        try:
-            for c in batch:
-                c.dir.parent.mkdir(parents=True, exist_ok=True)
-                text = open(c.dir.parent / f"{c.name}.txt", "a")  # noqa: SIM115 (closed below, after the child)
-                kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-                procs.append((c, subprocess.Popen(_command(c, model_cfg, preset, evaluate, list(resume_args)), stdout=text,
-                                                  stderr=subprocess.STDOUT, **kw), text))  # fmt: skip
-            seen: dict = {}
-            while any(p.poll() is None for _, p, _ in procs):
-                time.sleep(2.0)
-                for c, _, _ in procs:
-                    _progress(c, seen, log)
-            for c, _, _ in procs:  # what the last two seconds added
-                _progress(c, seen, log)
-        finally:
-            for _, p, text in procs:
-                if p.poll() is None:
-                    p.terminate()
-                p.wait()
-                text.close()
-        for c, p, _ in procs:
-            if p.returncode != 0:
-                tail = (c.dir.parent / f"{c.name}.txt").read_text(errors="replace").strip().splitlines()[-1:]
-                raise MixEMError(f"candidate {c.name} failed (exit {p.returncode}): {' '.join(tail)} "
-                                    f"(its output: {c.dir.parent / f'{c.name}.txt'})")  # fmt: skip
 
 
 def agreement(classes: np.ndarray, neighbors: np.ndarray) -> float:
@@ -215,11 +131,14 @@ def shared_neighbors(lists: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def promote(kept: Candidate, others: list[Candidate], out: Path, final: TrainConfig) -> np.ndarray:
+def promote(kept: Candidate, others: list[Candidate], out: Path, final: TrainConfig, *, commit: bool = True
+            ) -> np.ndarray:  # fmt: skip
     """Make OUT the kept candidate's representation, ready for the full neighbour stage: the neighbours its list
-    shares with the others' (OUT/neighbors.npy, which the stage reads), its epoch checkpoints and configs with
-    `final` as their train config, the `latest` pointer written last (a run killed before it has none, and
-    --resume chooses again; once it exists OUT resumes as a run of its own). Returns the shared neighbours."""
+    shares with the others' (OUT/neighbors.npy, which the stage reads), its epoch checkpoints and model config
+    with `final` as their train config, the `latest` pointer written last when `commit` (a run killed before it
+    has none, and --resume chooses again; once it exists OUT resumes as a run of its own). Without `commit` the
+    draws (mixem.draws) write `latest`. OUT's train_config.json stays the one that chooses until OUT's own run
+    writes `final` there. Returns the shared neighbours."""
     from mixem.refine import NEIGHBORS
 
     (out / "checkpoints" / "latest").unlink(missing_ok=True)
@@ -231,8 +150,8 @@ def promote(kept: Candidate, others: list[Candidate], out: Path, final: TrainCon
         shutil.copytree(d, out / "checkpoints" / d.name)
         save_json(final, out / "checkpoints" / d.name / "train_config.json")
     atomic_write(out / "config.json", lambda tmp: shutil.copyfile(kept.dir / "config.json", tmp))
-    save_json(final, out / "train_config.json")
-    atomic_write_text(out / "checkpoints" / "latest", ckpt.newest(kept.dir, "epoch").name + "\n")
+    if commit:
+        atomic_write_text(out / "checkpoints" / "latest", ckpt.newest(kept.dir, "epoch").name + "\n")
     return shared
 
 
@@ -246,14 +165,16 @@ def _print_choice(kept: Candidate, scores: list[dict], best: int, log: RunLog) -
                   + ", ".join(f"{sc['name']} ACC {sc['acc']:.3f} NMI {sc['nmi']:.3f}" for sc in scores))  # fmt: skip
 
 
-def _adopt_log(kept: Candidate, log_path: Path) -> None:
-    """Append the kept candidate's representation epochs (and its start record) to OUT's log, so OUT's report
-    shows them before its own neighbour stage (a record written twice, after a resume, counts once there)."""
+def adopt_log(run: Path, log_path: Path, events: tuple[str, ...]) -> None:
+    """Append a child run's `events` records to OUT's log (the kept candidate's start and representation epochs,
+    the kept draw's neighbour-stage epochs), so OUT's report shows them (a record written twice, after a resume,
+    counts once there)."""
     import json
 
     from mixem.report_train import read_log
 
-    mine = [e for e in read_log(kept.dir / "log.jsonl") if e.get("event") in ("start", "epoch")]
+    mine = [e for e in read_log(run / "log.jsonl") if e.get("event") in events and (e["event"] != "neighbors"
+            or "epoch" in e)]  # fmt: skip
     with open(log_path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(e) + "\n" for e in mine)
 
@@ -265,7 +186,7 @@ def _final_config(kept: Candidate, train_cfg: TrainConfig) -> TrainConfig:
 
     saved = load_json(TrainConfig, kept.dir / "train_config.json")
     return replace(saved, out=train_cfg.out, threads=train_cfg.threads, refine_epochs=train_cfg.refine_epochs,
-                   refine_min_steps=train_cfg.refine_min_steps)  # fmt: skip
+                   refine_min_steps=train_cfg.refine_min_steps, refine_draws=train_cfg.refine_draws)  # fmt: skip
 
 
 def _cores() -> int:
@@ -292,7 +213,8 @@ def train_and_choose(
     ):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     t0 = time.perf_counter()
-    clean_killed_writes(out, ("candidates.json",))  # a killed run's half-written files in OUT (promote's too)
+    # a killed run's half-written files in OUT (promote's too)
+    clean_killed_writes(out, ("candidates.json", "draws.json"))
     log = RunLog(json_log or out / "log.jsonl", quiet=quiet)
     save_json(model_cfg, out / "config.json")
     save_json(train_cfg, out / "train_config.json")
@@ -324,16 +246,24 @@ def train_and_choose(
     log.event("crops_chosen", **record)
     _print_choice(kept, scores, best, log)
     final = _final_config(kept, train_cfg)
-    shared = promote(kept, [c for c in cands if c is not kept], out, final)
+    draws = final.refine_draws > 1
+    shared = promote(kept, [c for c in cands if c is not kept], out, final, commit=not draws)
     distinct = float(np.mean([len(np.unique(row)) for row in shared]))
     log.print(f"shared neighbours: {distinct:.1f} of each image's {shared.shape[1]} nearest in {kept.name}'s "
               f"representation are also among the other's; the neighbour stage trains on those, in {out}")  # fmt: skip
     log.event("shared_neighbors", k=int(shared.shape[1]), distinct=round(distinct, 3))
-    _adopt_log(kept, Path(json_log or out / "log.jsonl"))
+    adopt_log(kept.dir, Path(json_log or out / "log.jsonl"), ("start", "epoch"))
+    drawn = {}
+    if draws:  # the full neighbour stage drawn refine_draws times, the lowest objective's checkpoints in OUT
+        from mixem import draws as drawing
+
+        drawn = {"draws": drawing.draw_and_keep(out, final, model_cfg, ds.images, device, parallel=parallel,
+                                                cores=cores, preset=preset, log=log)}  # fmt: skip
+        adopt_log(out / "draws" / drawn["draws"]["kept"], Path(json_log or out / "log.jsonl"), ("neighbors",))
     summary = refine_in_out(final)
     record["minutes"] = round((time.perf_counter() - t0) / 60, 3)
     save_json(record, out / "candidates.json")
     if (out / "metrics.json").is_file():
         metrics = read_json(out / "metrics.json", "metrics file")
-        save_json({**metrics, "minutes": record["minutes"], "candidates": record}, out / "metrics.json")
-    return {**summary, "candidates": record}
+        save_json({**metrics, "minutes": record["minutes"], "candidates": record, **drawn}, out / "metrics.json")
+    return {**summary, "candidates": record, **drawn}

@@ -172,7 +172,8 @@ def train_command(
                     model_cfg, train_cfg, name, resume=resume, evaluate=evaluate, quiet=quiet, json_log=json_log,
                     resume_args=again, refine_in_out=refine_in_out,
                 )  # fmt: skip
-        RunLog(None, quiet=quiet).print(f"candidate crops: not chosen, {why_not}; training the configured views")
+        one = "; one neighbour stage (its draws run with the candidates)" if train_cfg.refine_draws > 1 else ""
+        RunLog(None, quiet=quiet).print(f"candidate crops: not chosen, {why_not}; training the configured views{one}")
     ctx, device = init_from_env(resolve_device(train_cfg.device))
     try:
         # Rank 0 owns --out before anything (the log included) is written: a run refused by its checks leaves none.

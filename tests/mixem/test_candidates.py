@@ -1,6 +1,7 @@
-"""Choosing the crops without labels (mixem.candidates): the score by hand, the candidates' configs, a real run
-whose kept candidate is the one the rule picks, and kill -9 of the parent (its candidates die with it) then
---resume equal to an uninterrupted run."""
+"""Choosing the crops without labels (mixem.candidates) and drawing the neighbour stage twice (mixem.draws): the
+scores by hand, the candidates' and draws' configs, a real run whose kept candidate and kept draw are the ones the
+rules pick, and kill -9 of the parent (its children die with it), during the candidates and again during the
+draws, then --resume equal to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safetensors.numpy import load_file
 from mixem import checkpoint as ckpt
 from mixem.candidates import agreement, candidates, cross_agreement, shared_neighbors, skip_reason
 from mixem.config import TrainConfig, preset, replace
+from mixem.draws import draws, objective
 from mixem.errors import ConfigError
 
 
@@ -55,6 +57,7 @@ def test_candidates_are_the_configured_views_and_both_views_at_the_candidate_ran
     for c in (first, second):
         assert c.dir == tmp_path / "run" / "candidates" / c.name and c.train.threads == 1
         assert c.train.candidate_crop_scale is None  # a candidate has no candidates of its own
+        assert c.train.refine_draws == 1  # nor draws: it is scored on one neighbour stage
         assert (c.train.epochs, c.train.min_steps, c.train.seed) == (t.epochs, t.min_steps, t.seed)
         # a neighbour stage of half the final one's length: enough to score the candidate
         assert (c.train.refine_epochs, c.train.refine_min_steps) == (t.refine_epochs // 2, t.refine_min_steps // 2)
@@ -81,16 +84,55 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_a_real_run_keeps_the_candidate_the_rule_picks(tmp_path, capsys):
-    """Both candidates train; the choice is recomputed here from the candidates' own saved models and
-    neighbours, without the labels; OUT holds the kept one's representation, refined on the shared neighbours."""
-    import mixem
-    from mixem.data import load_images
+def _objective_by_loops(probs: np.ndarray, nb: np.ndarray) -> float:
+    pairs = [-np.log(max(float(probs[i] @ probs[j]), 1e-7)) for i in range(len(nb)) for j in nb[i]]
+    mean = probs.mean(0)
+    return float(np.mean(pairs)) + float((mean * np.log(mean)).sum())
+
+
+def test_the_draws_objective_by_hand():
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.5, 0.5]])
+    nb = np.array([[1, 3], [0, 2], [3, 1], [2, 0]])
+    cons, ent = objective(p, nb, rows=3)  # two chunks: 3 rows, then 1
+    assert np.isclose(cons - ent, _objective_by_loops(p, nb))
+    assert np.isclose(ent, -(0.575 * np.log(0.575) + 0.425 * np.log(0.425)))  # the mean is (0.575, 0.425)
+    # one class for everything agrees perfectly (consistency 0) but has no entropy: a spread partition with the
+    # same neighbours scores lower, so a collapsed draw is not kept
+    one = np.tile([[1.0, 0.0]], (4, 1))
+    spread = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    paired = np.array([[1], [0], [3], [2]])
+    assert np.subtract(*objective(one, paired)) == 0 and np.isclose(np.subtract(*objective(spread, paired)), -np.log(2))
+
+
+def test_draws_are_seeds_of_the_final_run(tmp_path):
+    _, t = preset("cpu")
+    t = replace(t, out=str(tmp_path / "run"), seed=7, refine_draws=3)
+    found = draws(t, threads=1)
+    assert [(d.name, d.seed, d.train.seed) for d in found] == [("draw-0", 7, 7), ("draw-1", 8, 8), ("draw-2", 9, 9)]
+    for d in found:
+        assert d.dir == tmp_path / "run" / "draws" / d.name and d.train.threads == 1 and d.train.refine_draws == 1
+        assert (d.train.refine_epochs, d.train.crop_scale) == (t.refine_epochs, t.crop_scale)
+    with pytest.raises(ConfigError, match="refine_draws"):
+        TrainConfig(refine_draws=0)
+
+
+def _probs(run: Path, images) -> np.ndarray:
     from mixem.evaluate import extract_features
 
-    run = mixem.train(
-        out=tmp_path / "run", preset="cpu", max_images=384, epochs=3, refine_epochs=2, device="cpu", quiet=False
-    )
+    model, _ = ckpt.load_model(run)
+    return extract_features(model, images)["probs"]
+
+
+@pytest.mark.parametrize("n_draws", [2, 1])
+def test_a_real_run_keeps_the_candidate_and_the_draw_the_rules_pick(tmp_path, capsys, n_draws):
+    """Both candidates train; the choice is recomputed here from the candidates' own saved models and
+    neighbours, without the labels; OUT holds the kept one's representation, and its neighbour stage on the
+    shared neighbours: the lower-objective one of two draws (recomputed here too), or one trained in OUT."""
+    import mixem
+    from mixem.data import load_images
+
+    run = mixem.train(out=tmp_path / "run", preset="cpu", max_images=384, epochs=3, refine_epochs=2, device="cpu",
+                      quiet=False, refine_draws=n_draws)  # fmt: skip
     said = capsys.readouterr().out  # each candidate's epochs, read from its log.jsonl as it grows
     for name in ("crops-35-100_80-100", "crops-80-100"):
         assert said.count(f"  {name}: representation epoch 3/3 ") == 1, said
@@ -103,20 +145,33 @@ def test_a_real_run_keeps_the_candidate_the_rule_picks(tmp_path, capsys):
     classes, nbs = [], []
     for c in record["candidates"]:
         d = out / "candidates" / c["name"]
-        model, _ = ckpt.load_model(d)
-        classes.append(extract_features(model, ds.images)["probs"].argmax(1))
+        classes.append(_probs(d, ds.images).argmax(1))
         nbs.append(np.load(d / "neighbors.npy")[:, :20])
     cross = [agreement(classes[0], nbs[1]), agreement(classes[1], nbs[0])]
     assert [c["cross_agreement"] for c in record["candidates"]] == [round(x, 4) for x in cross]
     best = int(np.argmax(cross))
     kept = record["candidates"][best]["name"]
     assert record["kept"] == kept
-    # OUT: the kept representation (its last epoch, weights unchanged), then its own full neighbour stage
+    # OUT: the kept representation (its last epoch, weights unchanged), then the full neighbour stage
     kept_dir = out / "candidates" / kept
     last = ckpt.newest(kept_dir, "epoch").name
     assert _same(load_file(str(out / "checkpoints" / last / "model.safetensors")), _weights_of(kept_dir, last))
     assert ckpt.resolve(out).name == "neighbors_0002" and not _same(_weights(out), _weights(kept_dir))
-    assert np.array_equal(np.load(out / "neighbors.npy"), shared_neighbors([nbs[best], nbs[1 - best]]))
+    shared = np.load(out / "neighbors.npy")
+    assert np.array_equal(shared, shared_neighbors([nbs[best], nbs[1 - best]]))
+    if n_draws == 2:
+        drawn = json.loads((out / "draws.json").read_text())
+        objectives = [_objective_by_loops(_probs(out / "draws" / n, ds.images), shared) for n in ("draw-0", "draw-1")]
+        assert [d["objective"] for d in drawn["draws"]] == pytest.approx(objectives, abs=1e-4)
+        assert [d["seed"] for d in drawn["draws"]] == [0, 1] and drawn["kept"] == f"draw-{int(np.argmin(objectives))}"
+        kept_draw = out / "draws" / drawn["kept"]
+        assert _same(_weights(out), _weights(kept_draw)) and ckpt.resolve(kept_draw).name == "neighbors_0002"
+        for d in ("draw-0", "draw-1"):  # each from the kept representation, on the shared neighbours
+            assert np.array_equal(np.load(out / "draws" / d / "neighbors.npy"), shared)
+            assert said.count(f"  {d}: neighbour stage epoch 2 ") == 1, said
+        assert run.metrics["draws"]["kept"] == drawn["kept"] and "neighbour stage kept: draw-" in said
+    else:
+        assert not (out / "draws").exists() and "draws" not in run.metrics
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["out"] == str(out) and saved["candidate_crop_scale"] is None and saved["refine_epochs"] == 2
     assert json.loads((ckpt.resolve(out) / "train_config.json").read_text())["refine_epochs"] == 2
@@ -158,23 +213,15 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status  # a zombie has ended
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the candidates' processes")
-def test_kill_the_parent_then_resume_equals_uninterrupted(tmp_path):
-    """SIGKILL of `train` while its candidates train: they end with it (no orphan keeps writing), and
-    `--resume` finishes both and keeps the same candidate with the same weights as a run never killed."""
+def _kill_when(proc, ready, what: str) -> None:
+    """SIGKILL `proc` once ready() holds with two children running; its children must end with it."""
     import os
     import signal
-    import subprocess
 
-    cmd, kw = cli(*SMALL, "--out", str(tmp_path / "killed"), "--quiet", "--no-eval", cwd=tmp_path)
-    proc = subprocess.Popen(cmd, **kw)
-    cands = tmp_path / "killed" / "candidates"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if sum((d / "checkpoints" / "latest").exists() for d in cands.glob("crops-*")) == 2:
-            break
+    while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before both candidates had a checkpoint"
+    assert proc.poll() is None, f"the run ended before {what}"
     children = _children(proc.pid)
     assert len(children) == 2
     os.kill(proc.pid, signal.SIGKILL)
@@ -182,33 +229,53 @@ def test_kill_the_parent_then_resume_equals_uninterrupted(tmp_path):
     deadline = time.time() + 30
     while time.time() < deadline and any(_alive(p) for p in children):
         time.sleep(0.05)
-    assert not any(_alive(p) for p in children), "a candidate outlived the killed parent"
-    assert not (tmp_path / "killed" / "checkpoints" / "latest").exists()
-    cmd, kw = cli("--resume", "--out", str(tmp_path / "killed"), "--quiet", "--no-eval", cwd=tmp_path)
-    subprocess.run(cmd, **kw, check=True)
+    assert not any(_alive(p) for p in children), "a child outlived the killed parent"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the children's processes")
+def test_kill_the_parent_then_resume_equals_uninterrupted(tmp_path):
+    """SIGKILL of `train` while its candidates train, and again while its neighbour-stage draws train: the
+    children end with it (no orphan keeps writing), and `--resume` finishes both, keeping the same candidate and
+    the same draw with the same weights as a run never killed."""
+    import subprocess
+
+    killed = tmp_path / "killed"
+    cmd, kw = cli(*SMALL, "--out", str(killed), "--quiet", "--no-eval", cwd=tmp_path)
+    cands = killed / "candidates"
+    ready = lambda: sum((d / "checkpoints" / "latest").exists() for d in cands.glob("crops-*")) == 2  # noqa: E731
+    _kill_when(subprocess.Popen(cmd, **kw), ready, "both candidates had a checkpoint")
+    assert not (killed / "checkpoints" / "latest").exists()
+    resume, kw = cli("--resume", "--out", str(killed), "--quiet", "--no-eval", cwd=tmp_path)
+    ready = lambda: len(list((killed / "draws").glob("draw-*/log.jsonl"))) == 2  # noqa: E731
+    _kill_when(subprocess.Popen(resume, **kw), ready, "both draws had started")
+    assert not (killed / "checkpoints" / "latest").exists()  # the draws' choice writes it
+    subprocess.run(resume, **kw, check=True)
     cmd, kw = cli(*SMALL, "--out", str(tmp_path / "full"), "--quiet", "--no-eval", cwd=tmp_path)
     subprocess.run(cmd, **kw, check=True)
-    kept = [json.loads((tmp_path / r / "candidates.json").read_text())["kept"] for r in ("killed", "full")]
-    assert kept[0] == kept[1]
-    assert _same(_weights(tmp_path / "killed"), _weights(tmp_path / "full"))
+    for record in ("candidates.json", "draws.json"):
+        kept = [json.loads((tmp_path / r / record).read_text())["kept"] for r in ("killed", "full")]
+        assert kept[0] == kept[1]
+    assert _same(_weights(killed), _weights(tmp_path / "full"))
     for name in ("crops-35-100_80-100", "crops-80-100"):
         assert _same(_weights(cands / name), _weights(tmp_path / "full" / "candidates" / name))
+    for name in ("draw-0", "draw-1"):
+        assert _same(_weights(killed / "draws" / name), _weights(tmp_path / "full" / "draws" / name))
 
 
 def test_a_resumed_run_passes_its_epochs_and_device_to_both_candidates(tmp_path):
     """`train --resume --epochs N` reaches each started candidate (not silently dropped); one never started
     begins from its spec under a preset the command line takes, even when the parent's name is "resumed"."""
-    from mixem import candidates as cand
+    from mixem import children
 
     train = replace(preset("cpu")[1], out=str(tmp_path / "run"))
     started, fresh = candidates(train, threads=1)
     started.dir.mkdir(parents=True)
     (started.dir / "train_config.json").write_text("{}")
     model = preset("cpu")[0]
-    assert cand._command(started, model, "resumed", True, ["--epochs=5", "--device=cpu"])[-3:] == [
+    assert children.command(started, model, "resumed", True, ["--epochs=5", "--device=cpu"])[-3:] == [
         "--resume", "--epochs=5", "--device=cpu"
     ]  # fmt: skip
-    cmd = cand._command(fresh, model, "resumed", False, ["--epochs=5"])
+    cmd = children.command(fresh, model, "resumed", False, ["--epochs=5"])
     assert cmd[cmd.index("--preset") + 1] == "cpu" and "--resume" not in cmd and cmd[-1] == "--no-eval"
     spec = json.loads((tmp_path / "run" / "candidates" / f"{fresh.name}.json").read_text())
     assert spec["train"]["crop_scale"] == [0.8, 1.0] and spec["train"]["out"] == str(fresh.dir)
