@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mixem import checkpoint as ckpt
-from mixem.children import run_all
+from mixem.children import Child, run_all
 from mixem.config import TrainConfig, replace
 from mixem.errors import ConfigError
 from mixem.files import atomic_write, atomic_write_text, read_json, save_json, save_npy
@@ -37,14 +37,8 @@ CHOICE_SHARE = 0.5  # a candidate's neighbour stage: this share of the final one
 
 
 @dataclass
-class Candidate:
-    name: str
-    crops: str  # for people: "35-100 % and 80-100 %"
-    train: TrainConfig  # its own run: out = OUT/candidates/<name>, no candidates of its own
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.train.out)
+class Candidate(Child):  # train: its own run, out = OUT/candidates/<name>, no candidates of its own
+    crops: str = ""  # for people: "35-100 % and 80-100 %"
 
 
 def skip_reason(train_cfg: TrainConfig) -> str | None:
@@ -79,7 +73,7 @@ def candidates(train_cfg: TrainConfig, threads: int) -> list[Candidate]:
                       refine_epochs=math.ceil(train_cfg.refine_epochs * CHOICE_SHARE),
                       refine_min_steps=math.ceil(train_cfg.refine_min_steps * CHOICE_SHARE))  # fmt: skip
         cfg.second_crop_scale, cfg.candidate_crop_scale = second, None  # replace() reads None as "keep"
-        found.append(Candidate(name, words, cfg))
+        found.append(Candidate(name, cfg, crops=words))
     if found[0].name == found[1].name:
         raise ConfigError(f"candidate_crop_scale {list(train_cfg.candidate_crop_scale)} repeats the configured "
                             "views; set another range, or null to train the configured views only")  # fmt: skip

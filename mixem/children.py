@@ -1,7 +1,7 @@
 """Child runs: `mixem-fast train` processes a run starts in its own folder and waits for (the crop candidates of
 mixem.candidates, the neighbour-stage draws of mixem.draws), at the same time or in turn, with one progress line
-per finished epoch read from each child's log.jsonl. A child is anything with `name`, `dir` (its run folder) and
-`train` (its TrainConfig); a child that has saved its configs continues with --resume, one that has not starts
+per finished epoch read from each child's log.jsonl. A child (`Child`) has a `name` and a `train` config whose
+`out` is its folder; a child that has saved its configs continues with --resume, one that has not starts
 from a spec file beside its folder. Children die with the parent (Linux), so a killed run leaves none training.
 """
 
@@ -12,11 +12,23 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from mixem.config import PRESETS, MixEMConfig, to_dict
+from mixem.config import PRESETS, MixEMConfig, TrainConfig, to_dict
 from mixem.errors import MixEMError
 from mixem.files import save_json
 from mixem.runlog import RunLog
+
+
+@dataclass
+class Child:
+    name: str
+    train: TrainConfig  # its own run (out = its folder)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.train.out)
 
 
 def _die_with_parent():  # pragma: no cover (runs in the child between fork and exec)
@@ -27,7 +39,7 @@ def _die_with_parent():  # pragma: no cover (runs in the child between fork and 
         pass
 
 
-def command(c, model_cfg: MixEMConfig, preset: str, evaluate: bool, resume_args: list[str]) -> list[str]:
+def command(c: Child, model_cfg: MixEMConfig, preset: str, evaluate: bool, resume_args: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "mixem.cli", "train", "--out", str(c.dir), "--quiet"]
     if (c.dir / "train_config.json").is_file():  # started before: it continues (a finished one only re-scores)
         cmd += ["--resume", *resume_args]  # what `train --resume` was given (--epochs, --device) reaches each
@@ -40,7 +52,7 @@ def command(c, model_cfg: MixEMConfig, preset: str, evaluate: bool, resume_args:
     return cmd + ([] if evaluate else ["--no-eval"])
 
 
-def progress(c, seen: dict, log: RunLog):
+def progress(c: Child, seen: dict, log: RunLog):
     """One line when a child finishes a stage's epoch, read from what its log.jsonl gained since last time."""
     import json
 
@@ -67,7 +79,7 @@ def progress(c, seen: dict, log: RunLog):
                       f" ({e.get('images_per_s', 0):,.0f} img/s)")  # fmt: skip
 
 
-def run_all(cands: list, model_cfg, preset: str, *, parallel: bool, evaluate: bool, log: RunLog,
+def run_all(cands: list[Child], model_cfg, preset: str, *, parallel: bool, evaluate: bool, log: RunLog,
             resume_args: list[str] = ()):  # fmt: skip
     """Train every child to the end (at the same time or in turn); a failed one is an error naming its output."""
     batches = [cands] if parallel else [[c] for c in cands]

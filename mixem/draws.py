@@ -14,13 +14,12 @@ checkpoints go into OUT, `latest` written last, and OUT's resumed run evaluates 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mixem import checkpoint as ckpt
-from mixem.children import run_all
+from mixem.children import Child, run_all
 from mixem.config import MixEMConfig, TrainConfig, replace
 from mixem.files import atomic_write_text, save_json
 from mixem.runlog import RunLog
@@ -31,15 +30,10 @@ RULE = (
 )
 
 
-@dataclass
-class Draw:
-    name: str
-    seed: int
-    train: TrainConfig  # its own run: out = OUT/draws/<name>, one draw, its own seed
-
+class Draw(Child):  # train: its own run, out = OUT/draws/<name>, one draw, its own seed
     @property
-    def dir(self) -> Path:
-        return Path(self.train.out)
+    def seed(self) -> int:
+        return self.train.seed
 
 
 def draws(final: TrainConfig, threads: int) -> list[Draw]:
@@ -47,7 +41,7 @@ def draws(final: TrainConfig, threads: int) -> list[Draw]:
     out = Path(final.out) / "draws"
     one = {"threads": threads, "refine_draws": 1}
     return [
-        Draw(f"draw-{i}", final.seed + i, replace(final, out=str(out / f"draw-{i}"), seed=final.seed + i, **one))
+        Draw(f"draw-{i}", replace(final, out=str(out / f"draw-{i}"), seed=final.seed + i, **one))
         for i in range(final.refine_draws)
     ]
 
