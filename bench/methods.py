@@ -3,13 +3,14 @@
     mixem-fast bench methods [--set preset=cpu] [--set seeds=0,1,2] [--set jobs=3] [--set methods=mixem,ccp]
                              [--set epochs=N] [--set max_images=N] [--set data=PATH]
 
-Not a timing benchmark: each method is trained once per seed, from the same seed on the same images with
-the preset's settings (`--method` is the only difference; each gets its head from the registry), then
-scored by mixem.evaluate: k-means on the L2-normalised embedding from the method's own groups
-("mixture") and from k-means++ (best of 10), plus the argmax assignment itself, next to raw-pixel
-k-means. The headline of each method is its registry's. Then the same run continues with refinement
-(`--set refine=0` skips it) and its refined head's argmax is a second row, "METHOD + refinement".
-Training times are conditions only.
+Not a timing benchmark: each (method, seed) is one `mixem-fast train --method METHOD --seed SEED` on the same
+images with the preset's settings, run as a user runs it (with the `cpu` preset: the two crop candidates, the
+choice, the draws of the neighbour stage), and read back from its metrics.json: the kept representation's
+k-means on the L2-normalised embedding by the method's own protocol (its registry's headline start) is the
+row "METHOD", the refined head's argmax (the train command's headline) the row "METHOD + refinement"
+(`--set refine=0`: `--no-refine`, the configured views only), next to raw-pixel k-means. Minutes are
+conditions only; `jobs` > 1 runs that many commands at once, one thread each (the candidates of each then
+train one after the other).
 """
 
 from __future__ import annotations
@@ -24,15 +25,11 @@ from pathlib import Path
 import torch
 
 from mixem import methods
-from mixem.config import to_dict
 from mixem.errors import ConfigError, DataError
-from mixem.evaluate import evaluate, extract_features, raw_pixel_baseline
-from mixem.metrics import clustering_metrics
-from mixem.refine import refine
+from mixem.evaluate import raw_pixel_baseline
+from mixem.files import read_json
 from mixem.runlog import RunLog
-from mixem.runtime import resolve_device
 from mixem.session import build_configs, load_data
-from mixem.training import train
 
 NAME = "methods"
 PARAMS = {
@@ -55,39 +52,36 @@ QUICK = {
 }  # every method, one seed: a smoke test of the whole study
 
 
-def run_method(
-    method: str, preset: str, over: dict, images, labels, k: int, seed: int, out: Path, threads: int = 0
-) -> dict:
+def run_method(method: str, preset: str, over: dict, seed: int, out: Path, threads: int = 0) -> dict:
+    """One `mixem-fast train --method METHOD --seed SEED` (the crop candidates and the draws included, as a user
+    runs it), read back from its metrics.json: the kept representation's row by the method's own protocol, and
+    the refined head's argmax (the train command's headline) when it refines."""
+    from mixem.session import train_command
+
     if threads:
         torch.set_num_threads(threads)
-    images = torch.as_tensor(images)
-    model_cfg, train_cfg, _ = build_configs(preset, None, {}, {**over, "method": method, "out": str(out / method)})
+    run_dir = out / method
     t0 = time.perf_counter()
-    model, result = train(model_cfg, train_cfg, images, log=RunLog(quiet=True))
-    train_s = time.perf_counter() - t0
-    device = resolve_device(train_cfg.device)
-    feats = extract_features(model, images, device=device)
-    rows = evaluate(feats, labels, k, seed=seed, inits=("mixture", "kmeans++"), feature_types=("embedding",))
+    train_command(preset, None, {}, {**over, "method": method, "out": str(run_dir), "seed": seed,
+                  "threads": threads or None}, resume=False, evaluate=True, quiet=True, json_log=None)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    metrics = read_json(run_dir / "metrics.json", "metrics file")
     init = methods.get(method).headline_init  # the clustering each method prescribes
+    rows = metrics["rows"]
     head = next(r for r in rows if r["features"] == "embedding" and r["init"] == init)
-    refined, refine_s = None, 0.0
-    if train_cfg.refine:  # the same run, continued: the headline with and without refinement
-        t0 = time.perf_counter()
-        refine(model, images, model_cfg, train_cfg, run_dir=out / method, log=RunLog(quiet=True), device=device)
-        refine_s = time.perf_counter() - t0
-        probs = extract_features(model, images, device=device)["probs"]
-        refined = {"features": "refined head", "init": "argmax", **clustering_metrics(labels, probs.argmax(1))}
-    last = result.history[-1]
+    refined = metrics["headline"] if metrics["headline"].get("stage") else None
+    train_cfg = read_json(run_dir / "train_config.json", "train config")
     return {
         "headline": head,
         "refined": refined,
         "rows": rows,
-        "train_seconds": round(train_s, 1),
-        "refine_seconds": round(refine_s, 1),
-        "first_epoch_terms": {k: v for k, v in result.history[0].items() if k not in ("epoch", "seconds", "lr")},
-        "last_epoch_terms": {k: v for k, v in last.items() if k not in ("epoch", "seconds", "lr")},
-        "model": to_dict(model_cfg),
-        "train": to_dict(train_cfg),
+        "stages": metrics.get("stages", []),
+        "seconds": round(seconds, 1),
+        "train_seconds": round(metrics.get("train_minutes", 0.0) * 60, 1),
+        "kept_crops": metrics.get("candidates", {}).get("kept"),
+        "kept_draw": metrics.get("draws", {}).get("kept"),
+        "model": read_json(run_dir / "config.json", "model config"),
+        "train": train_cfg,
     }
 
 
@@ -123,25 +117,17 @@ def _parse(params: dict) -> tuple[list[str], list[int]]:
     return chosen, seeds
 
 
-def _train_all(pairs, preset: str, over: dict, ds, k: int, jobs: int) -> dict:
+def _train_all(pairs, preset: str, over: dict, jobs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="mixem-methods-") as tmp:
         if jobs <= 1:
-            return {
-                (m, s): run_method(m, preset, {**over, "seed": s}, ds.images, ds.labels, k, s, Path(tmp) / str(s))
-                for m, s in pairs
-            }
+            return {(m, s): run_method(m, preset, over, s, Path(tmp) / str(s)) for m, s in pairs}
         # Spawned processes (a fork would inherit torch's thread pools), one thread each, so `jobs` processes
-        # use `jobs` cores. The images go as a numpy array: pickling a tensor moves its storage to shared memory
-        # in the pool's feeder thread, under any numpy view of it that this process holds.
-        images = ds.images.numpy().copy()
+        # use `jobs` cores.
         with concurrent.futures.ProcessPoolExecutor(
             min(jobs, len(pairs)), mp_context=multiprocessing.get_context("spawn")
         ) as pool:
             futures = {
-                (m, s): pool.submit(
-                    run_method, m, preset, {**over, "seed": s}, images, ds.labels, k, s, Path(tmp) / str(s), threads=1
-                )
-                for m, s in pairs
+                (m, s): pool.submit(run_method, m, preset, over, s, Path(tmp) / str(s), threads=1) for m, s in pairs
             }
             return {key: f.result() for key, f in futures.items()}
 
@@ -163,7 +149,7 @@ def study(params: dict, quick: bool, device) -> dict:
         raise DataError(f"{ds.source}: no labels, so there is nothing to score the methods against")
     k = len(ds.class_names) if ds.class_names else len(set(ds.labels.tolist()))
     bases = {s: raw_pixel_baseline(ds.images, ds.labels, k, seed=s) for s in seeds}
-    runs = _train_all([(m, s) for s in seeds for m in chosen], preset, over, ds, k, params["jobs"])
+    runs = _train_all([(m, s) for s in seeds for m in chosen], preset, over, params["jobs"])
     table = [{"method": m, **_summary([runs[(m, s)]["headline"] for s in seeds])} for m in chosen]
     table += [
         {"method": f"{m} + refinement", **_summary([runs[(m, s)]["refined"] for s in seeds])}
@@ -173,12 +159,13 @@ def study(params: dict, quick: bool, device) -> dict:
     table.append({"method": "raw-pixel k-means", **_summary([bases[s] for s in seeds])})
     lines = [
         f"{m} seed {s}: ACC {r['headline']['acc']:.4f}  NMI {r['headline']['nmi']:.4f}  ARI {r['headline']['ari']:.4f}"
-        f"  ({r['train_seconds']:.0f} s training)"
         + (
-            f"; refined ACC {r['refined']['acc']:.4f}  NMI {r['refined']['nmi']:.4f} ({r['refine_seconds']:.0f} s)"
+            f"; refined ACC {r['refined']['acc']:.4f}  NMI {r['refined']['nmi']:.4f}"
+            + (f" (crops {r['kept_crops']}, {r['kept_draw']})" if r["kept_crops"] else "")
             if r["refined"]
             else ""
         )
+        + f"  ({r['seconds']:.0f} s)"
         for (m, s), r in runs.items()
     ]
     lines += [
@@ -193,7 +180,10 @@ def study(params: dict, quick: bool, device) -> dict:
         "conditions": (
             f"{preset} preset, {train_cfg.epochs} epochs x batch {train_cfg.batch_size}"
             + (
-                f" + refinement ({train_cfg.refine_epochs} neighbour + {train_cfg.selflabel_epochs} self-label epochs)"
+                f" + refinement ({train_cfg.refine_epochs} neighbour + {train_cfg.selflabel_epochs} self-label epochs"
+                + (", crop candidates" if train_cfg.candidate_crop_scale is not None else "")
+                + (f", {train_cfg.refine_draws} draws" if train_cfg.refine_draws > 1 else "")
+                + ")"
                 if train_cfg.refine
                 else ", no refinement"
             )
