@@ -62,22 +62,17 @@ def _views(first, second) -> tuple[str, str]:
 
 
 def candidates(train_cfg: TrainConfig, threads: int) -> list[Candidate]:
-    """The configured views first, then both views at candidate_crop_scale (at candidate_temperature where set);
-    each an ordinary run's config, its neighbour stage CHOICE_SHARE of the configured one."""
+    """The configured views first, then both views at candidate_crop_scale; each an ordinary run's config, its
+    neighbour stage CHOICE_SHARE of the configured one."""
     out = Path(train_cfg.out) / "candidates"
-    tau = train_cfg.candidate_temperature or train_cfg.temperature
-    pairs = [(train_cfg.crop_scale, train_cfg.second_crop_scale, train_cfg.temperature),
-             (train_cfg.candidate_crop_scale, None, tau)]  # fmt: skip
+    pairs = [(train_cfg.crop_scale, train_cfg.second_crop_scale), (train_cfg.candidate_crop_scale, None)]
     found = []
-    for first, second, temperature in pairs:
+    for first, second in pairs:
         name, words = _views(first, second)
-        if temperature != train_cfg.temperature:
-            words += f", tau {temperature:g}"
         cfg = replace(train_cfg, out=str(out / name), crop_scale=tuple(first), threads=threads, refine_draws=1,
-                      temperature=temperature, refine_epochs=math.ceil(train_cfg.refine_epochs * CHOICE_SHARE),
+                      refine_epochs=math.ceil(train_cfg.refine_epochs * CHOICE_SHARE),
                       refine_min_steps=math.ceil(train_cfg.refine_min_steps * CHOICE_SHARE))  # fmt: skip
-        # replace() reads None as "keep"
-        cfg.second_crop_scale, cfg.candidate_crop_scale, cfg.candidate_temperature = second, None, None
+        cfg.second_crop_scale, cfg.candidate_crop_scale = second, None  # replace() reads None as "keep"
         found.append(Candidate(name, cfg, crops=words))
     if found[0].name == found[1].name:
         raise ConfigError(f"candidate_crop_scale {list(train_cfg.candidate_crop_scale)} repeats the configured "

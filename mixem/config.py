@@ -118,7 +118,6 @@ class TrainConfig:
     # A second candidate's crops (both views): train runs both candidates and keeps the one whose refined classes
     # agree more with the other's mined neighbours (mixem.candidates, README "Choosing the crops"); None: off.
     candidate_crop_scale: tuple[float, float] | None = None
-    candidate_temperature: float | None = None  # that candidate's NT-Xent tau; None = temperature
     color_jitter: float = 0.8  # jitter strength s (brightness/contrast/saturation 0.8s... as SimCLR)
     jitter_p: float = 0.8  # probability of colour jitter
     grayscale_p: float = 0.2  # probability of random grayscale (RGB only)
@@ -155,8 +154,6 @@ class TrainConfig:
         bounded(self, eval_every=(0, 10**6), max_images=(0, 2**62))
         for name in ("lr", "temperature", "sharpen", "anchor_temperature"):
             bounded(self, **{name: (0, math.inf)}, open_low=True)
-        if self.candidate_temperature is not None:
-            bounded(self, candidate_temperature=(0, math.inf), open_low=True)
         for name in ("weight_decay", "warmup_epochs", "w_marginal", "w_instance", "w_pull", "w_push", "w_cluster"):
             bounded(self, **{name: (0, math.inf)})
         bounded(self, w_balance=(0, math.inf), w_anchor=(0, math.inf), color_jitter=(0, math.inf))
@@ -266,9 +263,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # ... and a second candidate with both views at 80-100 % (Fashion-MNIST +0.07 ACC, digits below raw
             # pixels): both are trained, the one the other's neighbours agree with is kept (mixem.candidates).
             candidate_crop_scale=(0.8, 1.0),
-            # ... at tau 0.3: mild views make easy positives, a lower tau weighs the hard negatives more (stop 31:
-            # the quickstart +0.05 ACC over seeds 0-2; tau 0.3 for both candidates put digits seed 2 below raw pixels).
-            candidate_temperature=0.3,
             color_jitter=0.5,
             jitter_p=0.8,
             grayscale_p=0.0,
