@@ -70,7 +70,6 @@ def run_method(method: str, preset: str, over: dict, seed: int, out: Path, threa
     rows = metrics["rows"]
     head = next(r for r in rows if r["features"] == "embedding" and r["init"] == init)
     refined = metrics["headline"] if metrics["headline"].get("stage") else None
-    train_cfg = read_json(run_dir / "train_config.json", "train config")
     return {
         "headline": head,
         "refined": refined,
@@ -81,7 +80,7 @@ def run_method(method: str, preset: str, over: dict, seed: int, out: Path, threa
         "kept_crops": metrics.get("candidates", {}).get("kept"),
         "kept_draw": metrics.get("draws", {}).get("kept"),
         "model": read_json(run_dir / "config.json", "model config"),
-        "train": train_cfg,
+        "train": read_json(run_dir / "train_config.json", "train config"),
     }
 
 
