@@ -37,7 +37,9 @@ def train(
     config: Annotated[
         Path | None, typer.Option(help='JSON file {"model": {...}, "train": {...}} of field overrides.')
     ] = None,
-    method: Annotated[Method | None, typer.Option(help="Objective.")] = None,
+    method: Annotated[
+        Method | None, typer.Option(help="Objective (default: the preset's: simclr on cpu, mixem on paper).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the data.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,

@@ -36,7 +36,7 @@ def test_python_api_examples_run(tmp_path, monkeypatch):
         for code in blocks:
             exec(compile(code, "README.md", "exec"), namespace)
     printed = out.getvalue().splitlines()
-    assert printed[0].startswith("MIX'EM + refinement (argmax of the refined head)")
+    assert printed[0].startswith("SimCLR + refinement (argmax of the refined head)")  # the cpu preset's method
     assert (tmp_path / "classified" / "classes.parquet").is_file() and (tmp_path / "emb" / "report.html").is_file()
     assert printed[-1] == "1.0"  # the same images assigned to the first run's centroids: the same clusters
     assert len(namespace["pred"]) == 8 and namespace["vectors"].shape[0] == 8

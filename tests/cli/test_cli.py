@@ -33,7 +33,7 @@ def _train(tmp_path, *args: str):
 
 
 def test_train_then_eval_prints_comparison(tmp_path):
-    r, out = _train(tmp_path, "--max-images", "640")
+    r, out = _train(tmp_path, "--max-images", "640", "--method", "mixem")
     assert r.exit_code == 0, r.output
     last = r.output.strip().splitlines()[-1]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -67,8 +67,9 @@ def test_train_then_eval_prints_comparison(tmp_path):
 
 
 def test_each_method_names_its_own_headline(tmp_path):
-    """`--method simclr` once ended with MIX'EM's headline, stored under the key "mixem"."""
-    r, out = _train(tmp_path, "--max-images", "256", "--method", "simclr", "--no-refine")
+    """SimCLR (the cpu preset's own method, no --method given) once ended with MIX'EM's headline, stored under the
+    key "mixem"."""
+    r, out = _train(tmp_path, "--max-images", "256", "--no-refine")
     assert r.exit_code == 0, r.output
     head = json.loads((out / "metrics.json").read_text())["headline"]
     assert (head["method"], head["name"], head["init"]) == ("simclr", "SimCLR (k-means++ on the embedding)", "kmeans++")

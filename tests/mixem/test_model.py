@@ -93,6 +93,8 @@ def test_config_strict_and_presets():
         0.5,
     )
     assert m.small_stem  # 32 px -> CIFAR stem
+    # The paper preset trains the paper's method; the cpu preset plain SimCLR (+ refinement), measured better there
+    assert (t.method, preset("cpu")[1].method) == ("mixem", "simclr")
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("fast")
 
