@@ -30,7 +30,7 @@ def train(
     preset: Annotated[
         Preset,
         typer.Option(
-            help="Recipe: cpu (minutes on 2 cores), paper (the released MIX'EM "
+            help="Recipe: cpu (SimCLR + refinement, minutes on 2 cores), paper (the released MIX'EM "
             "recipe), auto (paper on a GPU, cpu otherwise)."
         ),
     ] = Preset.auto,
@@ -73,7 +73,7 @@ def train(
     quiet: Quiet = False,
     json_log: JsonLog = None,
 ):
-    """Train MIX'EM and print how well its clusters match the labels (when the data has labels)."""
+    """Train (the preset's method, or --method's), refine the classes, and print how well they match the labels (if any)."""
     from mixem.api import train as run_train
 
     run_train(data, out, preset=preset.value, config=config, resume=resume, evaluate=evaluate, quiet=quiet,

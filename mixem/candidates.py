@@ -217,8 +217,8 @@ def train_and_choose(
     parallel = device.type == "cpu" and cores >= 2
     cands = candidates(train_cfg, max(1, cores // 2) if parallel else train_cfg.threads)
     how = f"at the same time, {cands[0].train.threads} thread(s) each" if parallel else "one after the other"
-    log.print(f"mixem-fast train: preset {preset}, choosing the crops without labels: {cands[0].crops} or "
-              f"{cands[1].crops}, two whole runs {how} -> {out / 'candidates'}")  # fmt: skip
+    log.print(f"mixem-fast train: preset {preset}, method {train_cfg.method}, choosing the crops without labels: "
+              f"{cands[0].crops} or {cands[1].crops}, two whole runs {how} -> {out / 'candidates'}")  # fmt: skip
     log.event("candidates", names=[c.name for c in cands], parallel=parallel, threads=cands[0].train.threads)
     run_all(cands, model_cfg, preset, parallel=parallel, evaluate=evaluate, log=log, resume_args=resume_args)
 
