@@ -126,7 +126,7 @@ def ccp_objective(
 def simclr_objective(
     o1: MixEMOutput, o2: MixEMOutput, cfg: TrainConfig, ctx: DistContext = SINGLE
 ) -> dict[str, torch.Tensor]:
-    """Plain SimCLR: NT-Xent on the embedding alone (the head's gate is not trained)."""
+    """Plain SimCLR: NT-Xent on the embedding z alone, no mixture term (the gate learns only through z)."""
     ntxent = nt_xent_global(o1.embedding, o2.embedding, cfg.temperature, cfg.impl, ctx)
     return {"ntxent": ntxent, "loss": ntxent}
 
