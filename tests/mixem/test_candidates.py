@@ -177,7 +177,7 @@ def test_a_real_run_keeps_the_candidate_and_the_draw_the_rules_pick(tmp_path, ca
     assert json.loads((ckpt.resolve(out) / "train_config.json").read_text())["refine_epochs"] == 2
     assert run.metrics["candidates"]["kept"] == kept and run.headline["acc"] > 0
     assert json.loads((out / "metrics.json").read_text())["candidates"]["kept"] == kept
-    assert "shared neighbours:" in said and said.count("MIX'EM + refinement (argmax of the refined head)") == 1
+    assert "shared neighbours:" in said and said.count("SimCLR + refinement (argmax of the refined head)") == 1
     assert (out / "report.html").is_file() and (ckpt.resolve(out) / "classes.json").is_file()
     with pytest.raises(ConfigError, match="already holds a run"):
         mixem.train(out=out, preset="cpu", max_images=384, epochs=3, refine_epochs=2, device="cpu")
