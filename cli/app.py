@@ -73,7 +73,7 @@ def train(
     quiet: Quiet = False,
     json_log: JsonLog = None,
 ):
-    """Train (the preset's method, or --method's), refine the classes, and print how well they match the labels (if any)."""
+    """Train the preset's method (or --method's), refine its classes, and print how well they match any labels."""
     from mixem.api import train as run_train
 
     run_train(data, out, preset=preset.value, config=config, resume=resume, evaluate=evaluate, quiet=quiet,

@@ -67,8 +67,8 @@ def test_train_then_eval_prints_comparison(tmp_path):
 
 
 def test_each_method_names_its_own_headline(tmp_path):
-    """SimCLR (the cpu preset's own method, no --method given) once ended with MIX'EM's headline, stored under the
-    key "mixem"."""
+    """Each method names its own headline (SimCLR's once ended with MIX'EM's, stored under the key "mixem"); here
+    SimCLR is the cpu preset's own method, no --method given."""
     r, out = _train(tmp_path, "--max-images", "256", "--no-refine")
     assert r.exit_code == 0, r.output
     head = json.loads((out / "metrics.json").read_text())["headline"]
