@@ -156,6 +156,20 @@ def test_frozen_backbone_stays_put(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def _torchrun(launch: list, cmd: list, logs, env: dict) -> None:
+    """Run cmd under torchrun with each rank's output kept in logs/ (torchrun --log-dir --redirects 3); a failure
+    shows every rank's last lines, where the rank that failed first says why (torchrun's own summary names only
+    the signal)."""
+    done = subprocess.run(launch + ["--log-dir", str(logs), "--redirects", "3"] + cmd, capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+    if done.returncode != 0:
+        ranks = "".join(f"\n--- {p.relative_to(logs)}:\n{p.read_text(errors='replace')[-1500:]}"
+                        for p in sorted(logs.rglob("std*.log")))  # fmt: skip
+        pytest.fail(
+            f"torchrun exited {done.returncode}; each rank's output:{ranks}\n--- torchrun: {done.stderr[-600:]}"
+        )
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["mixem", "ccp"])
 def test_refinement_under_torchrun(tmp_path, method):
@@ -167,12 +181,11 @@ def test_refinement_under_torchrun(tmp_path, method):
     import sys
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mixem.cli",
-           "train", "--method", method, "--max-images", "400", "--epochs", "1", "--batch-size", "64",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = ["-m", "mixem.cli", "train", "--method", method, "--max-images", "400", "--epochs", "1", "--batch-size", "64",
            "--refine-epochs", "2", "--selflabel-epochs", "1", "--no-eval", "--out", str(out), "-q"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    _torchrun(launch, cmd, tmp_path / "logs-train", env)
     names = {p.name for p in (out / "checkpoints").iterdir()}
     assert {"neighbors_0002", "selflabel_0001"} <= names
     before = load_file(out / "checkpoints" / "epoch_0001" / "model.safetensors")
@@ -183,8 +196,7 @@ def test_refinement_under_torchrun(tmp_path, method):
         assert not {"head.w2", "head.b2"} & moved
     final = (out / "checkpoints" / "selflabel_0001" / "model.safetensors").read_bytes()
     resume = cmd[: cmd.index("--method")] + ["--resume", "--out", str(out), "-q"]  # a resume takes the saved configs
-    again = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0, again.stdout[-1500:] + again.stderr[-1500:]
+    _torchrun(launch, resume, tmp_path / "logs-resume", env)
     assert (out / "checkpoints" / "selflabel_0001" / "model.safetensors").read_bytes() == final
 
 
