@@ -106,3 +106,34 @@ def test_two_ranks_equal_one_process(two_rank_results, impl, method):
             assert got["terms"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (rank, k)
         for n, g in ref_grads.items():
             torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-6, msg=f"rank {rank} grad {n}")
+
+
+def test_shutdown_frees_a_dropped_ddp_before_destroying_the_group(monkeypatch):
+    """A DDP wrapper dropped inside a reference cycle still holds the process group through its reducer until the
+    cyclic collector runs; destroyed after destroy_process_group (at exit) it aborts the process under torchrun.
+    shutdown() collects it first: here the collector is off, so only shutdown's own collection can free it."""
+    import gc
+    import weakref
+
+    from mixem.distributed import shutdown
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    seen, destroy = [], dist.destroy_process_group
+    gc.disable()
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        ddp.loop = ddp  # a reference cycle, as a stage's dropped wrapper can sit in
+        alive = weakref.ref(ddp)
+        del ddp
+        assert alive() is not None  # the cycle keeps it until a collection
+        monkeypatch.setattr(dist, "destroy_process_group", lambda *a: (seen.append(alive() is None), destroy(*a)))
+        shutdown()
+    finally:
+        gc.enable()
+        gc.collect()  # free it before the group goes, whatever happened above
+        if dist.is_initialized():
+            destroy()
+    assert seen == [True] and not dist.is_initialized()
