@@ -118,8 +118,7 @@ def draw_and_keep(out: Path, final: TrainConfig, model_cfg: MixEMConfig, images,
     record = {"rule": RULE, "kept": found[best].name, "draws": scores}
     save_json(record, out / "draws.json")
     log.event("draw_kept", **record)
-    log.print(f"neighbour stage kept: {found[best].name} (seed {found[best].seed}), objective "
-              + " vs ".join(f"{s['objective']:.4f}" for s in scores)
-              + " (consistency " + " / ".join(f"{s['consistency']:.4f}" for s in scores) + ")")  # fmt: skip
+    each = ", ".join(f"{s['name']} {s['objective']:.4f} (consistency {s['consistency']:.4f})" for s in scores)
+    log.print(f"neighbour stage kept: {found[best].name} (seed {found[best].seed}), the lowest objective of {each}")
     promote(found[best], out, final)
     return record

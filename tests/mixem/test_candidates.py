@@ -169,7 +169,12 @@ def test_a_real_run_keeps_the_candidate_and_the_draw_the_rules_pick(tmp_path, ca
         for d in ("draw-0", "draw-1"):  # each from the kept representation, on the shared neighbours
             assert np.array_equal(np.load(out / "draws" / d / "neighbors.npy"), shared)
             assert said.count(f"  {d}: neighbour stage epoch 2 ") == 1, said
-        assert run.metrics["draws"]["kept"] == drawn["kept"] and "neighbour stage kept: draw-" in said
+        assert run.metrics["draws"]["kept"] == drawn["kept"]
+        each = ", ".join(
+            f"{d['name']} {d['objective']:.4f} (consistency {d['consistency']:.4f})" for d in drawn["draws"]
+        )
+        seed = next(d["seed"] for d in drawn["draws"] if d["name"] == drawn["kept"])
+        assert f"neighbour stage kept: {drawn['kept']} (seed {seed}), the lowest objective of {each}" in said
     else:
         assert not (out / "draws").exists() and "draws" not in run.metrics
     saved = json.loads((out / "train_config.json").read_text())
