@@ -56,10 +56,12 @@ def init_from_env(device: torch.device) -> tuple[DistContext, torch.device]:
 
 def shutdown():
     """Destroy the process group, after freeing what still holds it. A DDP wrapper a stage made and dropped can
-    sit in a reference cycle until the cyclic collector runs; its reducer holds the group, and destroyed after
+    sit in a reference cycle until the cyclic collector runs (one that never stepped does: a finished stage on
+    --resume, torch 2.14.1); its reducer holds the group, and destroyed after
     destroy_process_group (at exit) it aborts the process ("terminate called without an active exception",
-    SIGABRT; the likely cause of a rank's abort in CI under torchrun). 2-rank gloo scripts whose DDP outlived the
-    group aborted so in 5 of 144 launches on 2 cores, none of 110 that freed it first."""
+    SIGABRT). 2-rank gloo scripts whose DDP outlived the group aborted so in 5 of 144 launches on 2 cores, none of
+    110 that freed it first. Found while chasing a rank's SIGABRT in CI under torchrun, which it may not explain: a
+    probe of that test's first launch found no DDP left at shutdown."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
