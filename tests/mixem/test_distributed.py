@@ -81,14 +81,18 @@ def _worker(rank, init_method, result_dir):
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     d = tmp_path_factory.mktemp("ranks")
     # A TCP store (as torchrun uses): with a file:// store rank 0 aborted in C++ ("terminate called
     # without an active exception") in about 2 of 5 runs on this machine.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.start_processes(_worker, args=(f"tcp://127.0.0.1:{port}", str(d)), nprocs=W, start_method="spawn", join=True)
     return d
 
@@ -117,9 +121,7 @@ def test_shutdown_frees_a_dropped_ddp_before_destroying_the_group(monkeypatch):
 
     from mixem.distributed import shutdown
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     seen, destroy = [], dist.destroy_process_group
     gc.disable()
