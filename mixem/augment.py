@@ -13,10 +13,11 @@ def build_views(model_cfg: MixEMConfig, train_cfg: TrainConfig) -> nn.Module:
 
     The first view crops train_cfg.crop_scale of the image, the second second_crop_scale (asymmetric views,
     as the global/local crops of SwAV and DINO; None = crop_scale, SimCLR's symmetric views, drawn as before).
+    train_cfg.erase > 0 erases a random patch of each view with that probability (the `cpu` preset: 0.5).
     """
-    first = build_augment(model_cfg, train_cfg)
+    first = build_augment(model_cfg, train_cfg, erase=train_cfg.erase)
     second = first if train_cfg.second_crop_scale is None else build_augment(
-        model_cfg, train_cfg, crop_scale=train_cfg.second_crop_scale
+        model_cfg, train_cfg, erase=train_cfg.erase, crop_scale=train_cfg.second_crop_scale
     )  # fmt: skip
     return _TwoViews(first, second)
 

@@ -122,6 +122,7 @@ class TrainConfig:
     jitter_p: float = 0.8  # probability of colour jitter
     grayscale_p: float = 0.2  # probability of random grayscale (RGB only)
     blur: bool | None = None  # gaussian blur; None = on for images >= 64 px (SimCLR)
+    erase: float = 0.0  # probability of random erasing (Cutout-like) on each representation view; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model
@@ -157,7 +158,7 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_epochs", "w_marginal", "w_instance", "w_pull", "w_push", "w_cluster"):
             bounded(self, **{name: (0, math.inf)})
         bounded(self, w_balance=(0, math.inf), w_anchor=(0, math.inf), color_jitter=(0, math.inf))
-        bounded(self, jitter_p=(0, 1), grayscale_p=(0, 1))
+        bounded(self, jitter_p=(0, 1), grayscale_p=(0, 1), erase=(0, 1))
         methods.get(self.method)  # a one-line error naming the registered methods
         if self.instance_term not in INSTANCE_TERMS:
             raise ConfigError(f"instance_term must be one of {', '.join(INSTANCE_TERMS)}, got {self.instance_term!r}")
@@ -270,6 +271,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             jitter_p=0.8,
             grayscale_p=0.0,
             blur=False,
+            # Random erasing on both representation views (README "cpu preset"): digits +0.02 to +0.09 ACC, the
+            # configured views' Fashion-MNIST candidate up to the mild one's level, the headline level (stop 35).
+            erase=0.5,
             refine_lr=3e-3,
             refine_epochs=10,
             selflabel_epochs=0,  # measured to lower ACC at this budget (README "Refinement")

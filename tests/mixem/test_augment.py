@@ -59,3 +59,19 @@ def test_second_crop_scale_is_checked():
             TrainConfig(second_crop_scale=bad)
     with pytest.raises(ConfigError, match="^second_crop_scale must be a list of numbers or null"):
         TrainConfig(second_crop_scale="0.8")
+
+
+def test_erase_blanks_a_patch_of_every_view_and_is_checked():
+    """erase=1: each of both views gets a patch set to 0 (the mean pixel after Normalize); erase=0: none does."""
+    x = torch.full((16, 1, 28, 28), 255, dtype=torch.uint8)  # 255 normalises to 1.0: only erasing makes a 0
+    torch.manual_seed(0)
+    cfg = TrainConfig(crop_scale=(0.5, 1.0), second_crop_scale=(0.8, 1.0), erase=1.0, **PLAIN)
+    views = build_views(MODEL, cfg)(x)
+    erased = (views == 0).flatten(1).float().mean(1)  # the share of each view's pixels erased
+    assert views.shape == (32, 1, 28, 28)
+    assert erased.min() > 0.01 and erased.max() < 0.3, erased  # 2-25 % of the area, both views
+    plain = build_views(MODEL, TrainConfig(crop_scale=(0.5, 1.0), second_crop_scale=(0.8, 1.0), **PLAIN))(x)
+    assert not (plain == 0).any()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match=r"^erase must be a finite number >= 0 and <= 1"):
+            TrainConfig(erase=bad)
