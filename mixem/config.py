@@ -44,6 +44,9 @@ class MixEMConfig:
     image_size: int = 32  # square input side in pixels; inputs are resized to it when loaded
     in_channels: int = 3  # 1 = grayscale stem, 3 = RGB (grayscale data is replicated to 3)
     small_stem: bool | None = None  # 3x3/stride-1 conv, no max-pool; None = image_size <= 64
+    # The trunk's last average pool: pool x pool cells of the final feature map, joined (pool^2 x the channels).
+    # 1 = global average (SimCLR's). 2 keeps where in the image a pattern is (top or bottom, left or right).
+    pool: int = 1
     head_hidden: int = 512  # hidden width of each component MLP and of the gate MLP
     embed_dim: int = 32  # D: dimension of each component embedding and of the mixture
     components: int = 10  # K: mixture components (MIX'EM: the number of classes sought)
@@ -60,7 +63,7 @@ class MixEMConfig:
         if self.components < 2:
             raise ConfigError(f"components (K) must be at least 2, got {self.components}")
         bounded(self, width=(1, 4096), image_size=(8, MAX_IMAGE_SIZE), head_hidden=(1, 65536), embed_dim=(2, 65536))
-        bounded(self, components=(2, 65536))
+        bounded(self, components=(2, 65536), pool=(1, 8))
         if self.backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if self.components < 2:

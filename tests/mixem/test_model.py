@@ -15,7 +15,9 @@ TINY = dict(backbone="convnet", width=8, image_size=28, in_channels=1, head_hidd
     "cfg",
     [
         MixEMConfig(**TINY),
+        MixEMConfig(**TINY, pool=2),
         MixEMConfig(backbone="resnet18", width=8, image_size=32, head_hidden=16, embed_dim=8, components=3),
+        MixEMConfig(backbone="resnet18", width=8, image_size=32, head_hidden=16, embed_dim=8, components=3, pool=2),
         MixEMConfig(
             backbone="resnet18", width=8, image_size=96, in_channels=1, mean=(0.5,), std=(0.25,), head_hidden=8
         ),
@@ -37,6 +39,20 @@ def test_output_contract(cfg):
     )
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(B))
     torch.testing.assert_close(probs.sum(1), torch.ones(B))
+
+
+def test_pool_keeps_the_cells_apart():
+    """pool 2: the features are the four quadrants' averages of the last feature map (global average: their mean)."""
+    torch.manual_seed(0)
+    one, four = MixEM(MixEMConfig(**TINY)).eval(), MixEM(MixEMConfig(**TINY, pool=2)).eval()
+    four.backbone.load_state_dict(one.backbone.state_dict())  # the same trunk: pooling has no weights
+    assert (one.feature_dim, four.feature_dim) == (32, 128)  # 4 x width channels, x 4 cells
+    x = torch.randn(2, 1, 28, 28)
+    cells = four(x).features.view(2, 32, 2, 2)  # 7 x 7 map: cells of rows/columns 0-3 and 3-6
+    fmap = one.backbone[:-2](x)
+    torch.testing.assert_close(cells[:, :, 0, 1], fmap[:, :, :4, 3:].mean((2, 3)))
+    torch.testing.assert_close(one(x).features, fmap.mean((2, 3)))
+    assert from_dict(MixEMConfig, dict(TINY)).pool == 1  # a config.json written before `pool` existed loads as 1
 
 
 def test_batched_head_equals_per_component_mlps():
@@ -70,6 +86,7 @@ def test_inference_model_normalises_inside():
         (dict(in_channels=2), "in_channels"),
         (dict(image_size=4), "image_size"),
         (dict(in_channels=1), "mean and std"),
+        (dict(pool=0), "pool"),
     ],
 )
 def test_bad_model_config(bad, match):
