@@ -246,6 +246,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             width=16,
             image_size=28,
             in_channels=1,
+            # The last feature map (7 x 7) averaged over 2 x 2 cells, not globally (README "Quickstart"): NMI
+            # +0.009 on Fashion-MNIST, ACC level, digits +0.007 / +0.010 over seeds 0-2 (stop 37).
+            pool=2,
             head_hidden=128,
             embed_dim=32,
             components=10,

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from export_helpers import RESNET, make_checkpoint
+from export_helpers import RESNET, SMALL, make_checkpoint
 
 from mixem.errors import ConfigError, MixEMError
 from mixem.export import export_checkpoint, export_onnx
@@ -109,6 +109,14 @@ def test_resnet18_graph(tmp_path):
     s = export_checkpoint(ckpt, "onnx", tmp_path / "out")
     assert s["inputs"]["images"]["shape"] == ["batch", 3, 32, 32]
     # Observed: min cosine 1 - 4e-11, max prob error 2.9e-6.
+    assert s["parity"]["passed"] and s["parity"]["min_cosine"] >= 0.9999 and s["parity"]["max_prob_error"] <= 1e-4
+
+
+def test_cell_pool_graph(tmp_path):
+    """The cpu preset's 2 x 2 pool of a 7 x 7 map (overlapping cells) exports, and matches PyTorch on real images."""
+    ckpt = make_checkpoint(tmp_path / "pool2", **SMALL, pool=2)
+    s = export_checkpoint(ckpt, "onnx", tmp_path / "out")
+    # Observed: min cosine 1 - 4e-12, max prob error 1.0e-6.
     assert s["parity"]["passed"] and s["parity"]["min_cosine"] >= 0.9999 and s["parity"]["max_prob_error"] <= 1e-4
 
 
