@@ -291,6 +291,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # on Fashion-MNIST (README "Two draws of the neighbour stage"); on 2 cores they run at the same time.
             refine_draws=2,
         ),
+        # Per method, over the preset's fields a run does not set itself (session.build_configs): ccp keeps the
+        # global pool, its neighbour stage ended lower with the 2 x 2 cells on 4 of 5 seeds (README "Three methods").
+        "by_method": {"ccp": {"model": dict(pool=1)}},
     },
 }
 
@@ -341,6 +344,12 @@ def preset(name: str) -> tuple[MixEMConfig, TrainConfig]:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
     return MixEMConfig(**p["model"]), TrainConfig(**p["train"])
+
+
+def method_defaults(name: str, method: str) -> dict[str, dict[str, Any]]:
+    """The preset's own settings for one method ({"model": {...}, "train": {...}}; empty when it has none)."""
+    by_method = PRESETS.get(name, {}).get("by_method", {}).get(method, {})
+    return {"model": dict(by_method.get("model", {})), "train": dict(by_method.get("train", {}))}
 
 
 def to_dict(cfg) -> dict:

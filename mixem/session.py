@@ -18,6 +18,7 @@ from mixem.config import (
     TrainConfig,
     from_dict,
     load_json,
+    method_defaults,
     preset,
     replace,
     to_dict,
@@ -55,6 +56,9 @@ def build_configs(
         train_cfg = replace(train_cfg, min_steps=0)
     if "refine_epochs" in train_given and "refine_min_steps" not in train_given:
         train_cfg = replace(train_cfg, refine_min_steps=0)
+    own = method_defaults(preset_name, train_cfg.method)  # what the preset sets for this method, unless given
+    model_cfg = replace(model_cfg, **{k: v for k, v in own["model"].items() if k not in model_given})
+    train_cfg = replace(train_cfg, **{k: v for k, v in own["train"].items() if k not in train_given})
     if preset_name == "cpu" and not model_given & {"in_channels", "image_size"}:
         model_over = {**_fit_to_data(train_cfg), **{k: v for k, v in model_over.items() if v is not None}}
     model_cfg = _apply_model_options(model_cfg, model_over)

@@ -60,3 +60,13 @@ def test_unknown_method_and_wrong_head_are_one_line_errors(tmp_path):
     images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     with pytest.raises(ConfigError, match="method ccp needs head 'centers'"):
         train(MixEMConfig(**TINY_MODEL), TrainConfig(method="ccp", batch_size=32, epochs=1, out=str(tmp_path)), images)
+
+
+def test_the_cpu_preset_gives_ccp_the_global_pool_unless_the_run_sets_one(tmp_path):
+    """The preset's per-method settings apply under fields the run leaves alone; a config file or option wins."""
+    pools = {m: build_configs("cpu", None, {}, {"method": m, "data": None})[0].pool for m in methods.REGISTRY}
+    assert pools == {"mixem": 2, "simclr": 2, "ccp": 1}
+    cfg = tmp_path / "pool.json"
+    cfg.write_text(json.dumps({"model": {"pool": 2}}))
+    assert build_configs("cpu", cfg, {}, {"method": "ccp", "data": None})[0].pool == 2
+    assert build_configs("paper", None, {}, {"method": "ccp", "data": None})[0].pool == 1  # the paper preset as written
