@@ -346,10 +346,22 @@ def preset(name: str) -> tuple[MixEMConfig, TrainConfig]:
     return MixEMConfig(**p["model"]), TrainConfig(**p["train"])
 
 
-def method_defaults(name: str, method: str) -> dict[str, dict[str, Any]]:
-    """The preset's own settings for one method ({"model": {...}, "train": {...}}; empty when it has none)."""
-    by_method = PRESETS.get(name, {}).get("by_method", {}).get(method, {})
-    return {"model": dict(by_method.get("model", {})), "train": dict(by_method.get("train", {}))}
+def with_method_defaults(
+    name: str, model_cfg: MixEMConfig, train_cfg: TrainConfig, model_given: set, train_given: set
+) -> tuple[MixEMConfig, TrainConfig]:
+    """The configs with preset `name`'s own settings for train_cfg.method (its "by_method" entry) applied to the
+    fields the run did not set itself (model_given, train_given: from a config file or an option)."""
+    own = PRESETS.get(name, {}).get("by_method", {}).get(train_cfg.method, {})
+    model_cfg = replace(model_cfg, **{k: v for k, v in own.get("model", {}).items() if k not in model_given})
+    return model_cfg, replace(train_cfg, **{k: v for k, v in own.get("train", {}).items() if k not in train_given})
+
+
+def apply_model_options(cfg: MixEMConfig, over: dict) -> MixEMConfig:
+    """replace, plus: --channels alone also resizes the per-channel mean/std to the new count."""
+    ch = over.get("in_channels")
+    if ch is not None and ch != cfg.in_channels and over.get("mean") is None:
+        over = {**over, "mean": (sum(cfg.mean) / len(cfg.mean),) * ch, "std": (sum(cfg.std) / len(cfg.std),) * ch}
+    return replace(cfg, **over)
 
 
 def to_dict(cfg) -> dict:

@@ -16,12 +16,13 @@ from mixem.config import (
     EVAL_INITS,
     MixEMConfig,
     TrainConfig,
+    apply_model_options,
     from_dict,
     load_json,
-    method_defaults,
     preset,
     replace,
     to_dict,
+    with_method_defaults,
     with_min_steps,
 )
 from mixem.errors import ConfigError
@@ -56,12 +57,10 @@ def build_configs(
         train_cfg = replace(train_cfg, min_steps=0)
     if "refine_epochs" in train_given and "refine_min_steps" not in train_given:
         train_cfg = replace(train_cfg, refine_min_steps=0)
-    own = method_defaults(preset_name, train_cfg.method)  # what the preset sets for this method, unless given
-    model_cfg = replace(model_cfg, **{k: v for k, v in own["model"].items() if k not in model_given})
-    train_cfg = replace(train_cfg, **{k: v for k, v in own["train"].items() if k not in train_given})
+    model_cfg, train_cfg = with_method_defaults(preset_name, model_cfg, train_cfg, model_given, train_given)
     if preset_name == "cpu" and not model_given & {"in_channels", "image_size"}:
         model_over = {**_fit_to_data(train_cfg), **{k: v for k, v in model_over.items() if v is not None}}
-    model_cfg = _apply_model_options(model_cfg, model_over)
+    model_cfg = apply_model_options(model_cfg, model_over)
     if not head_given:
         # The presets describe the trunk and the run; each method names its head, so --method alone suffices
         # (a head written in a --config file is kept, and training refuses a mismatch in one line).
@@ -79,14 +78,6 @@ def _fit_to_data(train_cfg: TrainConfig) -> dict:
 
     channels, side = probe(train_cfg.data, train_cfg.split)
     return {"in_channels": channels, "image_size": max(16, min(side, CPU_MAX_SIDE))}
-
-
-def _apply_model_options(cfg: MixEMConfig, over: dict) -> MixEMConfig:
-    """config.replace, plus: --channels alone also resizes the per-channel mean/std to the new count."""
-    ch = over.get("in_channels")
-    if ch is not None and ch != cfg.in_channels and over.get("mean") is None:
-        over = {**over, "mean": (sum(cfg.mean) / len(cfg.mean),) * ch, "std": (sum(cfg.std) / len(cfg.std),) * ch}
-    return replace(cfg, **over)
 
 
 def load_data(
