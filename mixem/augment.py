@@ -58,6 +58,18 @@ def build_augment(
     return _Augment(K.AugmentationSequential(*ops))
 
 
+def build_plain(model_cfg: MixEMConfig) -> nn.Module:
+    """uint8 (B, C, S, S) -> normalised float images, each mirrored with probability 0.5 and otherwise as it is:
+    the neighbour stage's plain view of a neighbour (TrainConfig.refine_neighbor_view "plain")."""
+    import kornia.augmentation as K
+
+    ops = [
+        K.RandomHorizontalFlip(p=0.5),
+        K.Normalize(mean=torch.tensor(model_cfg.mean), std=torch.tensor(model_cfg.std)),
+    ]
+    return _Augment(K.AugmentationSequential(*ops))
+
+
 class _Augment(nn.Module):
     def __init__(self, seq: nn.Module):
         super().__init__()

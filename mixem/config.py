@@ -28,6 +28,10 @@ EVAL_FEATURES = ("backbone", "embedding")  # what `eval` clusters unless told ot
 EVAL_INITS = ("mixture", "kmeans++")  # and from which starts
 OPTIMIZERS = ("adam", "adamw")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where native (CUDA, AVX512_BF16/AMX CPUs), else fp32
+NEIGHBOR_VIEWS = (
+    "augmented",
+    "plain",
+)  # the neighbour's view in the neighbour stage (TrainConfig.refine_neighbor_view)
 ENGINE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the torch engine; auto = fp16 on CUDA, fp32 on the CPU
 DATA_FORMATS = ("folder", "npz", "idx", "cifar10", "cifar100", "cifar100-20", "stl10")  # mixem.data
 SPLITS = ("auto", "train", "test", "all", "unlabeled")
@@ -143,6 +147,9 @@ class TrainConfig:
     refine_lr: float = 1e-4  # its learning rate (Adam(W) as --optimizer, --weight-decay)
     refine_entropy: float = 5.0  # weight of the batch-marginal entropy that keeps every class in use
     refine_backbone: bool = True  # train the backbone too in the neighbour stage (False: the head only)
+    # The neighbour's view in the neighbour stage: "augmented" as the anchor's (SCAN's), or "plain": the image as it
+    # is, mirrored at random (README "Refinement"); the anchor's view is augmented either way.
+    refine_neighbor_view: str = "augmented"
     selflabel_epochs: int = 30  # epochs of self-labelling (the whole network)
     selflabel_threshold: float = 0.99  # class probability an image needs to become a pseudo-label
     selflabel_share: float = 0.5  # ... or rank in this top share of the images of its class (every class keeps some)
@@ -171,6 +178,10 @@ class TrainConfig:
             raise ConfigError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
         if self.precision not in TRAIN_PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
+        if self.refine_neighbor_view not in NEIGHBOR_VIEWS:
+            raise ConfigError(
+                f"refine_neighbor_view must be one of {', '.join(NEIGHBOR_VIEWS)}, got {self.refine_neighbor_view!r}"
+            )
         bounded(self, refine_neighbors=(1, 10**4), refine_epochs=(0, 10**6), selflabel_epochs=(0, 10**6))
         bounded(self, min_steps=(0, 10**9), refine_min_steps=(0, 10**9), refine_draws=(1, 64))
         bounded(self, refine_lr=(0, math.inf), selflabel_lr=(0, math.inf), open_low=True)

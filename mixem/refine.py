@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mixem import checkpoint as ckpt
-from mixem.augment import build_augment
+from mixem.augment import build_augment, build_plain
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier
 from mixem.errors import ConfigError
@@ -160,8 +160,9 @@ def _trainer(params, lr: float, train_cfg: TrainConfig, stage: Stage, n_images: 
 
 
 def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
-    """One step: anchors and a random one of each anchor's neighbours, augmented, pass together;
-    loss = consistency - refine_entropy * H(mean anchor class probabilities)."""
+    """One step: anchors (augmented) and a random one of each anchor's neighbours (augmented, or plain: mirrored
+    at random only) pass together; loss = consistency - refine_entropy * H(mean anchor class probabilities).
+    The gradient flows through both (with the plain neighbour's side detached, the classes fell apart: stop 40)."""
     if not train_cfg.refine_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
@@ -170,6 +171,7 @@ def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
     opt, sched = _trainer(params, train_cfg.refine_lr, train_cfg, stage, len(images))
     fwd = wrap_for_training(model, train_cfg, ctx, device)
     augment = build_augment(model_cfg, train_cfg).to(device)
+    neighbor_view = build_plain(model_cfg).to(device) if train_cfg.refine_neighbor_view == "plain" else augment
     autocast = autocast_for(train_cfg, device)
     neighbors = torch.from_numpy(nb).to(device)
 
@@ -178,7 +180,7 @@ def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
             model.backbone.eval()  # frozen: its BatchNorm statistics stay those of the representation
         idx = idx.to(device)
         pick = torch.randint(neighbors.shape[1], (len(idx),), device=device)
-        views = torch.cat([augment(images[idx]), augment(images[neighbors[idx, pick]])])
+        views = torch.cat([augment(images[idx]), neighbor_view(images[neighbors[idx, pick]])])
         with autocast:
             out = fwd(views.contiguous(memory_format=torch.channels_last))
         a, b = out.mixture_logits.float().chunk(2)

@@ -1,9 +1,10 @@
-"""The two training views: each takes its own crop range; symmetric views draw exactly as before."""
+"""The two training views: each takes its own crop range; symmetric views draw exactly as before; the neighbour
+stage's plain view."""
 
 import pytest
 import torch
 
-from mixem.augment import build_augment, build_views
+from mixem.augment import build_augment, build_plain, build_views
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.errors import ConfigError
 
@@ -75,3 +76,23 @@ def test_erase_blanks_a_patch_of_every_view_and_is_checked():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ConfigError, match=r"^erase must be a finite number >= 0 and <= 1"):
             TrainConfig(erase=bad)
+
+
+def test_plain_view_is_each_image_or_its_mirror():
+    """build_plain: normalised, mirrored with probability 0.5, nothing else (no crop, jitter or erasing)."""
+    x = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    got = build_plain(MODEL)(x)
+    want = (x.float() / 255 - 0.5) / 0.5
+    same = (got - want).abs().flatten(1).amax(1) < 1e-6
+    mirrored = (got - want.flip(-1)).abs().flatten(1).amax(1) < 1e-6
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert (same | mirrored).all()
+    assert 60 < int(mirrored.sum()) < 140  # about half are mirrored (binomial 200, 0.5: 100 +/- 7)
+
+
+def test_refine_neighbor_view_is_checked():
+    assert TrainConfig().refine_neighbor_view == "augmented"
+    assert TrainConfig(refine_neighbor_view="plain").refine_neighbor_view == "plain"
+    with pytest.raises(ConfigError, match=r"^refine_neighbor_view must be one of augmented, plain, got 'clean'"):
+        TrainConfig(refine_neighbor_view="clean")

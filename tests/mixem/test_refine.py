@@ -156,6 +156,35 @@ def test_frozen_backbone_stays_put(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("view", ["plain", "augmented"])
+def test_the_neighbour_stage_sees_plain_neighbours_when_asked(tmp_path, view):
+    """refine_neighbor_view "plain": the second half of every neighbour-stage batch is real images of the set as they
+    are (or mirrored), the first half augmented anchors; "augmented": neither half is (crops and jitter)."""
+    ds = load_images(None, image_size=28, in_channels=1, max_images=256)
+    over = dict(TINY_TRAIN, batch_size=64)
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1, refine_epochs=1, selflabel_epochs=0, **over)
+    model, _ = train(MixEMConfig(**TINY_MODEL), cfg, ds.images)
+    cfg.refine_neighbor_view = view
+    seen = []
+    hook = model.backbone.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().float()) if m.training else None
+    )
+    refine(model, ds.images, model.cfg, cfg, run_dir=tmp_path / "run", log=RunLog(quiet=True), device="cpu")
+    hook.remove()
+    plain = (ds.images.float() / 255 - 0.29) / 0.35
+    known = torch.cat([plain, plain.flip(-1)]).flatten(1)  # (512, 784)
+
+    def is_an_image(batch):
+        return torch.cdist(batch.flatten(1), known, compute_mode="donot_use_mm_for_euclid_dist").amin(1) < 1e-3
+
+    assert len(seen) == 4  # 256 images / 64 per step, one epoch
+    for views in seen:
+        anchors, neighbours = views.chunk(2)
+        share = is_an_image(neighbours).float().mean()
+        assert is_an_image(anchors).float().mean() < 0.3
+        assert (share == 1.0) if view == "plain" else (share < 0.3), share
+
+
 def _torchrun(launch: list, cmd: list, logs, env: dict) -> None:
     """Run cmd under torchrun with each rank's output kept in logs/ (torchrun --log-dir --redirects 3); a failure
     shows every rank's last lines, where the rank that failed first says why (torchrun's own summary names only
