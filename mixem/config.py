@@ -28,10 +28,8 @@ EVAL_FEATURES = ("backbone", "embedding")  # what `eval` clusters unless told ot
 EVAL_INITS = ("mixture", "kmeans++")  # and from which starts
 OPTIMIZERS = ("adam", "adamw")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto = bf16 autocast where native (CUDA, AVX512_BF16/AMX CPUs), else fp32
-NEIGHBOR_VIEWS = (
-    "augmented",
-    "plain",
-)  # the neighbour's view in the neighbour stage (TrainConfig.refine_neighbor_view)
+# The neighbour's view in the neighbour stage (TrainConfig.refine_neighbor_view)
+NEIGHBOR_VIEWS = ("augmented", "plain")
 ENGINE_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the torch engine; auto = fp16 on CUDA, fp32 on the CPU
 DATA_FORMATS = ("folder", "npz", "idx", "cifar10", "cifar100", "cifar100-20", "stl10")  # mixem.data
 SPLITS = ("auto", "train", "test", "all", "unlabeled")
