@@ -19,6 +19,7 @@ from mixem.candidates import agreement, candidates, cross_agreement, shared_neig
 from mixem.config import TrainConfig, preset, replace
 from mixem.draws import draws, objective
 from mixem.errors import ConfigError
+from mixem.metrics import clustering_metrics
 
 
 def test_agreement_and_cross_agreement_by_hand():
@@ -149,6 +150,13 @@ def test_a_real_run_keeps_the_candidate_and_the_draw_the_rules_pick(tmp_path, ca
         nbs.append(np.load(d / "neighbors.npy")[:, :20])
     cross = [agreement(classes[0], nbs[1]), agreement(classes[1], nbs[0])]
     assert [c["cross_agreement"] for c in record["candidates"]] == [round(x, 4) for x in cross]
+    # each candidate's classes against the labels, for the record: computed by OUT's run from their saved models
+    # (the candidates are trained without scoring themselves: no metrics files of their own)
+    for c, cl in zip(record["candidates"], classes):
+        m = clustering_metrics(ds.labels, cl)
+        assert (c["acc"], c["nmi"]) == (round(m["acc"], 4), round(m["nmi"], 4))
+        assert not (out / "candidates" / c["name"] / "metrics.json").exists()
+    assert "the candidates against the labels (not used to choose): crops-35-100_80-100 ACC" in said
     best = int(np.argmax(cross))
     kept = record["candidates"][best]["name"]
     assert record["kept"] == kept
