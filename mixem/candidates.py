@@ -227,10 +227,9 @@ def train_and_choose(
     log.print(f"mixem-fast train: preset {preset}, method {train_cfg.method}, choosing the crops without labels: "
               f"{cands[0].crops} or {cands[1].crops}, two whole runs {how} -> {out / 'candidates'}")  # fmt: skip
     log.event("candidates", names=[c.name for c in cands], parallel=parallel, threads=cands[0].train.threads)
-    # The candidates are not scored against the labels themselves (no k-means tables, raw pixels, classes files:
-    # the quickstart reached the choice about 10 s sooner, stop 41); their classes' ACC and NMI are computed here,
-    # for the record.
-    run_all(cands, model_cfg, preset, parallel=parallel, evaluate=False, log=log, resume_args=resume_args)
+    # The candidates train without scoring themselves (no k-means tables, raw pixels, classes files: the quickstart
+    # reached the choice about 10 s sooner, stop 41); their classes' ACC and NMI are computed here, for the record.
+    run_all(cands, model_cfg, preset, parallel=parallel, log=log, resume_args=resume_args)
 
     ds = load_images(train_cfg.data, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
                      split=train_cfg.split, max_images=train_cfg.max_images, labels=evaluate)  # fmt: skip

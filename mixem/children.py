@@ -39,9 +39,11 @@ def _die_with_parent():  # pragma: no cover (runs in the child between fork and 
         pass
 
 
-def command(c: Child, model_cfg: MixEMConfig, preset: str, evaluate: bool, resume_args: list[str]) -> list[str]:
+def command(c: Child, model_cfg: MixEMConfig, preset: str, resume_args: list[str]) -> list[str]:
+    """A child's `train` command line, always `--no-eval`: the parent scores what it needs from the child's saved
+    model (the candidates' ACC/NMI, the draws' objective), a child's own k-means tables would only cost time."""
     cmd = [sys.executable, "-m", "mixem.cli", "train", "--out", str(c.dir), "--quiet"]
-    if (c.dir / "train_config.json").is_file():  # started before: it continues (a finished one only re-scores)
+    if (c.dir / "train_config.json").is_file():  # started before: it continues (a finished one only restores)
         cmd += ["--resume", *resume_args]  # what `train --resume` was given (--epochs, --device) reaches each
     else:
         spec = c.dir.parent / f"{c.name}.json"
@@ -49,7 +51,7 @@ def command(c: Child, model_cfg: MixEMConfig, preset: str, evaluate: bool, resum
         # The spec sets every field, so the preset only names the run; a resumed parent's is "resumed", which the
         # command line does not take (a child killed before it saved its configs starts again from its spec).
         cmd += ["--preset", preset if preset in PRESETS else "cpu", "--config", str(spec)]
-    return cmd + ([] if evaluate else ["--no-eval"])
+    return cmd + ["--no-eval"]
 
 
 def progress(c: Child, seen: dict, log: RunLog):
@@ -79,7 +81,7 @@ def progress(c: Child, seen: dict, log: RunLog):
                       f" ({e.get('images_per_s', 0):,.0f} img/s)")  # fmt: skip
 
 
-def run_all(cands: list[Child], model_cfg, preset: str, *, parallel: bool, evaluate: bool, log: RunLog,
+def run_all(cands: list[Child], model_cfg, preset: str, *, parallel: bool, log: RunLog,
             resume_args: list[str] = ()):  # fmt: skip
     """Train every child to the end (at the same time or in turn); a failed one is an error naming its output."""
     batches = [cands] if parallel else [[c] for c in cands]
@@ -90,7 +92,7 @@ def run_all(cands: list[Child], model_cfg, preset: str, *, parallel: bool, evalu
                 c.dir.parent.mkdir(parents=True, exist_ok=True)
                 text = open(c.dir.parent / f"{c.name}.txt", "a")  # noqa: SIM115 (closed below, after the child)
                 kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-                procs.append((c, subprocess.Popen(command(c, model_cfg, preset, evaluate, list(resume_args)), stdout=text,
+                procs.append((c, subprocess.Popen(command(c, model_cfg, preset, list(resume_args)), stdout=text,
                                                   stderr=subprocess.STDOUT, **kw), text))  # fmt: skip
             seen: dict = {}
             while any(p.poll() is None for _, p, _ in procs):

@@ -112,7 +112,7 @@ def draw_and_keep(out: Path, final: TrainConfig, model_cfg: MixEMConfig, images,
               f"-> {out / 'draws'}; the lowest neighbour objective is kept")  # fmt: skip
     for d in found:
         prepare(d, out, model_cfg)
-    run_all(found, model_cfg, preset, parallel=parallel, evaluate=False, log=log)
+    run_all(found, model_cfg, preset, parallel=parallel, log=log)
     scores = score(found, images, device, np.load(out / NEIGHBORS, allow_pickle=False))
     best = min(range(len(found)), key=lambda i: (scores[i]["objective"], i))
     record = {"rule": RULE, "kept": found[best].name, "draws": scores}

@@ -285,10 +285,10 @@ def test_a_resumed_run_passes_its_epochs_and_device_to_both_candidates(tmp_path)
     started.dir.mkdir(parents=True)
     (started.dir / "train_config.json").write_text("{}")
     model = preset("cpu")[0]
-    assert children.command(started, model, "resumed", True, ["--epochs=5", "--device=cpu"])[-3:] == [
-        "--resume", "--epochs=5", "--device=cpu"
+    assert children.command(started, model, "resumed", ["--epochs=5", "--device=cpu"])[-4:] == [
+        "--resume", "--epochs=5", "--device=cpu", "--no-eval"
     ]  # fmt: skip
-    cmd = children.command(fresh, model, "resumed", False, ["--epochs=5"])
+    cmd = children.command(fresh, model, "resumed", ["--epochs=5"])
     assert cmd[cmd.index("--preset") + 1] == "cpu" and "--resume" not in cmd and cmd[-1] == "--no-eval"
     spec = json.loads((tmp_path / "run" / "candidates" / f"{fresh.name}.json").read_text())
     assert spec["train"]["crop_scale"] == [0.8, 1.0] and spec["train"]["out"] == str(fresh.dir)
