@@ -56,22 +56,24 @@ def mine_neighbors(x: np.ndarray, k: int) -> np.ndarray:
     return found[~drop].reshape(N, k).astype(np.int64)
 
 
-def load_or_mine(x: np.ndarray, train_cfg: TrainConfig, run_dir: Path, log: RunLog, ctx: DistContext) -> np.ndarray:
-    """The run's neighbours on the embeddings x: read from run_dir/neighbors.npy when resuming a run that has
-    them, else mined (every rank mines the same ones; rank 0 writes the file atomically)."""
+def load_or_mine(
+    embedding: Callable[[], np.ndarray], n: int, train_cfg: TrainConfig, run_dir: Path, log: RunLog, ctx: DistContext
+) -> np.ndarray:
+    """The run's neighbours among its n images: read from run_dir/neighbors.npy when resuming a run that has
+    them, else mined on embedding() (every rank mines the same ones; rank 0 writes the file atomically)."""
     path = Path(run_dir) / NEIGHBORS
-    k = min(train_cfg.refine_neighbors, len(x) - 1)
+    k = min(train_cfg.refine_neighbors, n - 1)
     nb = np.load(path, allow_pickle=False) if path.exists() else None
     # Every rank looks before rank 0 may write the file: a rank that looked after it was written would skip the
     # barrier below that the others wait at (it hung under torchrun).
     barrier(ctx)
-    if nb is not None and nb.shape == (len(x), k):
+    if nb is not None and nb.shape == (n, k):
         return nb
-    nb = mine_neighbors(x, k)
+    nb = mine_neighbors(embedding(), k)
     if ctx.main:
         save_npy(path, nb)
     barrier(ctx)
-    log.event("neighbors", k=k, images=len(x))
+    log.event("neighbors", k=k, images=n)
     return nb
 
 
@@ -115,24 +117,34 @@ def refine(
     resume: bool = False,
     labels: np.ndarray | None = None,
     on_stage: Callable | None = None,
+    features: dict[str, np.ndarray] | None = None,
 ) -> list[dict]:
     """Both refinement stages on the trained model (in place); returns their epoch records.
 
     on_stage(name, model) is called on rank 0 after each stage (the session scores it there).
     `labels` are only reported (neighbour agreement in the log), never trained on.
+    `features`: extract_features of the model on `images` where the caller has them (the session scores the
+    representation first); else they are extracted when needed (mining, the head's start), at most once: a
+    resumed run whose neighbour stage has begun needs neither.
     """
     device = torch.device(device)
     images = images.to(device)
     B = min(train_cfg.refine_batch_size or train_cfg.batch_size, len(images))
-    feats = extract_features(model, images, device=device)  # once: the neighbours and the head's start
-    nb = load_or_mine(feats["embedding"], train_cfg, run_dir, log, ctx)
+    feats = dict(features or {})
+
+    def representation() -> dict[str, np.ndarray]:
+        if not feats:
+            feats.update(extract_features(model, images, device=device))
+        return feats
+
+    nb = load_or_mine(lambda: representation()["embedding"], len(images), train_cfg, run_dir, log, ctx)
     if labels is not None:
         agree = float((np.asarray(labels)[nb] == np.asarray(labels)[:, None]).mean())
         log.print(f"refine: {nb.shape[1]} neighbours per image ({NEIGHBORS}); {agree:.1%} share the image's label")
         log.event("neighbor_agreement", value=agree)
     if ckpt.newest(run_dir, "neighbors") is None or not resume:  # a fresh start (resume restores the head)
-        start = start_partition(feats, model_cfg.components, train_cfg.seed)
-        agree = fit_head(model, feats, start, device, train_cfg.seed)
+        start = start_partition(representation(), model_cfg.components, train_cfg.seed)
+        agree = fit_head(model, representation(), start, device, train_cfg.seed)
         log.print(f"refine: head started from the lower-objective k-means partition ({agree:.1%} of images agree)")
     common = dict(run_dir=run_dir, log=log, ctx=ctx, resume=resume)
     history = []

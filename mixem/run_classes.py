@@ -52,16 +52,17 @@ def compute(
     return classes.Classes(by, K, centres, names, scale, info), a
 
 
-def write(model, ds, k: int, out_dir: Path, method: str, seed: int, device: str, log) -> Path:
+def write(model, ds, k: int, out_dir: Path, method: str, seed: int, device: str, log, features=None) -> Path:
     """Compute the classes of the checkpoint scored in out_dir (a run's latest, or that checkpoint) on its data,
-    and save them beside it; returns the classes.json path."""
+    and save them beside it; returns the classes.json path. features: extract_features of `model` on ds.images,
+    where the caller has them."""
     from mixem import checkpoint as ckpt
     from mixem.evaluate import extract_features
     from mixem.scoring import STAGE_NAMES
 
     where = ckpt.resolve(out_dir)
     refined = ckpt.read_state(where).get("stage") in STAGE_NAMES
-    feats = extract_features(model, ds.images, device=device)
+    feats = features or extract_features(model, ds.images, device=device)
     found, _ = compute(
         feats, refined=refined, k=k, method=method, seed=seed, labels=ds.labels, class_names=ds.class_names
     )

@@ -20,12 +20,20 @@ def num_clusters(ds, model_cfg: MixEMConfig) -> int:
 
 
 def score(
-    model, ds, k: int, device: str, seed: int, quick: str | None = None, choices: dict | None = None
+    model,
+    ds,
+    k: int,
+    device: str,
+    seed: int,
+    quick: str | None = None,
+    choices: dict | None = None,
+    features: dict | None = None,
 ) -> list[dict]:
-    """Rows of evaluate(); quick=METHOD scores only that method's headline clustering (in-training curve)."""
+    """Rows of evaluate(); quick=METHOD scores only that method's headline clustering (in-training curve).
+    features: extract_features of the model on ds.images, where the caller has them."""
     from mixem.evaluate import evaluate, extract_features
 
-    feats = extract_features(model, ds.images, device=str(resolve_device(device)))
+    feats = features or extract_features(model, ds.images, device=str(resolve_device(device)))
     if quick:
         init = methods.get(quick).headline_init
         return evaluate(feats, ds.labels, k, seed=seed, inits=(init,), feature_types=("embedding",))
@@ -45,12 +53,13 @@ def representation_stages(rows: list[dict]) -> list[dict]:
     return out
 
 
-def argmax_row(model, ds, device, stage: str) -> dict:
-    """The refined classes as they are served: argmax of the head's probabilities."""
+def argmax_row(model, ds, device, stage: str, probs=None) -> dict:
+    """The refined classes as they are served: argmax of the head's probabilities (`probs`, the model's on
+    ds.images, where the caller has them)."""
     from mixem.evaluate import extract_features
     from mixem.metrics import clustering_metrics
 
-    probs = extract_features(model, ds.images, device=str(device))["probs"]
+    probs = probs if probs is not None else extract_features(model, ds.images, device=str(device))["probs"]
     return {"features": STAGE_NAMES.get(stage, stage), "init": "argmax of the head", "stage": stage,
             **clustering_metrics(ds.labels, probs.argmax(1)), "objective": None}  # fmt: skip
 

@@ -175,17 +175,8 @@ def train_command(
         from mixem.training import claim_run
 
         with claim_run(train_cfg.out) if ctx.main else contextlib.nullcontext():
-            summary = _train_and_report(
-                model_cfg,
-                train_cfg,
-                name,
-                ctx,
-                device,
-                resume=resume,
-                evaluate=evaluate,
-                quiet=quiet,
-                json_log=json_log,
-            )
+            summary = _train_and_report(model_cfg, train_cfg, name, ctx, device, resume=resume, evaluate=evaluate,
+                                        quiet=quiet, json_log=json_log)  # fmt: skip
         barrier(ctx)  # ranks wait for rank 0's evaluation; none tears the group down under another
         return summary
     finally:
@@ -246,22 +237,27 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch, ctx=ctx, device=device
     )
     scored = evaluate and ctx.main and ds.labels is not None
-    rows, stages = None, []
+    rows, stages, feats = None, [], {}  # feats: the refined model's features, once its last stage has them
     if train_cfg.refine:
+        from mixem.evaluate import extract_features
         from mixem.refine import refine
 
+        representation = None  # the representation's features: its rows and refinement's start read the same
         if scored:  # the representation's rows, before refinement changes the model in place
-            rows = scoring.score(model, ds, k, str(device), seed=train_cfg.seed)
+            representation = extract_features(model, ds.images, device=str(device))
+            rows = scoring.score(model, ds, k, str(device), seed=train_cfg.seed, features=representation)
             stages = scoring.representation_stages(rows)
 
         def on_stage(name, m):
+            feats.clear()  # this stage changed the model
             if scored:
-                stages.append(scoring.argmax_row(m, ds, device, name))
+                feats.update(extract_features(m, ds.images, device=str(device)))
+                stages.append(scoring.argmax_row(m, ds, device, name, probs=feats["probs"]))
                 log.print(f"  after {name}: ACC {stages[-1]['acc']:.3f} NMI {stages[-1]['nmi']:.3f}")
 
         run_dir = Path(train_cfg.out)
         refine(model, ds.images, model_cfg, train_cfg, run_dir=run_dir, log=log, device=device, ctx=ctx,
-               resume=resume, labels=ds.labels, on_stage=on_stage)  # fmt: skip
+               resume=resume, labels=ds.labels, on_stage=on_stage, features=representation)  # fmt: skip
         result.checkpoint = ckpt.resolve(run_dir)
     summary = {
         "run_dir": str(result.run_dir),
@@ -274,7 +270,7 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         summary.update(_evaluate_and_report(
             model, ds, k, str(device), train_cfg.seed, result.run_dir, log, method=train_cfg.method,
             minutes=(time.perf_counter() - t0) / 60, curve=curve, train_minutes=result.seconds / 60, rows=rows,
-            stages=stages))  # fmt: skip
+            stages=stages, features=feats or None))  # fmt: skip
     if ctx.main:  # the run's own page: loss terms and ACC/NMI against epochs (mixem.report_train)
         from mixem.report_train import write_train_report
 
@@ -317,6 +313,8 @@ def eval_command(
     inits=EVAL_INITS,
     normalize=True,
 ) -> dict:
+    from mixem.evaluate import extract_features
+
     dev = resolve_device(device or "auto")
     model, model_cfg = ckpt.load_model(checkpoint_path, device=dev)
     _, _, train_cfg = ckpt.load_configs(checkpoint_path)
@@ -331,7 +329,8 @@ def eval_command(
     # A refined checkpoint's answer is its head's argmax, unless the user asked for a particular clustering.
     default_choice = tuple(feature_types) == EVAL_FEATURES and tuple(inits) == EVAL_INITS
     refined = stage in scoring.STAGE_NAMES and ds.labels is not None and default_choice
-    stages = [scoring.argmax_row(model, ds, dev, stage)] if refined else []
+    feats = extract_features(model, ds.images, device=str(dev))  # once: the rows, the stage row and the classes
+    stages = [scoring.argmax_row(model, ds, dev, stage, probs=feats["probs"])] if refined else []
     return _evaluate_and_report(
         model,
         ds,
@@ -343,6 +342,7 @@ def eval_command(
         method=train_cfg.method,
         choices=dict(feature_types=feature_types, inits=inits, normalize=normalize),
         stages=stages,
+        features=feats,
     )
 
 
@@ -361,13 +361,17 @@ def _evaluate_and_report(
     choices: dict | None = None,
     rows: list[dict] | None = None,
     stages: list[dict] | None = None,
+    features: dict | None = None,
 ) -> dict:
-    from mixem.evaluate import format_table, headline_line, raw_pixel_baseline
+    """Score `model` on `ds` (the rows unless given), print and save metrics.json and the classes; `features`:
+    extract_features of `model` on ds.images where the caller has them."""
+    from mixem.evaluate import extract_features, format_table, headline_line, raw_pixel_baseline
 
+    features = features or extract_features(model, ds.images, device=device)
     if ds.labels is None:
         log.print("no labels: nothing to score; the run's classes are saved for `predict` and `classify`")
-        return {"classes_json": str(run_classes.write(model, ds, k, out_dir, method, seed, device, log))}
-    rows = rows if rows is not None else scoring.score(model, ds, k, device, seed, choices=choices)
+        return {"classes_json": str(run_classes.write(model, ds, k, out_dir, method, seed, device, log, features))}
+    rows = rows if rows is not None else scoring.score(model, ds, k, device, seed, choices=choices, features=features)
     base = raw_pixel_baseline(ds.images, ds.labels, k, seed=seed)
     stages = stages or []
     head, name = scoring.headline_row(rows, stages, method)
@@ -390,6 +394,6 @@ def _evaluate_and_report(
     if stages:
         log.print("\nwhat each stage adds:\n" + format_table(stages))
     print(headline_line(metrics))
-    saved = run_classes.write(model, ds, k, out_dir, method, seed, device, log)
+    saved = run_classes.write(model, ds, k, out_dir, method, seed, device, log, features)
     return {"headline": headline, "raw_pixel_kmeans": base, "metrics_json": str(Path(out_dir) / "metrics.json"),
             "classes_json": str(saved)}  # fmt: skip

@@ -3,6 +3,7 @@ refinement stages, and ONNX probabilities of a refined model against PyTorch."""
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,39 @@ def test_resume_with_refine_refines_a_run_trained_without(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="only --out, --epochs, --device and --refine"):
         mixem.train(out=tmp_path / "later", resume=True, refine=False)
+
+
+def test_a_run_extracts_each_models_features_once(tmp_path, monkeypatch):
+    """`train` with scoring runs the representation over the images once (its k-means rows and refinement's start
+    read the same features) and the refined model once (its stage row, metrics and classes), where it ran each
+    four times before; a resume of the finished run without scoring runs neither (the stage is done, the
+    neighbours are on disk). The figures equal a fresh `eval` of the saved checkpoints."""
+    import mixem
+    import mixem.evaluate
+    import mixem.refine
+    from mixem.session import eval_command
+
+    calls = []
+
+    def counted(model, images, **kw):
+        calls.append(len(images))
+        return extract_features(model, images, **kw)
+
+    monkeypatch.setattr(mixem.evaluate, "extract_features", counted)
+    monkeypatch.setattr(mixem.refine, "extract_features", counted)
+    conf = tmp_path / "one.json"
+    conf.write_text(json.dumps({"train": {"candidate_crop_scale": None}}))
+    run = mixem.train(out=tmp_path / "run", config=conf, preset="cpu", max_images=256, epochs=1, refine_epochs=2,
+                      device="cpu")  # fmt: skip
+    assert calls == [256, 256]
+    calls.clear()
+    mixem.train(out=tmp_path / "run", resume=True, evaluate=False)
+    assert calls == []
+    monkeypatch.undo()
+    common = dict(data=None, k=None, split=None, max_images=None, device="cpu", seed=0, quiet=True, json_log=None)
+    refined = eval_command(tmp_path / "run", **common)["headline"]
+    assert refined["acc"] == run.metrics["headline"]["acc"] and refined["nmi"] == run.metrics["headline"]["nmi"]
+    rep = eval_command(tmp_path / "run" / "checkpoints" / "epoch_0001", **common)  # the representation
+    rows = json.loads(Path(rep["metrics_json"]).read_text())["rows"]
+    kmeanspp = [r["acc"] for r in rows if r["features"] == "embedding" and r["init"] == "kmeans++"]
+    assert kmeanspp == [s["acc"] for s in run.metrics["stages"] if s["init"] == "k-means++"] and len(kmeanspp) == 1
