@@ -70,6 +70,32 @@ def test_batched_head_equals_per_component_mlps():
     torch.testing.assert_close(logits, head.gate2(g))
 
 
+@pytest.mark.parametrize("head", ["mixture", "centers"])
+@pytest.mark.parametrize("B", [1, 7, 64])
+def test_class_logits_are_the_forwards_logits_with_its_gradients(head, B):
+    """head.class_logits (what refine.fit_head trains on; MIX'EM's skips its components' layers) gives the full
+    forward's mixture_logits, and a loss on it the same gradient for every head parameter (none, or zero, for the
+    components' layers the logits do not read)."""
+    torch.manual_seed(B)
+    model = MixEM(MixEMConfig(**TINY, head=head, pool=2, components=5, embed_dim=8))
+    h = torch.randn(B, model.feature_dim)
+    target = torch.randint(0, 5, (B,))
+    grads = []
+    for logits_of in (lambda: model.head(h).mixture_logits, lambda: model.head.class_logits(h)):
+        model.zero_grad(set_to_none=True)
+        logits = logits_of()
+        F.cross_entropy(logits, target).backward()
+        grads.append((logits.detach(), {n: p.grad for n, p in model.head.named_parameters()}))
+    (full, g_full), (alone, g_alone) = grads
+    torch.testing.assert_close(alone, full, rtol=1e-6, atol=1e-6)
+    for name, g in g_full.items():
+        other = g_alone[name]
+        if g is None or other is None:  # a parameter the logits never read: no gradient either way, or zero
+            assert (g if g is not None else other) is None or not (g if g is not None else other).any(), name
+        else:
+            torch.testing.assert_close(other, g, rtol=1e-5, atol=1e-6)
+
+
 def test_inference_model_normalises_inside():
     model = MixEM(MixEMConfig(**TINY)).eval()
     x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
