@@ -237,35 +237,14 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
         model_cfg, train_cfg, ds.images, resume=resume, log=log, on_epoch=on_epoch, ctx=ctx, device=device
     )
     scored = evaluate and ctx.main and ds.labels is not None
-    rows, stages, feats = None, [], {}  # feats: the refined model's features, once its last stage has them
+    rows, stages, feats = None, [], {}
     if train_cfg.refine:
-        from mixem.evaluate import extract_features
-        from mixem.refine import refine
-
-        representation = None  # the representation's features: its rows and refinement's start read the same
-        if scored:  # the representation's rows, before refinement changes the model in place
-            representation = extract_features(model, ds.images, device=str(device))
-            rows = scoring.score(model, ds, k, str(device), seed=train_cfg.seed, features=representation)
-            stages = scoring.representation_stages(rows)
-
-        def on_stage(name, m):
-            feats.clear()  # this stage changed the model
-            if scored:
-                feats.update(extract_features(m, ds.images, device=str(device)))
-                stages.append(scoring.argmax_row(m, ds, device, name, probs=feats["probs"]))
-                log.print(f"  after {name}: ACC {stages[-1]['acc']:.3f} NMI {stages[-1]['nmi']:.3f}")
-
-        run_dir = Path(train_cfg.out)
-        refine(model, ds.images, model_cfg, train_cfg, run_dir=run_dir, log=log, device=device, ctx=ctx,
-               resume=resume, labels=ds.labels, on_stage=on_stage, features=representation)  # fmt: skip
-        result.checkpoint = ckpt.resolve(run_dir)
-    summary = {
-        "run_dir": str(result.run_dir),
-        "checkpoint": str(result.checkpoint),
-        "epochs": result.epochs,
-        "train_seconds": round(result.seconds, 1),
-        "preset": name,
-    }
+        rows, stages, feats = _refine(
+            model, ds, k, model_cfg, train_cfg, log, ctx, device, resume=resume, scored=scored
+        )
+        result.checkpoint = ckpt.resolve(Path(train_cfg.out))
+    summary = {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint), "epochs": result.epochs,
+               "train_seconds": round(result.seconds, 1), "preset": name}  # fmt: skip
     if evaluate and ctx.main:
         summary.update(_evaluate_and_report(
             model, ds, k, str(device), train_cfg.seed, result.run_dir, log, method=train_cfg.method,
@@ -278,17 +257,37 @@ def _train_and_report(model_cfg, train_cfg, name, ctx, device, *, resume, evalua
     return summary
 
 
+def _refine(model, ds, k, model_cfg, train_cfg, log, ctx, device, *, resume, scored) -> tuple[list | None, list, dict]:
+    """Refine the trained model in place; when `scored`, also the stage table: the representation's k-means rows
+    (before refinement changes the model) and each stage's argmax row. Returns (rows, stages, the refined model's
+    features when scored, else {}): each model's features are extracted once, and refinement's start reads the same."""
+    from mixem.evaluate import extract_features
+    from mixem.refine import refine
+
+    rows, stages, feats, representation = None, [], {}, None
+    if scored:
+        representation = extract_features(model, ds.images, device=str(device))
+        rows = scoring.score(model, ds, k, str(device), seed=train_cfg.seed, features=representation)
+        stages = scoring.representation_stages(rows)
+
+    def on_stage(name, m):
+        feats.clear()  # this stage changed the model
+        if scored:
+            feats.update(extract_features(m, ds.images, device=str(device)))
+            stages.append(scoring.argmax_row(m, ds, device, name, probs=feats["probs"]))
+            log.print(f"  after {name}: ACC {stages[-1]['acc']:.3f} NMI {stages[-1]['nmi']:.3f}")
+
+    refine(model, ds.images, model_cfg, train_cfg, run_dir=Path(train_cfg.out), log=log, device=device, ctx=ctx,
+           resume=resume, labels=ds.labels, on_stage=on_stage, features=representation)  # fmt: skip
+    return rows, stages, feats
+
+
 def _fresh_run_dir(out: Path) -> Path:
     """out, or the first of out-2, out-3, ... that is free: missing, empty, or a train run with no checkpoint yet."""
 
     def free(d: Path) -> bool:
-        if not d.exists():
-            return True
-        return (
-            d.is_dir()
-            and not (d / "checkpoints" / "latest").exists()
-            and not owner.foreign_entries(d, "train", ("checkpoints", "train_config.json"))
-        )
+        return not d.exists() or (d.is_dir() and not (d / "checkpoints" / "latest").exists()
+                                  and not owner.foreign_entries(d, "train", ("checkpoints", "train_config.json")))  # fmt: skip
 
     n = 2
     candidate = out
