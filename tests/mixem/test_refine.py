@@ -254,8 +254,8 @@ def test_resume_with_refine_refines_a_run_trained_without(tmp_path):
 
 def test_a_run_extracts_each_models_features_once(tmp_path, monkeypatch):
     """`train` with scoring runs the representation over the images once (its k-means rows and refinement's start
-    read the same features) and the refined model once (its stage row, metrics and classes), where it ran each
-    four times before; a resume of the finished run without scoring runs neither (the stage is done, the
+    read the same features) and the refined model once (its stage row, metrics and classes): two passes, where
+    there were four before; a resume of the finished run without scoring runs neither (the stage is done, the
     neighbours are on disk). The figures equal a fresh `eval` of the saved checkpoints."""
     import mixem
     import mixem.evaluate
