@@ -123,3 +123,19 @@ def test_raw_pixel_baseline_on_fashion_test_split(fashion):
     assert 0.475 <= row["acc"] <= 0.495
     assert 0.510 <= row["nmi"] <= 0.520
     assert row["features"] == "raw pixels" and row["objective"] < 316769.9 * 1.01
+
+
+def test_extract_features_are_the_trained_models_own_to_the_bit(fashion):
+    """`train` holds its model channels_last; a checkpoint loads NCHW. Both must give the same features, bit for
+    bit (the run's own table and a later `eval` of its checkpoint then agree exactly): NCHW weights differ in the
+    last bits on oneDNN (up to ~1e-6 at the cpu preset's width, measured)."""
+    import copy
+
+    torch.manual_seed(3)
+    cfg = MixEMConfig(backbone="convnet", width=16, image_size=28, in_channels=1, mean=(0.3,), std=(0.3,))
+    loaded = MixEM(cfg)  # as ckpt.load_model gives it: NCHW
+    trained = copy.deepcopy(loaded).to(memory_format=torch.channels_last)  # as training.train holds it
+    images = fashion[0][:300]
+    a, b = extract_features(loaded, images, batch_size=128), extract_features(trained, images, batch_size=128)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
