@@ -55,7 +55,7 @@ def build_augment(
     ops.append(K.Normalize(mean=torch.tensor(model_cfg.mean), std=torch.tensor(model_cfg.std)))
     if erase > 0:  # after Normalize: the erased patch is 0, the mean pixel
         ops.append(K.RandomErasing(scale=(0.02, 0.25), ratio=(0.3, 3.3), value=0.0, p=erase))
-    return _Augment(K.AugmentationSequential(*ops))
+    return _Augment(ops)
 
 
 def build_plain(model_cfg: MixEMConfig) -> nn.Module:
@@ -67,17 +67,22 @@ def build_plain(model_cfg: MixEMConfig) -> nn.Module:
         K.RandomHorizontalFlip(p=0.5),
         K.Normalize(mean=torch.tensor(model_cfg.mean), std=torch.tensor(model_cfg.std)),
     ]
-    return _Augment(K.AugmentationSequential(*ops))
+    return _Augment(ops)
 
 
 class _Augment(nn.Module):
-    def __init__(self, seq: nn.Module):
+    """kornia's augmentations applied one after the other: the same random draws and the same images to the bit
+    as kornia's AugmentationSequential of them (tests/mixem/test_augment.py), without the container's
+    bookkeeping (input conversion, data keys, a cached copy of the output): 13.6-14.7 -> 10.3-10.7 ms per
+    training step of the cpu preset (two views of 128 images) on one thread, measured."""
+
+    def __init__(self, ops: list[nn.Module]):
         super().__init__()
-        self.seq = seq
+        self.ops = nn.Sequential(*ops)
 
     @torch.no_grad()
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        return self.seq(x_uint8.float().div_(255.0))
+        return self.ops(x_uint8.float().div_(255.0))
 
 
 class _TwoViews(nn.Module):

@@ -96,3 +96,33 @@ def test_refine_neighbor_view_is_checked():
     assert TrainConfig(refine_neighbor_view="plain").refine_neighbor_view == "plain"
     with pytest.raises(ConfigError, match=r"^refine_neighbor_view must be one of augmented, plain, got 'clean'"):
         TrainConfig(refine_neighbor_view="clean")
+
+
+RGB = MixEMConfig(backbone="convnet", width=8, image_size=36, in_channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+
+
+@pytest.mark.parametrize(
+    ("model_cfg", "train_kw", "erase"),
+    [
+        (MODEL, dict(crop_scale=(0.35, 1.0)), 0.5),  # the cpu preset's kind of views: grayscale, jitter, erasing
+        (MODEL, dict(crop_scale=(0.8, 1.0), jitter_p=0.0), 0.0),
+        (RGB, dict(crop_scale=(0.2, 1.0), grayscale_p=0.3, blur=True), 0.25),  # colour: hue, saturation, blur
+    ],
+)
+def test_augment_draws_as_kornias_augmentation_sequential(model_cfg, train_kw, erase):
+    """_Augment chains kornia's ops itself: the same draws and the same images, to the bit, as kornia's own
+    AugmentationSequential of those ops, call after call (so a run's RNG stream, hence its weights, is unchanged)."""
+    import kornia.augmentation as K
+
+    aug = build_augment(model_cfg, TrainConfig(**train_kw), erase=erase)
+    reference = K.AugmentationSequential(*aug.ops)
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 7, 64):
+        x = torch.randint(0, 256, (n, model_cfg.in_channels, 40, 44), dtype=torch.uint8, generator=g)
+        torch.manual_seed(n)
+        ours = [aug(x), aug(x)]
+        torch.manual_seed(n)
+        theirs = [reference(x.float() / 255.0), reference(x.float() / 255.0)]
+        assert ours[0].shape == (n, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        assert not torch.equal(ours[0], ours[1])  # the draws differ call to call
