@@ -21,7 +21,6 @@ def _as_uint8_nchw(images) -> torch.Tensor:
     return x
 
 
-@torch.inference_mode()
 def extract_features(
     model: MixEM,
     images_uint8,
@@ -51,28 +50,36 @@ def extract_features(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     was_training = model.training
+    # Outside inference mode: a parameter moved or converted inside it would become an inference tensor, which a
+    # later training step (refinement after this, under torchrun too) cannot use.
     model.to(device).to(memory_format=torch.channels_last).eval()
+    try:
+        return _extract(model, x_all, batch_size, device, progress)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _extract(model: MixEM, x_all: torch.Tensor, batch_size: int, device: torch.device, progress) -> dict:
+    N, cfg = len(x_all), model.cfg
     out = {
         "backbone": np.empty((N, model.feature_dim), np.float32),
         "embedding": np.empty((N, cfg.embed_dim), np.float32),
         "top_component": np.empty((N, cfg.embed_dim), np.float32),
         "probs": np.empty((N, cfg.components), np.float32),
     }
-    try:
-        for s in range(0, N, batch_size):
-            xb = x_all[s : s + batch_size].to(device, non_blocking=True)
-            o = model(model.normalize(xb))
-            probs = torch.softmax(o.mixture_logits.float(), dim=1)  # (B, K)
-            top = o.components[torch.arange(len(xb), device=device), probs.argmax(1)]  # (B, D)
-            e = s + len(xb)
-            out["backbone"][s:e] = o.features.float().cpu().numpy()
-            out["embedding"][s:e] = torch.nn.functional.normalize(o.embedding.float(), dim=1).cpu().numpy()
-            out["top_component"][s:e] = top.float().cpu().numpy()
-            out["probs"][s:e] = probs.cpu().numpy()
-            if progress is not None:
-                progress(len(xb))
-    finally:
-        model.train(was_training)
+    for s in range(0, N, batch_size):
+        xb = x_all[s : s + batch_size].to(device, non_blocking=True)
+        o = model(model.normalize(xb))
+        probs = torch.softmax(o.mixture_logits.float(), dim=1)  # (B, K)
+        top = o.components[torch.arange(len(xb), device=device), probs.argmax(1)]  # (B, D)
+        e = s + len(xb)
+        out["backbone"][s:e] = o.features.float().cpu().numpy()
+        out["embedding"][s:e] = torch.nn.functional.normalize(o.embedding.float(), dim=1).cpu().numpy()
+        out["top_component"][s:e] = top.float().cpu().numpy()
+        out["probs"][s:e] = probs.cpu().numpy()
+        if progress is not None:
+            progress(len(xb))
     return out
 
 

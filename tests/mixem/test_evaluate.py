@@ -139,3 +139,16 @@ def test_extract_features_are_the_trained_models_own_to_the_bit(fashion):
     a, b = extract_features(loaded, images, batch_size=128), extract_features(trained, images, batch_size=128)
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_a_model_trains_after_its_features_are_extracted(fashion):
+    """extract_features converts the model (device, channels_last) outside inference mode: a parameter converted
+    inside it became an inference tensor, and refinement's first step after the extraction failed (seen under
+    torchrun: "Inference tensors do not track version counter")."""
+    torch.manual_seed(4)
+    model = MixEM(MixEMConfig(backbone="convnet", width=8, image_size=28, in_channels=1, mean=(0.3,), std=(0.3,)))
+    extract_features(model, fashion[0][:20])
+    assert not any(p.is_inference() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(model.normalize(fashion[0][:8])).embedding.square().sum().backward()
+    opt.step()
