@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,11 +52,29 @@ class MixtureHead(nn.Module):
         z = torch.einsum("bk,bkd->bd", pi, comp)  # (B, D)
         return MixEMOutput(z, logits, comp, h)
 
-    def class_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def class_logits(self, h: torch.Tensor, fc1_gate: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """forward(h).mixture_logits through the gate's slice of fc1 alone (the same values, on this CPU bit for
-        bit, at 1/11 of fc1's work: refine.fit_head trains on them)."""
+        bit, at 1/11 of fc1's work: refine.fit_head trains on them); fc1_gate: (weight, bias) to use for that
+        slice (class_fit's copies)."""
         gate = slice(self.K * self.H, None)
-        return self.gate2(F.relu(F.linear(h, self.fc1.weight[gate], self.fc1.bias[gate])))
+        w, b = fc1_gate if fc1_gate is not None else (self.fc1.weight[gate], self.fc1.bias[gate])
+        return self.gate2(F.relu(F.linear(h, w, b)))
+
+    def class_fit(self) -> tuple[list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]:
+        """What refine.fit_head trains: (tensors, class_logits(h) on them, commit() that writes them back). fc1's
+        gate rows are copied into tensors of their own, so the optimizer updates 1/11 of fc1 instead of all of it
+        with zero gradients outside the gate (Adam's step there is exactly 0: the same weights, bit for bit)."""
+        gate = slice(self.K * self.H, None)
+        own = (
+            self.fc1.weight[gate].detach().clone().requires_grad_(),
+            self.fc1.bias[gate].detach().clone().requires_grad_(),
+        )
+
+        def commit() -> None:
+            with torch.no_grad():
+                self.fc1.weight[gate], self.fc1.bias[gate] = own
+
+        return [*own, *self.gate2.parameters()], lambda h: self.class_logits(h, own), commit
 
 
 class CenterHead(nn.Module):
@@ -83,6 +102,10 @@ class CenterHead(nn.Module):
     def class_logits(self, h: torch.Tensor) -> torch.Tensor:
         """forward(h).mixture_logits (the assignment logits need the embedding and the centres: all of it)."""
         return self.forward(h).mixture_logits
+
+    def class_fit(self) -> tuple[list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]:
+        """What refine.fit_head trains: every head parameter, in place (nothing to write back)."""
+        return list(self.parameters()), self.class_logits, lambda: None
 
 
 HEAD_TYPES = {"mixture": MixtureHead, "centers": CenterHead}  # config.HEADS -> the module that builds it

@@ -1,5 +1,7 @@
 """The model's output contract, the batched head against a per-component loop, configs' strictness."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,35 @@ def test_class_logits_are_the_forwards_logits_with_its_gradients(head, B):
             assert all(x is None or not x.any() for x in (g, other)), name
         else:
             torch.testing.assert_close(other, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["mixture", "centers"])
+def test_class_fit_trains_the_same_weights_as_adam_on_every_head_parameter(head):
+    """head.class_fit (refine.fit_head's tensors: MIX'EM's gate rows of fc1 copied out, written back by commit)
+    ends at the same head, bit for bit, as Adam over all the head's parameters on class_logits (whose step on
+    the zero gradients outside the gate is exactly 0)."""
+    torch.manual_seed(11)
+    model = MixEM(MixEMConfig(**TINY, head=head, pool=2, components=5, embed_dim=8))
+    h, target = torch.randn(300, model.feature_dim), torch.randint(0, 5, (300,))
+    every, own = copy.deepcopy(model.head), copy.deepcopy(model.head)
+    opt_every = torch.optim.Adam(every.parameters(), lr=1e-2)
+    params, class_logits, commit = own.class_fit()
+    opt_own = torch.optim.Adam(params, lr=1e-2)
+    for idx in torch.randperm(300, generator=torch.Generator().manual_seed(0)).split(64) * 3:
+        for opt, logits in ((opt_every, every.class_logits), (opt_own, class_logits)):
+            loss = F.cross_entropy(logits(h[idx]), target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    commit()
+    trained, start = every.state_dict(), model.head.state_dict()
+    for name, value in own.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    assert not all(torch.equal(trained[name], start[name]) for name in start)  # it trained
+    if head == "mixture":  # the components' layers, which the class logits never read, kept their values
+        assert torch.equal(trained["w2"], start["w2"]) and torch.equal(
+            trained["fc1.weight"][:-16], start["fc1.weight"][:-16]
+        )
 
 
 def test_inference_model_normalises_inside():
