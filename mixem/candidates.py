@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mixem import checkpoint as ckpt
-from mixem.children import Child, run_all
+from mixem.children import Child, freed_core, run_all
 from mixem.config import TrainConfig, replace
 from mixem.errors import ConfigError
 from mixem.files import atomic_write, atomic_write_text, read_json, save_json, save_npy
@@ -91,27 +91,33 @@ def cross_agreement(classes: list[np.ndarray], neighbors: list[np.ndarray]) -> l
     return [float(np.mean([agreement(classes[i], neighbors[j]) for j in range(n) if j != i])) for i in range(n)]
 
 
-def score(cands: list[Candidate], images, device, k_neighbors: int, labels=None) -> list[dict]:
-    """Each candidate's refined classes on `images` and its own and cross agreement; with `labels`, also their
-    ACC and NMI, for the record (the choice never reads them)."""
+def scored_alone(c: Candidate, images, device, k_neighbors: int, labels=None) -> dict:
+    """What a finished candidate is scored on by itself: its refined classes on `images` (the argmax of its head),
+    its first k_neighbors neighbours and, with `labels`, its ACC and NMI (for the record)."""
     from mixem.evaluate import extract_features
     from mixem.metrics import clustering_metrics
 
-    classes, nbs = [], []
-    for c in cands:
-        model, _ = ckpt.load_model(c.dir, device=device)
-        classes.append(extract_features(model, images, device=str(device))["probs"].argmax(1))
-        nbs.append(np.load(c.dir / "neighbors.npy")[:, :k_neighbors])
-    cross = cross_agreement(classes, nbs)
-    scores = [{"name": c.name, "crops": c.crops, "crop_scale": list(c.train.crop_scale),
-               "second_crop_scale": list(c.train.second_crop_scale) if c.train.second_crop_scale else None,
-               "cross_agreement": round(x, 4), "own_agreement": round(agreement(cl, nb), 4)}
-              for c, x, cl, nb in zip(cands, cross, classes, nbs)]  # fmt: skip
+    model, _ = ckpt.load_model(c.dir, device=device)
+    classes = extract_features(model, images, device=str(device))["probs"].argmax(1)
+    alone = {"classes": classes, "neighbors": np.load(c.dir / "neighbors.npy")[:, :k_neighbors]}
     if labels is not None:
-        for sc, cl in zip(scores, classes):
-            m = clustering_metrics(labels, cl)
-            sc.update(acc=round(m["acc"], 4), nmi=round(m["nmi"], 4))
-    return scores
+        m = clustering_metrics(labels, classes)
+        alone.update(acc=round(m["acc"], 4), nmi=round(m["nmi"], 4))
+    return alone
+
+
+def score(cands: list[Candidate], images, device, k_neighbors: int, labels=None, alone: dict | None = None
+          ) -> list[dict]:  # fmt: skip
+    """Each candidate's own and cross agreement; with `labels`, also its ACC and NMI, for the record (the choice
+    never reads them). alone: scored_alone of the candidates already scored (by name; the others are scored here)."""
+    own = [(alone or {}).get(c.name) or scored_alone(c, images, device, k_neighbors, labels) for c in cands]
+    classes, nbs = [o["classes"] for o in own], [o["neighbors"] for o in own]
+    cross = cross_agreement(classes, nbs)
+    return [{"name": c.name, "crops": c.crops, "crop_scale": list(c.train.crop_scale),
+             "second_crop_scale": list(c.train.second_crop_scale) if c.train.second_crop_scale else None,
+             "cross_agreement": round(x, 4), "own_agreement": round(agreement(cl, nb), 4),
+             **{k: o[k] for k in ("acc", "nmi") if k in o}}
+            for c, x, cl, nb, o in zip(cands, cross, classes, nbs, own)]  # fmt: skip
 
 
 def shared_neighbors(lists: list[np.ndarray]) -> np.ndarray:
@@ -229,11 +235,13 @@ def train_and_choose(
     log.event("candidates", names=[c.name for c in cands], parallel=parallel, threads=cands[0].train.threads)
     # The candidates train without scoring themselves (no k-means tables, raw pixels, classes files: the quickstart
     # reached the choice about 10 s sooner, stop 41); their classes' ACC and NMI are computed here, for the record.
-    run_all(cands, model_cfg, preset, parallel=parallel, log=log, resume_args=resume_args)
-
     ds = load_images(train_cfg.data, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
                      split=train_cfg.split, max_images=train_cfg.max_images, labels=evaluate)  # fmt: skip
-    scores = score(cands, ds.images, device, train_cfg.refine_neighbors, labels=ds.labels)
+    alone: dict = {}  # a candidate that ends first is scored on the core it frees, while the other trains
+    on_done = freed_core(lambda c: scored_alone(c, ds.images, device, train_cfg.refine_neighbors, ds.labels), alone,
+                         cores)  # fmt: skip
+    run_all(cands, model_cfg, preset, parallel=parallel, log=log, resume_args=resume_args, on_done=on_done)
+    scores = score(cands, ds.images, device, train_cfg.refine_neighbors, labels=ds.labels, alone=alone)
     best = max(range(len(cands)), key=lambda i: (scores[i]["cross_agreement"], -i))  # a tie keeps the configured
     kept = cands[best]
     record = {"rule": RULE, "kept": kept.name, "candidates": scores}

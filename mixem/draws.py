@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mixem import checkpoint as ckpt
-from mixem.children import Child, run_all
+from mixem.children import Child, freed_core, run_all
 from mixem.config import MixEMConfig, TrainConfig, replace
 from mixem.files import atomic_write_text, save_json
 from mixem.runlog import RunLog
@@ -76,17 +76,19 @@ def prepare(d: Draw, out: Path, model_cfg: MixEMConfig) -> None:
     save_json(d.train, d.dir / "train_config.json")
 
 
-def score(found: list[Draw], images, device, neighbors: np.ndarray) -> list[dict]:
-    """Each draw's neighbour objective on the un-augmented images (label-free)."""
+def score_one(d: Draw, images, device, neighbors: np.ndarray) -> dict:
+    """A finished draw's neighbour objective on the un-augmented images (label-free)."""
     from mixem.evaluate import extract_features
 
-    scores = []
-    for d in found:
-        model, _ = ckpt.load_model(d.dir, device=device)
-        cons, ent = objective(extract_features(model, images, device=str(device))["probs"], neighbors)
-        scores.append({"name": d.name, "seed": d.seed, "objective": round(cons - ent, 5),
-                       "consistency": round(cons, 5), "entropy": round(ent, 5)})  # fmt: skip
-    return scores
+    model, _ = ckpt.load_model(d.dir, device=device)
+    cons, ent = objective(extract_features(model, images, device=str(device))["probs"], neighbors)
+    return {"name": d.name, "seed": d.seed, "objective": round(cons - ent, 5), "consistency": round(cons, 5),
+            "entropy": round(ent, 5)}  # fmt: skip
+
+
+def score(found: list[Draw], images, device, neighbors: np.ndarray, done: dict | None = None) -> list[dict]:
+    """Each draw's score_one; done: those already scored (by name)."""
+    return [(done or {}).get(d.name) or score_one(d, images, device, neighbors) for d in found]
 
 
 def promote(kept: Draw, out: Path, final: TrainConfig) -> None:
@@ -112,8 +114,10 @@ def draw_and_keep(out: Path, final: TrainConfig, model_cfg: MixEMConfig, images,
               f"-> {out / 'draws'}; the lowest neighbour objective is kept")  # fmt: skip
     for d in found:
         prepare(d, out, model_cfg)
-    run_all(found, model_cfg, preset, parallel=parallel, log=log)
-    scores = score(found, images, device, np.load(out / NEIGHBORS, allow_pickle=False))
+    neighbors, done = np.load(out / NEIGHBORS, allow_pickle=False), {}
+    on_done = freed_core(lambda d: score_one(d, images, device, neighbors), done, cores)  # a draw that ends first
+    run_all(found, model_cfg, preset, parallel=parallel, log=log, on_done=on_done)
+    scores = score(found, images, device, neighbors, done)
     best = min(range(len(found)), key=lambda i: (scores[i]["objective"], i))
     record = {"rule": RULE, "kept": found[best].name, "draws": scores}
     save_json(record, out / "draws.json")

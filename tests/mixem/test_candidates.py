@@ -292,3 +292,33 @@ def test_a_resumed_run_passes_its_epochs_and_device_to_both_candidates(tmp_path)
     assert cmd[cmd.index("--preset") + 1] == "cpu" and "--resume" not in cmd and cmd[-1] == "--no-eval"
     spec = json.loads((tmp_path / "run" / "candidates" / f"{fresh.name}.json").read_text())
     assert spec["train"]["crop_scale"] == [0.8, 1.0] and spec["train"]["out"] == str(fresh.dir)
+
+
+def test_run_all_hands_each_child_to_on_done_as_it_ends(tmp_path, monkeypatch):
+    """run_all calls on_done for each child as it ends, with how many still train; freed_core scores it on the
+    threads those leave free and gives the parent its threads back (real processes of unequal length)."""
+    import sys
+
+    import torch
+
+    from mixem import children
+    from mixem.runlog import RunLog
+
+    sleeps = {"fast": 0.2, "slow": 2.5}
+    monkeypatch.setattr(
+        children, "command", lambda c, *a: [sys.executable, "-c", f"import time; time.sleep({sleeps[c.name]})"]
+    )
+    kids = [
+        children.Child(name, replace(TrainConfig(), out=str(tmp_path / name), threads=1)) for name in ("slow", "fast")
+    ]
+    seen, results = [], {}
+
+    def compute(c):
+        seen.append((c.name, torch.get_num_threads()))
+        return c.name.upper()
+
+    before = torch.get_num_threads()
+    children.run_all(kids, None, "cpu", parallel=True, log=RunLog(quiet=True),
+                     on_done=children.freed_core(compute, results, cores=4))  # fmt: skip
+    assert seen == [("fast", 3), ("slow", 4)]  # 4 cores: the slow child's one thread still busy, then none
+    assert results == {"fast": "FAST", "slow": "SLOW"} and torch.get_num_threads() == before
