@@ -29,6 +29,7 @@ from mixem import checkpoint as ckpt
 from mixem.children import Child, freed_core, run_all
 from mixem.config import TrainConfig, replace
 from mixem.errors import ConfigError
+from mixem.feature_cache import copy_checkpoint
 from mixem.files import atomic_write, atomic_write_text, read_json, save_json, save_npy
 from mixem.runlog import RunLog
 
@@ -70,6 +71,7 @@ def candidates(train_cfg: TrainConfig, threads: int) -> list[Candidate]:
     for first, second in pairs:
         name, words = _views(first, second)
         cfg = replace(train_cfg, out=str(out / name), crop_scale=tuple(first), threads=threads, refine_draws=1,
+                      keep_features=True,
                       refine_epochs=math.ceil(train_cfg.refine_epochs * CHOICE_SHARE),
                       refine_min_steps=math.ceil(train_cfg.refine_min_steps * CHOICE_SHARE))  # fmt: skip
         cfg.second_crop_scale, cfg.candidate_crop_scale = second, None  # replace() reads None as "keep"
@@ -154,7 +156,7 @@ def promote(kept: Candidate, others: list[Candidate], out: Path, final: TrainCon
     for d in sorted((out / "checkpoints").glob("*_[0-9]*")):  # an earlier choice's, if any
         shutil.rmtree(d, ignore_errors=True)
     for d in sorted((kept.dir / "checkpoints").glob("epoch_[0-9]*")):
-        shutil.copytree(d, out / "checkpoints" / d.name)
+        copy_checkpoint(d, out / "checkpoints" / d.name)  # with the representation's features (mixem.feature_cache)
         save_json(final, out / "checkpoints" / d.name / "train_config.json")
     atomic_write(out / "config.json", lambda tmp: shutil.copyfile(kept.dir / "config.json", tmp))
     if commit:
@@ -193,7 +195,8 @@ def _final_config(kept: Candidate, train_cfg: TrainConfig) -> TrainConfig:
 
     saved = load_json(TrainConfig, kept.dir / "train_config.json")
     return replace(saved, out=train_cfg.out, threads=train_cfg.threads, refine_epochs=train_cfg.refine_epochs,
-                   refine_min_steps=train_cfg.refine_min_steps, refine_draws=train_cfg.refine_draws)  # fmt: skip
+                   refine_min_steps=train_cfg.refine_min_steps, refine_draws=train_cfg.refine_draws,
+                   keep_features=train_cfg.keep_features)  # fmt: skip
 
 
 def _cores() -> int:

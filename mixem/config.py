@@ -156,6 +156,9 @@ class TrainConfig:
     # Neighbour stages drawn from the kept representation (seeds seed, seed+1, ...), the lowest neighbour objective
     # kept (mixem.draws); they run where the crops are chosen (candidate_crop_scale), elsewhere one stage runs.
     refine_draws: int = 1
+    # Write the representation's features into its checkpoint for the runs that start from it (mixem.feature_cache):
+    # the crop candidates set it, so the draws and OUT read them instead of extracting them again.
+    keep_features: bool = False
 
     def __post_init__(self):
         check_types(self)

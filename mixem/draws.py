@@ -21,6 +21,7 @@ import numpy as np
 from mixem import checkpoint as ckpt
 from mixem.children import Child, freed_core, run_all
 from mixem.config import MixEMConfig, TrainConfig, replace
+from mixem.feature_cache import copy_checkpoint
 from mixem.files import atomic_write_text, save_json
 from mixem.runlog import RunLog
 
@@ -68,7 +69,7 @@ def prepare(d: Draw, out: Path, model_cfg: MixEMConfig) -> None:
         return  # made before: the child continues it
     shutil.rmtree(d.dir, ignore_errors=True)
     last = ckpt.newest(out, "epoch")
-    shutil.copytree(last, d.dir / "checkpoints" / last.name)
+    copy_checkpoint(last, d.dir / "checkpoints" / last.name)  # with its features, if kept (mixem.feature_cache)
     save_json(d.train, d.dir / "checkpoints" / last.name / "train_config.json")
     shutil.copyfile(out / NEIGHBORS, d.dir / NEIGHBORS)
     save_json(model_cfg, d.dir / "config.json")

@@ -27,6 +27,7 @@ from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier
 from mixem.errors import ConfigError
 from mixem.evaluate import extract_features
+from mixem.feature_cache import representation_features
 from mixem.files import save_npy
 from mixem.losses import balanced_cross_entropy_torch, mixture_terms_torch, neighbor_consistency_torch
 from mixem.runlog import RunLog
@@ -137,8 +138,10 @@ def refine(
     feats = dict(features or {})
 
     def representation() -> dict[str, np.ndarray]:
-        if not feats:
-            feats.update(extract_features(model, images, device=device))
+        if not feats:  # kept in the representation's checkpoint by a candidate run, or extracted (feature_cache)
+            feats.update(
+                representation_features(model, images, run_dir, device, keep=train_cfg.keep_features and ctx.main)
+            )
         return feats
 
     nb = load_or_mine(lambda: representation()["embedding"], len(images), train_cfg, run_dir, log, ctx)

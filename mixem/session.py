@@ -262,11 +262,13 @@ def _refine(model, ds, k, model_cfg, train_cfg, log, ctx, device, *, resume, sco
     (before refinement changes the model) and each stage's argmax row. Returns (rows, stages, the refined model's
     features when scored, else {}): each model's features are extracted once, and refinement's start reads the same."""
     from mixem.evaluate import extract_features
+    from mixem.feature_cache import representation_features
     from mixem.refine import refine
 
     rows, stages, feats, representation = None, [], {}, None
-    if scored:
-        representation = extract_features(model, ds.images, device=str(device))
+    if scored:  # kept in the representation's checkpoint by a candidate run, or extracted (mixem.feature_cache)
+        keep = train_cfg.keep_features and ctx.main
+        representation = representation_features(model, ds.images, Path(train_cfg.out), str(device), keep=keep)
         rows = scoring.score(model, ds, k, str(device), seed=train_cfg.seed, features=representation)
         stages = scoring.representation_stages(rows)
 

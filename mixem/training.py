@@ -284,7 +284,7 @@ def run_stage(
 # half-written copies of these are removed when the run is opened again.
 RUN_FILES = ("config.json", "train_config.json", "metrics.json", "report.html", "neighbors.npy")
 # and what evaluation later writes into a finished checkpoint's folder (its scores, its classes)
-CHECKPOINT_EXTRAS = ("metrics.json", CLASSES, CLASS_CENTROIDS)
+CHECKPOINT_EXTRAS = ("metrics.json", CLASSES, CLASS_CENTROIDS, "features.npz")  # the last: mixem.feature_cache
 
 
 def clean_killed_writes(run_dir: Path, extra: tuple[str, ...] = ()) -> None:

@@ -6,6 +6,7 @@ draws, then --resume equal to an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -124,6 +125,17 @@ def _probs(run: Path, images) -> np.ndarray:
     return extract_features(model, images)["probs"]
 
 
+def _rep_probs(checkpoint: Path, images) -> np.ndarray:
+    from mixem.evaluate import extract_features
+
+    model, _ = ckpt.load_model(checkpoint, device="cpu")
+    return extract_features(model, images)["probs"]
+
+
+def saved_keep(run: Path) -> bool:
+    return json.loads((run / "train_config.json").read_text())["keep_features"]
+
+
 @pytest.mark.parametrize("n_draws", [2, 1])
 def test_a_real_run_keeps_the_candidate_and_the_draw_the_rules_pick(tmp_path, capsys, n_draws):
     """Both candidates train; the choice is recomputed here from the candidates' own saved models and
@@ -165,6 +177,15 @@ def test_a_real_run_keeps_the_candidate_and_the_draw_the_rules_pick(tmp_path, ca
     last = ckpt.newest(kept_dir, "epoch").name
     assert _same(load_file(str(out / "checkpoints" / last / "model.safetensors")), _weights_of(kept_dir, last))
     assert ckpt.resolve(out).name == "neighbors_0002" and not _same(_weights(out), _weights(kept_dir))
+    # the representation's features, kept by the candidate (keep_features), one file linked into OUT's copy and
+    # each draw's (mixem.feature_cache), where they were read instead of extracted again
+    features = kept_dir / "checkpoints" / last / "features.npz"
+    copies = [out / "checkpoints" / last] + [out / "draws" / d / "checkpoints" / last for d in ("draw-0", "draw-1")]
+    for copy in copies if n_draws == 2 else copies[:1]:
+        assert os.stat(copy / "features.npz").st_ino == os.stat(features).st_ino
+    with np.load(features) as kept_features:
+        assert np.array_equal(kept_features["probs"], _rep_probs(kept_dir / "checkpoints" / last, ds.images))
+    assert saved_keep(kept_dir) and not saved_keep(out)
     shared = np.load(out / "neighbors.npy")
     assert np.array_equal(shared, shared_neighbors([nbs[best], nbs[1 - best]]))
     if n_draws == 2:
