@@ -17,6 +17,7 @@ from mixem.classes import CLASS_CENTROIDS, CLASSES
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.distributed import SINGLE, DistContext, barrier, local_slice, mean_over_ranks
 from mixem.errors import ConfigError, TrainingDiverged
+from mixem.feature_cache import FILE as FEATURES
 from mixem.files import save_json
 from mixem.model import MixEM, MixEMOutput
 from mixem.objectives import detach_terms, objective
@@ -284,7 +285,7 @@ def run_stage(
 # half-written copies of these are removed when the run is opened again.
 RUN_FILES = ("config.json", "train_config.json", "metrics.json", "report.html", "neighbors.npy")
 # and what evaluation later writes into a finished checkpoint's folder (its scores, its classes)
-CHECKPOINT_EXTRAS = ("metrics.json", CLASSES, CLASS_CENTROIDS, "features.npz")  # the last: mixem.feature_cache
+CHECKPOINT_EXTRAS = ("metrics.json", CLASSES, CLASS_CENTROIDS, FEATURES)
 
 
 def clean_killed_writes(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
