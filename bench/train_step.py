@@ -11,7 +11,9 @@ Both candidates train the same model with the same optimiser and loss on the sam
 Variants of on_device, each one change: _contiguous (NCHW memory), _compiled (torch.compile of the model;
 its compilation is the warm-up call, not timed), _1thread (torch.set_num_threads(1) for the step), and the
 other precision: _fp32 where `train` takes bf16, _bf16 where it takes fp32 (on a CPU without native bf16).
-augmentation_only times the on-device loop's two views alone, no step: the augmentation's share of a step.
+augmentation_only times the on-device loop's two views alone, no step: the augmentation's share of a step;
+augmentation_only_kornia_container the same views drawn as before stop 43, each augmentation's ops inside kornia's
+AugmentationSequential (check() asserts both give the same views, bit for bit, from one seed).
 Both loops run in `train`'s precision, so dataloader vs on_device compares loops, not arithmetic.
 check() trains eager, compiled, NCHW and other-precision models from one start on the same views: their loss curves agree.
 """
@@ -26,6 +28,7 @@ NAME = "train_step"
 
 _MODELS = {"cpu-preset": dict(preset="cpu"), "resnet18-32px": dict(preset="paper")}
 AUGMENT_ONLY = "augmentation_only"  # the candidate that times the views alone (no loss: check() leaves it out)
+AUGMENT_CONTAINER = AUGMENT_ONLY + "_kornia_container"  # the same, through kornia's container (before stop 43)
 
 
 def cases(quick: bool) -> list[dict]:
@@ -152,8 +155,21 @@ def setup(case, device) -> dict:
 
         return run
 
+    import kornia.augmentation as K
+
+    containers = [K.AugmentationSequential(*a.ops) for a in (two_views.first, two_views.second)]
+
+    def in_container(x: torch.Tensor) -> torch.Tensor:  # the two views as drawn before stop 43
+        x = x.float().div_(255.0)
+        return torch.cat([c(x) for c in containers])
+
+    def views_in_container():
+        idx = torch.randint(0, resident.shape[0], (B,), generator=gen).to(device)
+        return in_container(resident[idx])
+
     # for check(): fresh models, views from the same augmentation, and the precision its tolerances depend on
     _STATE.update(make_step=make_step, views=views, bf16=use_bf16)
+    _STATE.update(two_views=two_views, in_container=in_container, batch=resident[:B])
     out = {
         "dataloader": dataloader,
         "on_device": loop(make_step()),
@@ -164,6 +180,7 @@ def setup(case, device) -> dict:
     other = "on_device_fp32" if use_bf16 else "on_device_bf16"  # the precision `train` does not pick here
     out[other] = loop(make_step(bf16=not use_bf16))
     out[AUGMENT_ONLY] = views  # no step: what the on-device loop's augmentation costs of its step
+    out[AUGMENT_CONTAINER] = views_in_container
     return out
 
 
@@ -204,10 +221,15 @@ def check(case, candidates) -> dict:
     another order, and each step's rounding moves the next step's weights: 1.2e-3 after 4 steps, observed).
     The other precision's model follows it within 3e-2 (bf16 keeps ~3 significant digits of each product), and so
     does every variant where `train`'s precision is bf16 (NCHW and channels_last bf16 kernels round differently:
-    2e-3 apart at the first step, measured)."""
+    2e-3 apart at the first step, measured). The loop's views equal kornia's container's, bit for bit, from one seed."""
     make_step = _STATE["make_step"]
     fixed = [_STATE["views"]() for _ in range(CURVE_STEPS)]
-    losses = {name: float(fn()) for name, fn in candidates.items() if name != AUGMENT_ONLY}
+    losses = {name: float(fn()) for name, fn in candidates.items() if not name.startswith(AUGMENT_ONLY)}
+    x = _STATE["batch"]
+    torch.manual_seed(5)
+    ours = _STATE["two_views"](x)
+    torch.manual_seed(5)
+    assert torch.equal(ours, _STATE["in_container"](x)), "the views differ from kornia's container's"
     for name, v in losses.items():
         assert v == v and abs(v) < 1e6, f"{name}: loss {v}"
     curves = {}
