@@ -34,8 +34,8 @@ def extract_features(
     backbone (N, F) h; embedding (N, D) the mixture embedding z, L2-normalised; top_component (N, D)
     the argmax-π component's embedding (already unit-norm); probs (N, K) the mixture π.
     The model is moved to `device` and to channels_last (nn.Module.to works in place), as `train` holds it: a
-    loaded checkpoint's features are then the run's own to the last bit, and on the CPU they come 1.7-1.9x sooner
-    than in NCHW (oneDNN, measured); the model is put back in its previous train/eval mode. `progress(n)` is
+    loaded checkpoint's features are then the run's own to the last bit, and on the CPU they come 1.3-1.9x sooner
+    than in NCHW (oneDNN, measured on two days); the model is put back in its previous train/eval mode. `progress(n)` is
     called with the number of images each batch finished.
     """
     x_all = _as_uint8_nchw(images_uint8)

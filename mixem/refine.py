@@ -91,7 +91,7 @@ def start_partition(feats: dict, K: int, seed: int) -> np.ndarray:
 def fit_head(model, feats: dict, target: np.ndarray, device, seed: int, epochs: int = 20, lr: float = 1e-3) -> float:
     """Fit the head's class logits to `target` by cross-entropy on the frozen backbone's features of the
     un-augmented images (seconds: the head's class logits alone, head.class_fit; MIX'EM's head skips its
-    components' 10/11 of the first layer in the forward, stop 42, and in Adam's update: 7.3 s to 2.9 s to 1.0 s
+    components' 10/11 of the first layer in the forward, stop 42, and in Adam's update: 7.3 s to 2.9 s to 1.0-1.1 s
     on one thread of the quickstart, the same weights); returns the fraction of images whose argmax then agrees."""
     h = torch.from_numpy(feats["backbone"]).to(device)
     y = torch.from_numpy(target).to(device)
