@@ -75,3 +75,22 @@ def tiny_run(tmp_path_factory):
     import mixem
 
     return mixem.train(out=tmp_path_factory.mktemp("tiny_run") / "run", preset="cpu", **TINY_RUN)
+
+
+@pytest.fixture
+def extractions(monkeypatch) -> list[int]:
+    """How many images each call of the real extract_features ran, in order, for as long as the test runs (it is
+    counted where mixem.evaluate's callers and mixem.refine look it up)."""
+    import mixem.evaluate
+    import mixem.refine
+
+    calls: list[int] = []
+    real = mixem.evaluate.extract_features
+
+    def counted(model, images, **kw):
+        calls.append(len(images))
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(mixem.evaluate, "extract_features", counted)
+    monkeypatch.setattr(mixem.refine, "extract_features", counted)
+    return calls

@@ -14,7 +14,6 @@ import mixem
 import mixem.evaluate
 from mixem import checkpoint as ckpt
 from mixem.data import load_images
-from mixem.evaluate import extract_features
 from mixem.feature_cache import FILE, copy_checkpoint, representation_features
 
 
@@ -29,19 +28,8 @@ def trained(tmp_path_factory):
     return out, model
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    calls = []
-
-    def count(model, images, **kw):
-        calls.append(len(images))
-        return extract_features(model, images, **kw)
-
-    monkeypatch.setattr(mixem.evaluate, "extract_features", count)
-    return calls
-
-
-def test_kept_features_are_read_back_bit_for_bit(trained, counted, tmp_path):
+def test_kept_features_are_read_back_bit_for_bit(trained, extractions, tmp_path):
+    counted = extractions
     out, model = trained
     images = load_images(None, image_size=28, in_channels=1, max_images=200).images
     folder = ckpt.newest(out, "epoch")
@@ -78,19 +66,10 @@ def test_kept_features_are_read_back_bit_for_bit(trained, counted, tmp_path):
     assert counted == [200, 200, 200, 199, 200]
 
 
-def test_a_run_that_keeps_its_features_reads_them_when_resumed(tmp_path, monkeypatch):
+def test_a_run_that_keeps_its_features_reads_them_when_resumed(tmp_path, extractions):
     """keep_features (what the crop candidates set): the scored run extracts the representation once and keeps
     it; `--resume` of the finished run, scoring again, extracts only the refined model, and scores the same."""
-    import mixem.refine
-
-    calls = []
-
-    def count(model, images, **kw):
-        calls.append(len(images))
-        return extract_features(model, images, **kw)
-
-    monkeypatch.setattr(mixem.evaluate, "extract_features", count)
-    monkeypatch.setattr(mixem.refine, "extract_features", count)
+    calls = extractions
     conf = tmp_path / "keep.json"
     conf.write_text(json.dumps({"train": {"candidate_crop_scale": None, "keep_features": True}}))
     run = mixem.train(out=tmp_path / "run", config=conf, preset="cpu", max_images=256, epochs=1, refine_epochs=2,

@@ -252,24 +252,15 @@ def test_resume_with_refine_refines_a_run_trained_without(tmp_path):
         mixem.train(out=tmp_path / "later", resume=True, refine=False)
 
 
-def test_a_run_extracts_each_models_features_once(tmp_path, monkeypatch):
+def test_a_run_extracts_each_models_features_once(tmp_path, monkeypatch, extractions):
     """`train` with scoring runs the representation over the images once (its k-means rows and refinement's start
     read the same features) and the refined model once (its stage row, metrics and classes): two passes, where
     there were four before; a resume of the finished run without scoring runs neither (the stage is done, the
     neighbours are on disk). The figures equal a fresh `eval` of the saved checkpoints."""
     import mixem
-    import mixem.evaluate
-    import mixem.refine
     from mixem.session import eval_command
 
-    calls = []
-
-    def counted(model, images, **kw):
-        calls.append(len(images))
-        return extract_features(model, images, **kw)
-
-    monkeypatch.setattr(mixem.evaluate, "extract_features", counted)
-    monkeypatch.setattr(mixem.refine, "extract_features", counted)
+    calls = extractions
     conf = tmp_path / "one.json"
     conf.write_text(json.dumps({"train": {"candidate_crop_scale": None}}))
     run = mixem.train(out=tmp_path / "run", config=conf, preset="cpu", max_images=256, epochs=1, refine_epochs=2,
