@@ -62,8 +62,10 @@ def representation_features(model, images, run_dir, device, *, keep: bool) -> di
     from mixem.evaluate import extract_features
 
     folder = ckpt.newest(run_dir, "epoch")
-    images_key = key(images, device) if folder is not None else ""
-    found = read(folder, images_key) if folder is not None else None
+    # The images' digest only where a file is kept or to be written (a run without candidates hashes nothing).
+    wanted = folder is not None and (keep or (folder / FILE).is_file())
+    images_key = key(images, device) if wanted else ""
+    found = read(folder, images_key) if wanted else None
     if found is not None:
         return found
     feats = extract_features(model, images, device=device)
