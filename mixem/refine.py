@@ -96,7 +96,7 @@ def fit_head(model, feats: dict, target: np.ndarray, device, seed: int, epochs: 
     h = torch.from_numpy(feats["backbone"]).to(device)
     y = torch.from_numpy(target).to(device)
     params, class_logits, commit = model.head.class_fit()
-    opt = torch.optim.Adam(params, lr=lr)  # no weight decay: the component layers keep their values
+    opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for idx in torch.randperm(len(h), generator=g).to(device).split(256):
@@ -106,7 +106,7 @@ def fit_head(model, feats: dict, target: np.ndarray, device, seed: int, epochs: 
             opt.step()
     commit()
     with torch.no_grad():
-        return float((model.head(h).mixture_logits.argmax(1) == y).float().mean())
+        return float((model.head.class_logits(h).argmax(1) == y).float().mean())
 
 
 def refine(
