@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def read(folder: Path, images_key: str) -> dict[str, np.ndarray] | None:
             if str(z["key"]) != images_key:
                 return None
             return {name: z[name] for name in NAMES}
-    except (OSError, KeyError, ValueError, EOFError):  # none yet, or not a complete file of ours
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # none yet, or not a whole file of ours
         return None
 
 
