@@ -58,8 +58,17 @@ def _split(out: MixEMOutput, B: int) -> tuple[MixEMOutput, MixEMOutput]:
     return half(slice(0, B)), half(slice(B, None))
 
 
-def make_optimizer(params, lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, lr: float, cfg: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW (or Adam), fused where torch has the kernel for the parameters' device (CPU and CUDA since torch 2.4):
+    one update for all tensors instead of a loop over them, 3.9 -> ~1.5 ms of the cpu preset's step on one thread
+    (`bench train_step`'s on_device_adamw_loop); the same update up to rounding."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    params = list(params)
+    if fused:
+        try:
+            return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+        except RuntimeError:  # a device (or torch) without the fused kernel: the loop over tensors
+            pass
     return cls(params, lr=lr, weight_decay=cfg.weight_decay)
 
 

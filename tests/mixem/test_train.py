@@ -109,6 +109,32 @@ def test_pickle_checkpoint_refused(tmp_path):
         ckpt.load_trainer_state(tmp_path / "c")
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_optimizer_is_fused_and_steps_as_the_loop_over_tensors(optimizer):
+    """make_optimizer takes torch's fused kernel on the CPU; from one start, on fresh random gradients of odd-sized
+    tensors, its parameters and moments follow the loop over tensors (torch's default there) to fp32 rounding;
+    a trainer state saved by the loop (a run before stop 44) loads into it and steps on."""
+    cfg = TrainConfig(optimizer=optimizer, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(7)
+    start = [torch.randn(s, generator=g) for s in [(17, 3, 3, 3), (5,), (31, 129)]]
+    params = {k: [p.clone().requires_grad_() for p in start] for k in ("fused", "loop")}
+    opts = {k: train_mod.make_optimizer(params[k], 3e-3, cfg, fused=k == "fused") for k in params}
+    assert opts["fused"].defaults["fused"] and not opts["loop"].defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in start]
+        for k, opt in opts.items():
+            for p, gr in zip(params[k], grads):
+                p.grad = gr.clone()
+            opt.step()
+    for a, b in zip(params["fused"], params["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    resumed = train_mod.make_optimizer([p.detach().clone().requires_grad_() for p in params["loop"]], 3e-3, cfg)
+    resumed.load_state_dict(opts["loop"].state_dict())
+    for p in resumed.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    resumed.step()  # the loop's state (its step counts) steps on
+
+
 def test_lr_schedule_shape():
     f = [train_mod.lr_factor(s, 10, 110) for s in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
