@@ -31,7 +31,15 @@ from mixem.feature_cache import representation_features
 from mixem.files import save_npy
 from mixem.losses import balanced_cross_entropy_torch, mixture_terms_torch, neighbor_consistency_torch
 from mixem.runlog import RunLog
-from mixem.training import Stage, autocast_for, make_optimizer, make_schedule, run_stage, wrap_for_training
+from mixem.training import (
+    Stage,
+    autocast_for,
+    lazy_trainer,
+    make_optimizer,
+    make_schedule,
+    run_stage,
+    wrap_for_training,
+)
 
 NEIGHBORS = "neighbors.npy"  # (N, k) int64 in the run directory: the mined neighbours, reused on resume
 
@@ -173,9 +181,11 @@ def refine(
 
 
 def _trainer(params, lr: float, train_cfg: TrainConfig, stage: Stage, n_images: int):
-    opt = make_optimizer(params, lr, train_cfg)
+    """The stage's lazy_trainer: AdamW, 5 % warm-up, cosine decay."""
     steps = (n_images // stage.batch_size) * stage.epochs
-    return opt, make_schedule(opt, max(1, steps // 20), steps)  # 5 % warm-up, cosine decay
+    return lazy_trainer(
+        lambda: make_optimizer(params, lr, train_cfg), lambda opt: make_schedule(opt, max(1, steps // 20), steps)
+    )
 
 
 def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
@@ -187,7 +197,7 @@ def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
             p.requires_grad_(False)
     freeze_outside_head(model, model_cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = _trainer(params, train_cfg.refine_lr, train_cfg, stage, len(images))
+    trainer = _trainer(params, train_cfg.refine_lr, train_cfg, stage, len(images))
     fwd = wrap_for_training(model, train_cfg, ctx, device)
     augment = build_augment(model_cfg, train_cfg).to(device)
     neighbor_view = build_plain(model_cfg).to(device) if train_cfg.refine_neighbor_view == "plain" else augment
@@ -206,10 +216,10 @@ def _neighbor_step(model, images, nb, model_cfg, train_cfg, ctx, device, stage):
         consistency = neighbor_consistency_torch(a, b)
         marginal = mixture_terms_torch(a)["marginal_entropy"]
         loss = consistency - train_cfg.refine_entropy * marginal
-        _update(opt, sched, loss)
+        _update(*trainer(), loss)
         return {"loss": loss, "consistency": consistency, "marginal_entropy": marginal}
 
-    return (opt, sched), one_step
+    return trainer, one_step
 
 
 def freeze_outside_head(model, model_cfg, device) -> None:
@@ -251,7 +261,7 @@ def _selflabel_step(model, images, _, model_cfg, train_cfg, ctx, device, stage):
     images without one are masked out of the loss, so all ranks run the same graph."""
     freeze_outside_head(model, model_cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = _trainer(params, train_cfg.selflabel_lr, train_cfg, stage, len(images))
+    trainer = _trainer(params, train_cfg.selflabel_lr, train_cfg, stage, len(images))
     fwd = wrap_for_training(model, train_cfg, ctx, device)
     strong = build_augment(model_cfg, train_cfg, erase=0.5).to(device)
     autocast = autocast_for(train_cfg, device)
@@ -269,10 +279,10 @@ def _selflabel_step(model, images, _, model_cfg, train_cfg, ctx, device, stage):
         with autocast:
             logits = fwd(strong(images[idx]).contiguous(memory_format=torch.channels_last)).mixture_logits.float()
         loss = balanced_cross_entropy_torch(logits[mask], target[mask], K)
-        _update(opt, sched, loss)
+        _update(*trainer(), loss)
         return {"loss": loss, "labelled": mask.float().mean()}
 
-    return (opt, sched), one_step
+    return trainer, one_step
 
 
 def _update(opt, sched, loss: torch.Tensor) -> None:

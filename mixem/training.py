@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +185,10 @@ def _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run
     torch.manual_seed(train_cfg.seed)
     # channels_last: tensor-core friendly on GPUs, and 1.25-1.4x faster training with oneDNN on CPUs (measured).
     model = MixEM(model_cfg).to(device).to(memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), train_cfg.lr, train_cfg)
-    sched = make_schedule(opt, warmup_steps, steps_per_epoch * stage.epochs)
+    trainer = lazy_trainer(
+        lambda: make_optimizer(model.parameters(), train_cfg.lr, train_cfg),
+        lambda opt: make_schedule(opt, warmup_steps, steps_per_epoch * stage.epochs),
+    )
     open_run(run_dir, model_cfg, train_cfg, resume, ctx)
 
     fwd_model = wrap_for_training(model, train_cfg, ctx, device)
@@ -205,12 +209,12 @@ def _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run
     def one_step(idx: torch.Tensor) -> dict[str, torch.Tensor]:
         x = images[idx]
         views = two_views(x).contiguous(memory_format=torch.channels_last)  # (2B, C, S, S)
-        return step(fwd_model, views, opt, sched, train_cfg, ctx, autocast)
+        return step(fwd_model, views, *trainer(), train_cfg, ctx, autocast)
 
     history, seconds = run_stage(
         stage,
         model,
-        (opt, sched),
+        trainer,
         one_step,
         len(images),
         model_cfg,
@@ -222,6 +226,19 @@ def _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run
         on_epoch=on_epoch,
     )
     return model, TrainResult(run_dir, ckpt.resolve(run_dir), train_cfg.epochs, seconds, history)
+
+
+def lazy_trainer(optimizer: Callable, schedule: Callable) -> Callable[[], tuple]:
+    """() -> (optimizer, scheduler), built on the first call and the same pair after: a stage that a resumed run
+    finds finished restores its weights without building one (torch's optimizer imports torch._dynamo on
+    construction: about a second of the final run's tail on the CPU)."""
+
+    @functools.cache
+    def pair():
+        opt = optimizer()
+        return opt, schedule(opt)
+
+    return pair
 
 
 def make_schedule(opt, warmup_steps: int, total_steps: int):
@@ -254,11 +271,11 @@ def run_stage(
 ) -> tuple[list, float]:
     """The epochs of one stage: one_step(indices) per batch, a checkpoint per epoch (rank 0), resumable.
 
-    trainer = (optimizer, scheduler); with resume, both and the model are restored from the stage's newest
-    checkpoint and the stage continues after it (a finished stage only restores). Returns (records, seconds).
+    trainer: () -> (optimizer, scheduler) (lazy_trainer); with resume, both and the model are restored from the
+    stage's newest checkpoint and the stage continues after it (a finished stage restores the model alone and
+    builds no optimizer). Returns (records, seconds).
     """
-    opt, sched = trainer
-    start = restore_stage(run_dir, stage.prefix, model, opt, sched) if resume else 0
+    start = restore_stage(run_dir, stage.prefix, model, trainer, stage.epochs) if resume else 0
     if start:
         log.print(f"resuming {run_dir}: {stage.prefix} {start}/{stage.epochs} done")
     mine = local_slice(stage.batch_size, ctx)
@@ -266,6 +283,7 @@ def run_stage(
     for epoch in range(start, stage.epochs):
         model.train()
         record = run_epoch(one_step, n_images, stage, epoch, mine, log, ctx, run_dir)
+        opt, sched = trainer()
         record["lr"] = sched.get_last_lr()[0]
         seconds += record["seconds"]
         if ctx.main:
@@ -367,8 +385,9 @@ def save_epoch(
     ckpt.prune(run_dir, prefix=name.rsplit("_", 1)[0], keep=2)
 
 
-def restore_stage(run_dir: Path, prefix: str, model, opt, sched) -> int:
-    """Load the stage's newest checkpoint into model, optimizer and scheduler; the epochs it had done (0: none)."""
+def restore_stage(run_dir: Path, prefix: str, model, trainer, epochs: int) -> int:
+    """Load the stage's newest checkpoint into model and trainer() (optimizer, scheduler), the latter only if the
+    stage has epochs left of its `epochs`; the epochs it had done (0: none)."""
     from safetensors.torch import load_file
 
     path = ckpt.newest(run_dir, prefix)
@@ -376,7 +395,10 @@ def restore_stage(run_dir: Path, prefix: str, model, opt, sched) -> int:
         return 0
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(path / ckpt.WEIGHTS), device=str(device)))
-    state = ckpt.load_trainer_state(path)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return int(ckpt.read_state(path)["epoch"])
+    done = int(ckpt.read_state(path)["epoch"])
+    if done < epochs:
+        opt, sched = trainer()
+        state = ckpt.load_trainer_state(path)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    return done

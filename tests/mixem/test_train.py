@@ -47,6 +47,23 @@ def test_short_run_loss_falls(fmnist512, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_resumed_finished_stage_builds_no_optimizer(fmnist512, tmp_path, monkeypatch):
+    """A resumed run whose stage is finished restores the model alone (no optimizer: torch's imports torch._dynamo,
+    ~1 s of the quickstart's tail); one with epochs left builds one and restores it, as before."""
+    cfg = TrainConfig(out=str(tmp_path / "run"), **{**TINY_TRAIN, "epochs": 2})
+    model, _ = train_mod.train(MixEMConfig(**TINY_MODEL), cfg, fmnist512.images)
+    built = []
+    real = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda *a, **k: built.append(1) or real(*a, **k))
+    again, result = train_mod.train(MixEMConfig(**TINY_MODEL), cfg, fmnist512.images, resume=True)
+    assert built == [] and result.history == []
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    longer = TrainConfig(out=str(tmp_path / "run"), **{**TINY_TRAIN, "epochs": 3})
+    _, result = train_mod.train(MixEMConfig(**TINY_MODEL), longer, fmnist512.images, resume=True)
+    assert built == [1] and [r["epoch"] for r in result.history] == [3]
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     conf = tmp_path / "tiny.json"
     conf.write_text(json.dumps({"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 4}}))
