@@ -12,7 +12,7 @@ Variants of on_device, each one change: _contiguous (NCHW memory), _compiled (to
 its compilation is the warm-up call, not timed), _1thread (torch.set_num_threads(1) for the step), and the
 other precision: _fp32 where `train` takes bf16, _bf16 where it takes fp32 (on a CPU without native bf16).
 _adamw_loop: torch's AdamW looping over the tensors (its CPU default, `train`'s before stop 44) instead of the
-fused kernel `train` takes (mixem.training.make_optimizer).
+fused kernel `train` takes (mixem.optim.make_optimizer).
 augmentation_only times the on-device loop's two views alone, no step: the augmentation's share of a step;
 augmentation_only_kornia_container the same views as kornia makes them (before stops 43 and 44): each augmentation's
 ops inside kornia's AugmentationSequential, each crop resized by kornia's RandomResizedCrop one image at a time
@@ -112,7 +112,8 @@ def _torchvision_transform(model_cfg, train_cfg, crop_scale):
 def setup(case, device) -> dict:
     from mixem.augment import build_views
     from mixem.model import MixEM
-    from mixem.training import make_optimizer, step, uses_bf16
+    from mixem.optim import make_optimizer
+    from mixem.training import step, uses_bf16
 
     model_cfg, train_cfg = _configs(case)
     B = case["batch"]
@@ -160,11 +161,7 @@ def setup(case, device) -> dict:
 
     import kornia.augmentation as K
 
-    def kornias(ops):  # kornia's own crop (one resize per image) in place of mixem.augment's batched one
-        drawn = ops[0]._param_generator
-        return [K.RandomResizedCrop(ops[0].flags["size"], scale=drawn.scale, ratio=drawn.ratio, p=1.0), *ops[1:]]
-
-    containers = [K.AugmentationSequential(*kornias(a.ops)) for a in (two_views.first, two_views.second)]
+    containers = [K.AugmentationSequential(*_kornias(a.ops)) for a in (two_views.first, two_views.second)]
 
     def in_container(x: torch.Tensor) -> torch.Tensor:  # the two views as kornia makes them (before stops 43, 44)
         x = x.float().div_(255.0)
@@ -190,6 +187,14 @@ def setup(case, device) -> dict:
     out[AUGMENT_ONLY] = views  # no step: what the on-device loop's augmentation costs of its step
     out[AUGMENT_CONTAINER] = views_in_container
     return out
+
+
+def _kornias(ops) -> list:
+    """ops with kornia's own crop (one resize per image) in place of mixem.augment's batched one."""
+    import kornia.augmentation as K
+
+    drawn = ops[0]._param_generator
+    return [K.RandomResizedCrop(ops[0].flags["size"], scale=drawn.scale, ratio=drawn.ratio, p=1.0), *ops[1:]]
 
 
 def _dataloader_loop(images, model_cfg, train_cfg, device, dl_step):

@@ -30,16 +30,9 @@ from mixem.evaluate import extract_features
 from mixem.feature_cache import representation_features
 from mixem.files import save_npy
 from mixem.losses import balanced_cross_entropy_torch, mixture_terms_torch, neighbor_consistency_torch
+from mixem.optim import lazy_trainer, make_optimizer, make_schedule
 from mixem.runlog import RunLog
-from mixem.training import (
-    Stage,
-    autocast_for,
-    lazy_trainer,
-    make_optimizer,
-    make_schedule,
-    run_stage,
-    wrap_for_training,
-)
+from mixem.training import Stage, autocast_for, run_stage, wrap_for_training
 
 NEIGHBORS = "neighbors.npy"  # (N, k) int64 in the run directory: the mined neighbours, reused on resume
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from mixem.feature_cache import FILE as FEATURES
 from mixem.files import save_json
 from mixem.model import MixEM, MixEMOutput
 from mixem.objectives import detach_terms, objective
+from mixem.optim import lazy_trainer, make_optimizer, make_schedule
 from mixem.runlog import RunLog
 from mixem.runtime import native_bf16, resolve_device
 
@@ -34,14 +33,6 @@ class TrainResult:
     epochs: int  # epochs completed in total (including resumed ones)
     seconds: float  # wall time of this invocation's training epochs
     history: list[dict] = field(default_factory=list)  # one record per epoch of this invocation
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up from ~0 to 1, then cosine decay to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -58,20 +49,6 @@ def _split(out: MixEMOutput, B: int) -> tuple[MixEMOutput, MixEMOutput]:
         return MixEMOutput(out.embedding[sl], *(t[sl].float() for t in out[1:]))
 
     return half(slice(0, B)), half(slice(B, None))
-
-
-def make_optimizer(params, lr: float, cfg: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW (or Adam), fused where torch has the kernel for the parameters' device (the CPU and CUDA in torch 2.14):
-    one update of all tensors instead of a loop over them, about 2 ms less of the cpu preset's step on one thread
-    (README "Training step"); the same update to fp32 rounding (tests/mixem/test_train.py)."""
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    params = list(params)
-    if fused:
-        try:
-            return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
-        except RuntimeError:  # a device (or torch) without the fused kernel: the loop over tensors
-            pass
-    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def step(
@@ -226,23 +203,6 @@ def _train(model_cfg, train_cfg, images, resume, log, on_epoch, ctx, device, run
         on_epoch=on_epoch,
     )
     return model, TrainResult(run_dir, ckpt.resolve(run_dir), train_cfg.epochs, seconds, history)
-
-
-def lazy_trainer(optimizer: Callable, schedule: Callable) -> Callable[[], tuple]:
-    """() -> (optimizer, scheduler), built on the first call and the same pair after: a stage that a resumed run
-    finds finished restores its weights without building one (torch's optimizer imports torch._dynamo on
-    construction: about a second of the final run's tail on the CPU)."""
-
-    @functools.cache
-    def pair():
-        opt = optimizer()
-        return opt, schedule(opt)
-
-    return pair
-
-
-def make_schedule(opt, warmup_steps: int, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, total_steps))
 
 
 def uses_bf16(train_cfg: TrainConfig, device: torch.device) -> bool:

@@ -10,6 +10,7 @@ from cli_runs import cli, kill_when
 from safetensors.torch import load_file
 
 from mixem import checkpoint as ckpt
+from mixem import optim
 from mixem import training as train_mod
 from mixem.config import MixEMConfig, TrainConfig
 from mixem.data import load_images
@@ -135,7 +136,7 @@ def test_optimizer_is_fused_and_steps_as_the_loop_over_tensors(optimizer):
     g = torch.Generator().manual_seed(7)
     start = [torch.randn(s, generator=g) for s in [(17, 3, 3, 3), (5,), (31, 129)]]
     params = {k: [p.clone().requires_grad_() for p in start] for k in ("fused", "loop")}
-    opts = {k: train_mod.make_optimizer(params[k], 3e-3, cfg, fused=k == "fused") for k in params}
+    opts = {k: optim.make_optimizer(params[k], 3e-3, cfg, fused=k == "fused") for k in params}
     assert opts["fused"].defaults["fused"] and not opts["loop"].defaults["fused"]
     for _ in range(5):
         grads = [torch.randn(p.shape, generator=g) for p in start]
@@ -145,7 +146,7 @@ def test_optimizer_is_fused_and_steps_as_the_loop_over_tensors(optimizer):
             opt.step()
     for a, b in zip(params["fused"], params["loop"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    resumed = train_mod.make_optimizer([p.detach().clone().requires_grad_() for p in params["loop"]], 3e-3, cfg)
+    resumed = optim.make_optimizer([p.detach().clone().requires_grad_() for p in params["loop"]], 3e-3, cfg)
     resumed.load_state_dict(opts["loop"].state_dict())
     for p in resumed.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
@@ -153,7 +154,7 @@ def test_optimizer_is_fused_and_steps_as_the_loop_over_tensors(optimizer):
 
 
 def test_lr_schedule_shape():
-    f = [train_mod.lr_factor(s, 10, 110) for s in range(110)]
+    f = [optim.lr_factor(s, 10, 110) for s in range(110)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))  # non-increasing after warm-up
     assert f[-1] < 0.001
