@@ -8,8 +8,10 @@ the final one's epochs (enough to score it). On a CPU they run at the same time 
 (1.38x the throughput of one after the other on 2 cores, README), elsewhere one after the other. Each
 candidate's refined classes (the argmax of its head) are then scored by cross-agreement: how often an image and
 one of the neighbours the *other* candidate mined share a class. A candidate's own neighbours are what its
-neighbour stage was trained to agree with, so they flatter it; the other's it never saw. The higher score is
-kept: OUT gets its representation (checkpoints, configs), and the full neighbour stage runs there on the
+neighbour stage was trained to agree with, so they flatter it; the other's it never saw. The configured views are
+the default: the other replaces them only when its score is higher by CHOICE_Z standard errors of the paired
+per-image difference (a near tie is noise, and on Fashion-MNIST one kept the crops whose stage ends in the low
+outcome: README "Choosing the crops without labels"). The kept one's OUT gets its representation (checkpoints, configs), and the full neighbour stage runs there on the
 neighbours that both candidates' lists share (shared_neighbors: purer than either list; README "Choosing the
 crops without labels"). OUT is then a run like any other (eval, export, classify, --resume).
 """
@@ -33,7 +35,12 @@ from mixem.feature_cache import copy_checkpoint
 from mixem.files import atomic_write, atomic_write_text, read_json, save_json, save_npy
 from mixem.runlog import RunLog
 
-RULE = "cross-agreement: the share of (image, neighbour mined by the other candidate) pairs put in one class"
+RULE = (
+    "cross-agreement: the share of (image, neighbour mined by the other candidate) pairs put in one class; the "
+    "configured views are kept unless another candidate's is higher by CHOICE_Z standard errors of the paired "
+    "per-image difference"
+)
+CHOICE_Z = 2.0  # how many standard errors another candidate's cross-agreement must lie above the configured views'
 CHOICE_SHARE = 0.5  # a candidate's neighbour stage: this share of the final one's epochs and step floor
 
 
@@ -87,10 +94,36 @@ def agreement(classes: np.ndarray, neighbors: np.ndarray) -> float:
     return float((classes[neighbors] == classes[:, None]).mean())
 
 
+def cross_per_image(classes: list[np.ndarray], neighbors: list[np.ndarray]) -> list[np.ndarray]:
+    """(N,) for each partition: each image's share of the *other* candidates' neighbours in its class (the mean
+    over the others)."""
+    n = len(classes)
+    return [np.mean([(classes[i][neighbors[j]] == classes[i][:, None]).mean(1) for j in range(n) if j != i], 0)
+            for i in range(n)]  # fmt: skip
+
+
 def cross_agreement(classes: list[np.ndarray], neighbors: list[np.ndarray]) -> list[float]:
     """Each partition's mean agreement with every *other* candidate's neighbours."""
-    n = len(classes)
-    return [float(np.mean([agreement(classes[i], neighbors[j]) for j in range(n) if j != i])) for i in range(n)]
+    return [float(x.mean()) for x in cross_per_image(classes, neighbors)]
+
+
+def z_over_first(per_image: list[np.ndarray]) -> list[float]:
+    """How far each candidate's cross-agreement lies above the first's (the configured views), in standard errors
+    of the mean paired per-image difference (images taken as independent; ±inf where every image differs alike)."""
+    out = []
+    for x in per_image:
+        u = x - per_image[0]
+        se = float(u.std(ddof=1) / math.sqrt(len(u))) if len(u) > 1 else 0.0
+        d = float(u.mean())
+        out.append(d / se if se > 0 else (0.0 if d == 0 else math.copysign(math.inf, d)))
+    return out
+
+
+def choose(scores: list[dict]) -> int:
+    """The kept candidate: the configured views (0), unless another's cross-agreement lies CHOICE_Z or more standard
+    errors above theirs (then the highest such)."""
+    wins = [i for i in range(1, len(scores)) if scores[i]["z_over_configured"] >= CHOICE_Z]
+    return max(wins, key=lambda i: (scores[i]["cross_agreement"], -i)) if wins else 0
 
 
 def scored_alone(c: Candidate, images, device, k_neighbors: int, labels=None) -> dict:
@@ -114,12 +147,13 @@ def score(cands: list[Candidate], images, device, k_neighbors: int, labels=None,
     never reads them). alone: scored_alone of the candidates already scored (by name; the others are scored here)."""
     own = [(alone or {}).get(c.name) or scored_alone(c, images, device, k_neighbors, labels) for c in cands]
     classes, nbs = [o["classes"] for o in own], [o["neighbors"] for o in own]
-    cross = cross_agreement(classes, nbs)
+    per_image = cross_per_image(classes, nbs)
+    z = [max(-1e3, min(1e3, v)) for v in z_over_first(per_image)]  # the record's JSON holds no inf
     return [{"name": c.name, "crops": c.crops, "crop_scale": list(c.train.crop_scale),
              "second_crop_scale": list(c.train.second_crop_scale) if c.train.second_crop_scale else None,
-             "cross_agreement": round(x, 4), "own_agreement": round(agreement(cl, nb), 4),
-             **{k: o[k] for k in ("acc", "nmi") if k in o}}
-            for c, x, cl, nb, o in zip(cands, cross, classes, nbs, own)]  # fmt: skip
+             "cross_agreement": round(float(x.mean()), 4), "z_over_configured": round(zi, 2),
+             "own_agreement": round(agreement(cl, nb), 4), **{k: o[k] for k in ("acc", "nmi") if k in o}}
+            for c, x, zi, cl, nb, o in zip(cands, per_image, z, classes, nbs, own)]  # fmt: skip
 
 
 def shared_neighbors(lists: list[np.ndarray]) -> np.ndarray:
@@ -169,6 +203,9 @@ def _print_choice(kept: Candidate, scores: list[dict], best: int, log: RunLog) -
     log.print(f"crops kept: {kept.crops} ({kept.name}): its classes agree with {scores[best]['cross_agreement']:.1%} "
               f"of the other candidate's neighbours, the other's {other['cross_agreement']:.1%} "
               f"(own neighbours {scores[best]['own_agreement']:.1%} / {other['own_agreement']:.1%})")  # fmt: skip
+    z = scores[1]["z_over_configured"]
+    log.print(f"  {scores[1]['crops']} against the configured views: {z:+.2f} standard errors of the per-image "
+              f"difference ({'at or above' if z >= CHOICE_Z else 'below'} the {CHOICE_Z:g} that replaces them)")  # fmt: skip
     if all("acc" in sc for sc in scores):
         log.print("the candidates against the labels (not used to choose): "
                   + ", ".join(f"{sc['name']} ACC {sc['acc']:.3f} NMI {sc['nmi']:.3f}" for sc in scores))  # fmt: skip
@@ -245,7 +282,7 @@ def train_and_choose(
                          cores)  # fmt: skip
     run_all(cands, model_cfg, preset, parallel=parallel, log=log, resume_args=resume_args, on_done=on_done)
     scores = score(cands, ds.images, device, train_cfg.refine_neighbors, labels=ds.labels, alone=alone)
-    best = max(range(len(cands)), key=lambda i: (scores[i]["cross_agreement"], -i))  # a tie keeps the configured
+    best = choose(scores)
     kept = cands[best]
     record = {"rule": RULE, "kept": kept.name, "candidates": scores}
     save_json(record, out / "candidates.json")

@@ -16,7 +16,17 @@ from cli_runs import cli
 from safetensors.numpy import load_file
 
 from mixem import checkpoint as ckpt
-from mixem.candidates import agreement, candidates, cross_agreement, shared_neighbors, skip_reason
+from mixem.candidates import (
+    CHOICE_Z,
+    agreement,
+    candidates,
+    choose,
+    cross_agreement,
+    cross_per_image,
+    shared_neighbors,
+    skip_reason,
+    z_over_first,
+)
 from mixem.config import TrainConfig, preset, replace
 from mixem.draws import draws, objective
 from mixem.errors import ConfigError
@@ -35,6 +45,33 @@ def test_agreement_and_cross_agreement_by_hand():
     assert cross_agreement([a, b], [na, nbb]) == [0.0, 0.5]
     c, nc = np.array([1, 1, 0, 0]), np.array([[3], [2], [1], [0]])  # a agrees 0/4 with nc, b 2/4; c: 1.0 na, 0.0 nbb
     assert cross_agreement([a, b, c], [na, nbb, nc]) == [0.0, 0.5, 0.5]  # the mean over the two others' neighbours
+
+
+def test_the_configured_views_stay_unless_another_wins_by_two_standard_errors():
+    rng = np.random.default_rng(0)
+    n = 400
+    base = rng.uniform(0.6, 1.0, n)
+    noise = rng.normal(0, 0.1, n)  # the paired per-image differences' spread: standard error 0.1 / 20 = 0.005
+    for shift, kept in ((0.002, 0), (0.03, 1), (-0.03, 0)):  # a near tie, a clear win, a clear loss
+        other = base + noise - noise.mean() + shift
+        z = z_over_first([base, other])
+        u = other - base
+        assert z[0] == 0.0 and z[1] == pytest.approx(u.mean() / (u.std(ddof=1) / np.sqrt(n)))
+        assert choose([{"cross_agreement": float(x.mean()), "z_over_configured": v}
+                       for x, v in zip([base, other], z)]) == kept  # fmt: skip
+    # the near tie's other candidate has the higher cross-agreement, and still the configured views stay
+    assert (base + noise - noise.mean() + 0.002).mean() > base.mean() and 0 < z_over_first([base, base + 0.002 + noise
+            - noise.mean()])[1] < CHOICE_Z  # fmt: skip
+    sixteenths = rng.integers(0, 15, n) / 16  # shares of 16 neighbours: exact in binary, so the difference is too
+    assert z_over_first([sixteenths, sixteenths + 1 / 16]) == [0.0, np.inf]  # every image better alike: a sure win
+    # three candidates: of those at CHOICE_Z or above, the highest cross-agreement; ties keep the earlier
+    sc = [{"cross_agreement": 0.90, "z_over_configured": 0.0}, {"cross_agreement": 0.93, "z_over_configured": 2.5},
+          {"cross_agreement": 0.95, "z_over_configured": 1.9}]  # fmt: skip
+    assert choose(sc) == 1
+    # per-image cross-agreement: each image's share of the other's neighbours in its class, its mean the score
+    a, b = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
+    na, nbb = np.array([[1], [0], [3], [2]]), np.array([[2], [2], [1], [1]])
+    assert [x.tolist() for x in cross_per_image([a, b], [na, nbb])] == [[0, 0, 0, 0], [0, 0, 1, 1]]
 
 
 def test_shared_neighbors_by_hand():
@@ -162,7 +199,12 @@ def test_a_real_run_keeps_the_candidate_and_the_draw_the_rules_pick(tmp_path, ca
         assert (c["acc"], c["nmi"]) == (round(m["acc"], 4), round(m["nmi"], 4))
         assert not (out / "candidates" / c["name"] / "metrics.json").exists()
     assert "the candidates against the labels (not used to choose): crops-35-100_80-100 ACC" in said
-    best = int(np.argmax(cross))
+    per = [(classes[0][nbs[1]] == classes[0][:, None]).mean(1), (classes[1][nbs[0]] == classes[1][:, None]).mean(1)]
+    u = per[1] - per[0]
+    z = u.mean() / (u.std(ddof=1) / np.sqrt(len(u)))
+    assert record["candidates"][1]["z_over_configured"] == pytest.approx(z, abs=0.006)
+    best = int(z >= CHOICE_Z)  # the configured views unless the other wins by two standard errors
+    assert f"against the configured views: {record['candidates'][1]['z_over_configured']:+.2f} standard" in said
     kept = record["candidates"][best]["name"]
     assert record["kept"] == kept
     # OUT: the kept representation (its last epoch, weights unchanged), then the full neighbour stage
