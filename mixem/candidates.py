@@ -104,11 +104,6 @@ def cross_per_image(classes: list[np.ndarray], neighbors: list[np.ndarray]) -> l
             for i in range(n)]  # fmt: skip
 
 
-def cross_agreement(classes: list[np.ndarray], neighbors: list[np.ndarray]) -> list[float]:
-    """Each partition's mean agreement with every *other* candidate's neighbours."""
-    return [float(x.mean()) for x in cross_per_image(classes, neighbors)]
-
-
 def z_over_first(per_image: list[np.ndarray]) -> list[float]:
     """How far each candidate's cross-agreement lies above the first's (the configured views), in standard errors
     of the mean paired per-image difference (images taken as independent; ±inf where every image differs alike)."""
