@@ -79,10 +79,10 @@ def load_or_mine(
     return nb
 
 
-# k-means++ restarts of the start partition. The stage ends in the basin it starts in: quickstart seed 7's draws
-# started from best-of-10 partitions at objective 4698-4702 (ACC 0.67-0.69) and ended at 0.68-0.71, a third draw
-# whose 10 restarts reached 4649 (0.70) ended at 0.744; 50 restarts reach 4649 at every seed tried (README
-# "The neighbour stage's start"). About 0.7 s on one thread of the quickstart's 10,000 images.
+# k-means++ restarts of the start partition (README "Refinement", the head's start). The neighbour stage tends to
+# end in the basin it starts in: stop 45's quickstart seed 7 drew it from best-of-10 partitions at k-means objective
+# 4698-4702 (ACC 0.67-0.69, scored afterwards) three times, ending at 0.67-0.71, and once from 4649 (0.70), ending
+# at 0.744; 50 restarts reach 4649 at both of its draws' seeds. About 0.7 s on one thread of 10,000 images.
 START_RESTARTS = 50
 
 
