@@ -86,15 +86,15 @@ def load_or_mine(
 START_RESTARTS = 50
 
 
-def start_partition(feats: dict, K: int, seed: int) -> np.ndarray:
-    """The classes refinement starts from: k-means (K) on the L2-normalised embedding, from the head's own groups
-    and from k-means++ (best of START_RESTARTS), whichever ends at the lower k-means objective (no labels are
-    looked at)."""
+def start_partition(feats: dict, K: int, seed: int):
+    """The k-means run refinement starts from (mixem.kmeans.KMeansResult: `assign`, `objective`): k-means (K) on
+    the L2-normalised embedding, from the head's own groups and from k-means++ (best of START_RESTARTS), whichever
+    ends at the lower k-means objective (no labels are looked at)."""
     from mixem.kmeans import kmeans
 
     x, probs = feats["embedding"], feats["probs"]
     runs = [kmeans(x, K, init="mixture", mixture_probs=probs, seed=seed), kmeans(x, K, nredo=START_RESTARTS, seed=seed)]
-    return min(runs, key=lambda r: r.objective).assign.astype(np.int64)
+    return min(runs, key=lambda r: r.objective)
 
 
 def fit_head(model, feats: dict, target: np.ndarray, device, seed: int, epochs: int = 20, lr: float = 1e-3) -> float:
@@ -160,8 +160,12 @@ def refine(
         log.event("neighbor_agreement", value=agree)
     if ckpt.newest(run_dir, "neighbors") is None or not resume:  # a fresh start (resume restores the head)
         start = start_partition(representation(), model_cfg.components, train_cfg.seed)
-        agree = fit_head(model, representation(), start, device, train_cfg.seed)
-        log.print(f"refine: head started from the lower-objective k-means partition ({agree:.1%} of images agree)")
+        agree = fit_head(model, representation(), start.assign.astype(np.int64), device, train_cfg.seed)
+        log.print(
+            f"refine: head started from the lower-objective k-means partition (objective {start.objective:.1f}, of the "
+            f"head's groups and {START_RESTARTS} k-means++ restarts; {agree:.1%} of images agree)"
+        )
+        log.event("start_partition", objective=round(float(start.objective), 3), restarts=START_RESTARTS, agree=agree)
     common = dict(run_dir=run_dir, log=log, ctx=ctx, resume=resume)
     history = []
     stages = (
